@@ -1,0 +1,45 @@
+"""The catalogue of normalization rules and the matcher that runs them over a graph.
+
+Each rule is a small object with `anchors` (op types it starts from) and `match(node)`
+returning a `Site`, a `Miss` (a candidate it refuses, with the reason) or None (not its
+pattern). Linear consumers are matched once, for every rule, by patterns.linear.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from patterns.base import Linear, Miss, Site, WeightRef
+from patterns.fused import FUSED_NORMS, FusedNormRule
+from patterns.linear import match_linears
+from patterns.rmsnorm import DecomposedRMSNorm
+
+RULES = (DecomposedRMSNorm(), FusedNormRule())
+
+
+def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
+    """Every normalization in `graph` with the linears it feeds, or the reason it can't be
+    rewritten. Only reads the graph."""
+    by_anchor: dict[str, list] = {}
+    for rule in rules:
+        for anchor in rule.anchors:
+            by_anchor.setdefault(anchor, []).append(rule)
+    sites: list[Site] = []
+    misses: list[Miss] = []
+    for node in list(graph):
+        for rule in by_anchor.get(node.op_type, ()):
+            found = rule.match(node)
+            if found is None:
+                continue
+            if isinstance(found, Site):
+                consumers = match_linears(found.output, found.size)
+                if isinstance(consumers, str):
+                    found = Miss(node, found.kind, consumers, found.form)
+                else:
+                    found.linears, found.shape_users = consumers
+            (sites if isinstance(found, Site) else misses).append(found)
+            break
+    return sites, misses
+
+
+__all__ = ["FUSED_NORMS", "Linear", "Miss", "RULES", "Site", "WeightRef", "find_sites"]

@@ -1,0 +1,106 @@
+"""What a rule returns: a `Site` (a norm and the linears that consume it) or a `Miss` (a
+candidate that was not matched, with the reason the report shows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter.irtools import last_dim
+
+
+@dataclass
+class WeightRef:
+    """A projection weight as the linear sees it: a constant `source` (initializer or Constant
+    output) followed by Transpose/Cast `steps`; `transposed` when the node reads it as [k, n]
+    (Gemm/FusedMatMul transB=1)."""
+
+    source: ir.Value
+    tensor: ir.TensorProtocol
+    steps: tuple[tuple[str, object], ...] = ()
+    transposed: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.nbytes)
+
+    def matrix(self, dtype=np.float64) -> np.ndarray:
+        """The weight as [n_in, k_out] in `dtype` (the only place a weight is materialized)."""
+        w = self.tensor.numpy()
+        for kind, arg in self.steps:
+            if kind == "transpose":
+                w = np.transpose(w, arg)
+            elif kind == "cast":
+                w = w.astype(arg)
+        w = w.astype(dtype, copy=False)
+        return w.T if self.transposed else w
+
+
+@dataclass
+class Linear:
+    """One consumer of a norm output that absorbs the gain: MatMul, Gemm or FusedMatMul, reached
+    through `path` (Cast/Identity/Reshape nodes on the activation side)."""
+
+    node: ir.Node
+    weight: WeightRef
+    path: tuple[ir.Node, ...] = ()
+    bias: ir.Value | None = None          # Gemm C or the constant of a following Add
+    bias_add: ir.Node | None = None       # that Add node, when the bias is a separate op
+
+    @property
+    def output(self) -> ir.Value:
+        return self.node.outputs[0]
+
+
+@dataclass
+class Site:
+    """A normalization whose output is consumed by linears.
+
+    kind: "rms", "layer" or "dyt". `x` is the tensor the norm normalizes (for Skip* ops the
+    residual sum is built from `skip_inputs`). `gain`/`beta` are small arrays (None = 1 / 0).
+    `output` is the value the linears read; `nodes` are the norm's own nodes.
+    """
+
+    kind: str
+    form: str
+    anchor: ir.Node
+    x: ir.Value | None
+    output: ir.Value
+    eps: float
+    gain: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    nodes: tuple[ir.Node, ...] = ()
+    gain_node: ir.Node | None = None       # decomposed forms: the Mul by the gain
+    pre_gain: ir.Value | None = None       # decomposed forms: the normalized value before the gain
+    skip_inputs: tuple[ir.Value | None, ...] = ()   # Skip*: (input, skip, bias)
+    residual_out: ir.Value | None = None   # Skip*: output 3 (input + skip + bias)
+    gain_input: int | None = None          # fused ops: index of the gain input
+    beta_input: int | None = None
+    linears: list[Linear] = field(default_factory=list)
+    shape_users: list[tuple[ir.Node, int]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.anchor.name or self.output.name or "?"
+
+    @property
+    def size(self) -> int | None:
+        if self.gain is not None and self.gain.size > 1:
+            return int(self.gain.size)
+        return last_dim(self.output) or (last_dim(self.x) if self.x is not None else None)
+
+
+@dataclass
+class Miss:
+    """A candidate normalization that no rule could rewrite, and why."""
+
+    anchor: ir.Node
+    kind: str
+    reason: str
+    form: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.anchor.name or "?"

@@ -1,0 +1,85 @@
+"""Normalization ops that arrive as one node: a table, one row per op (rules as data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from patterns.base import Miss, Site
+from rewriter.irtools import attr, const_array, rank_of
+
+
+@dataclass(frozen=True)
+class FusedNorm:
+    kind: str                    # "rms" | "layer"
+    gain: int                    # input index of the gain (γ)
+    beta: int | None = None      # input index of β
+    skip: int | None = None      # Skip* ops: input index of the residual skip
+    bias: int | None = None      # Skip* ops: input index of the optional bias added to input+skip
+    residual_out: int | None = None   # Skip* ops: output index of input+skip+bias
+    extra_outputs: tuple[int, ...] = ()  # statistics outputs that must be unused
+    has_axis: bool = True
+
+
+FUSED_NORMS: dict[tuple[str, str], FusedNorm] = {
+    ("", "RMSNormalization"): FusedNorm("rms", gain=1),
+    ("", "LayerNormalization"): FusedNorm("layer", gain=1, beta=2, extra_outputs=(1, 2)),
+    # ORT registers SimplifiedLayerNormalization in the ONNX domain, the Skip* ops in com.microsoft
+    ("", "SimplifiedLayerNormalization"): FusedNorm("rms", gain=1, extra_outputs=(1,)),
+    ("com.microsoft", "SimplifiedLayerNormalization"): FusedNorm("rms", gain=1, extra_outputs=(1,)),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"): FusedNorm(
+        "rms", gain=2, skip=1, bias=3, residual_out=3, extra_outputs=(1, 2), has_axis=False),
+    ("com.microsoft", "SkipLayerNormalization"): FusedNorm(
+        "layer", gain=2, beta=3, skip=1, bias=4, residual_out=3, extra_outputs=(1, 2),
+        has_axis=False),
+}
+
+
+def _input(node: ir.Node, index: int | None) -> ir.Value | None:
+    if index is None or index >= len(node.inputs):
+        return None
+    return node.inputs[index]
+
+
+class FusedNormRule:
+    """Matches any op in FUSED_NORMS."""
+
+    form = "fused"
+    anchors = tuple(op_type for _, op_type in FUSED_NORMS)
+
+    def match(self, node: ir.Node) -> Site | Miss | None:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        spec = FUSED_NORMS.get((domain, node.op_type))
+        if spec is None:
+            return None
+        form = node.op_type
+        if spec.has_axis:
+            axis = attr(node, "axis", -1)
+            rank = rank_of(node.inputs[0])
+            if axis != -1 and (rank is None or axis != rank - 1):
+                return Miss(node, spec.kind, f"normalizes over axes {axis}.. (not only the last)", form)
+        for index in spec.extra_outputs:
+            if index < len(node.outputs) and node.outputs[index].uses():
+                return Miss(node, spec.kind, f"statistics output {index} is used", form)
+        gain = const_array(_input(node, spec.gain))
+        if gain is None:
+            return Miss(node, spec.kind, "gain is not constant", form)
+        beta = None
+        if _input(node, spec.beta) is not None:
+            beta = const_array(node.inputs[spec.beta])
+            if beta is None:
+                return Miss(node, spec.kind, "β is not constant", form)
+        skip_inputs: tuple = ()
+        residual = None
+        if spec.skip is not None:
+            skip_inputs = (node.inputs[0], node.inputs[spec.skip], _input(node, spec.bias))
+            if spec.residual_out < len(node.outputs) and node.outputs[spec.residual_out].uses():
+                residual = node.outputs[spec.residual_out]
+        return Site(spec.kind, form, node, None if skip_inputs else node.inputs[0], node.outputs[0],
+                    float(attr(node, "epsilon", 1e-5)),
+                    gain=np.asarray(gain).reshape(-1),
+                    beta=None if beta is None else np.asarray(beta).reshape(-1),
+                    nodes=(node,), skip_inputs=skip_inputs, residual_out=residual,
+                    gain_input=spec.gain, beta_input=spec.beta if beta is not None else None)

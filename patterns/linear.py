@@ -1,0 +1,139 @@
+"""Consumers that can absorb a norm's gain: linears on the normalized (last) axis.
+
+A norm output may reach a MatMul/Gemm/FusedMatMul through Cast, Identity and Reshapes that
+keep the last axis; `Shape` consumers only read the shape and are redirected. Anything else
+is a reason not to rewrite, returned as a string.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from patterns.base import Linear, WeightRef
+from rewriter.irtools import attr, const_array, const_tensor, dtype_of, op, users
+
+# activation-side ops the normalized tensor may pass through on its way to a linear
+TRANSPARENT = ("Cast", "Identity", "Reshape")
+
+
+def resolve_weight(value: ir.Value, transposed: bool) -> WeightRef | None:
+    """Follow Transpose/Cast/Identity of a constant up to the stored tensor."""
+    steps: list[tuple[str, object]] = []
+    while True:
+        tensor = const_tensor(value)
+        if tensor is not None:
+            if len(tensor.shape) != 2:
+                return None
+            return WeightRef(value, tensor, tuple(reversed(steps)), transposed)
+        node = value.producer()
+        if op(node, "Transpose", domain=""):
+            steps.append(("transpose", tuple(attr(node, "perm", (1, 0)))))
+        elif op(node, "Cast", domain=""):
+            steps.append(("cast", ir.DataType(attr(node, "to")).numpy()))
+        elif not op(node, "Identity", domain=""):
+            return None
+        value = node.inputs[0]
+
+
+def _bias_after(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
+    out = node.outputs[0]
+    uses = users(out)
+    if len(uses) == 1 and op(uses[0][0], "Add", domain="") and not out.is_graph_output():
+        add = uses[0][0]
+        other = add.inputs[1 - uses[0][1]]
+        c = const_array(other)
+        if c is not None and c.ndim <= 1:
+            return other, add
+    return None, None
+
+
+def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | str:
+    if index != 0:
+        return f"{node.op_type} reads the normalized tensor as its weight"
+    if op(node, "MatMul", domain=""):
+        transposed = False
+    elif op(node, "Gemm", domain=""):
+        if attr(node, "transA", 0):
+            return "Gemm with transA=1 (normalized axis is not the contraction axis)"
+        transposed = bool(attr(node, "transB", 0))
+    elif op(node, "FusedMatMul", domain="com.microsoft"):
+        if attr(node, "transA", 0) or attr(node, "transBatchA", 0) or attr(node, "transBatchB", 0):
+            return "FusedMatMul with transposed A"
+        transposed = bool(attr(node, "transB", 0))
+    else:
+        return f"consumer {node.op_type} is not a linear on the normalized axis"
+    ref = resolve_weight(node.inputs[1], transposed)
+    if ref is None:
+        return f"{node.op_type} weight is not a constant 2-D tensor"
+    if op(node, "Gemm", domain="") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = node.inputs[2]
+        if const_array(c) is None:
+            return "Gemm bias is not constant"
+        return Linear(node, ref, path, bias=c)
+    bias, add = _bias_after(node)
+    return Linear(node, ref, path, bias=bias, bias_add=add)
+
+
+def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
+    if op(node, "Cast", domain=""):
+        return ir.DataType(attr(node, "to")) in (ir.DataType.FLOAT, ir.DataType.FLOAT16,
+                                                  ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+    if op(node, "Identity", domain=""):
+        return True
+    if op(node, "Reshape", domain=""):
+        target = const_array(node.inputs[1])
+        return target is not None and n is not None and target.size >= 1 and int(target[-1]) == n
+    return False
+
+
+def match_linears(value: ir.Value, n: int | None):
+    """All linears reading `value` -> (linears, shape_users) or a reason string."""
+    if value.is_graph_output():
+        return "norm output is a graph output"
+    linears: list[Linear] = []
+    shape_users: list[tuple[ir.Node, int]] = []
+
+    def walk(v: ir.Value, path: tuple[ir.Node, ...]) -> str | None:
+        if v.is_graph_output():
+            return "norm output reaches a graph output"
+        for node, index in users(v):
+            if op(node, "Shape", domain=""):
+                if path:
+                    return "Shape of a reshaped norm output"
+                shape_users.append((node, index))
+            elif op(node, *TRANSPARENT, domain="") and index == 0:
+                if not _keeps_last_axis(node, n):
+                    return f"{node.op_type} changes the normalized axis or dtype"
+                reason = walk(node.outputs[0], path + (node,))
+                if reason:
+                    return reason
+            else:
+                found = _linear(node, index, path)
+                if isinstance(found, str):
+                    return found
+                if n is not None and found.weight.tensor.shape[
+                        1 if found.weight.transposed ^ _transposes(found.weight) else 0] != n:
+                    return f"{node.op_type} weight does not contract the normalized axis"
+                linears.append(found)
+        return None
+
+    reason = walk(value, ())
+    if reason:
+        return reason
+    if not linears:
+        return "no linear consumer"
+    return linears, shape_users
+
+
+def _transposes(ref: WeightRef) -> bool:
+    """Whether the Transpose steps swap the stored tensor's two axes."""
+    flips = sum(1 for kind, perm in ref.steps if kind == "transpose" and tuple(perm) == (1, 0))
+    return flips % 2 == 1
+
+
+def weight_dtype(linear: Linear) -> ir.DataType:
+    return dtype_of(linear.node.inputs[1]) or linear.weight.tensor.dtype
+
+
+__all__ = ["Linear", "WeightRef", "match_linears", "resolve_weight", "weight_dtype"]

@@ -1,0 +1,120 @@
+"""Command line: `python -m rewriter model.onnx -o model_flash.onnx` and subcommands.
+
+    python -m rewriter MODEL -o OUT [--mode defer|fold] [--no-clone] [--report R.json] [--verify]
+    python -m rewriter verify ORIGINAL REWRITTEN [--inputs X.npz] [--tolerance T]
+    python -m rewriter bench ORIGINAL [REWRITTEN] [--tokens 1,128,...]
+    python -m rewriter demo [--workdir DIR]      the main job on a built-in default model
+
+Exit codes: 0 ok, 1 verification failed, 2 usage, 3 bad input (not ONNX, truncated, missing
+external data), 4 unsupported model, 5 cannot write output, 6 no normalization found.
+Errors print one line on stderr; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from rewriter.errors import EXIT_OK, EXIT_VERIFY_FAILED, RewriterError
+
+SUBCOMMANDS = ("verify", "bench", "demo")
+
+
+def _rewrite_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rewriter", description="FlashNorm rewrite of an ONNX model "
+                                "(subcommands: verify, bench, demo — see --help of each)")
+    p.add_argument("model", help="input .onnx (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    p.add_argument("--mode", choices=("defer", "fold"), default="defer",
+                   help="defer: fold gains and defer 1/RMS past the linears (FlashNorm, default); "
+                        "fold: fold gains only, keep a weightless norm")
+    p.add_argument("--no-clone", action="store_true",
+                   help="skip sites whose weight is shared (tied lm_head) instead of cloning it")
+    p.add_argument("--report", metavar="JSON", help="write the per-site report here")
+    p.add_argument("--verify", action="store_true", help="run both models and compare after writing")
+    p.add_argument("--external-data", metavar="NAME",
+                   help="write weights to this file beside the output (default: when the input had "
+                        "external data or the model passes 2 GiB)")
+    p.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the input path")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rewriter verify",
+                                description="compare two models' outputs under onnxruntime")
+    p.add_argument("original")
+    p.add_argument("rewritten")
+    p.add_argument("--inputs", metavar="NPZ", help="inputs to use (default: made from the signature)")
+    p.add_argument("--tolerance", type=float, help="max relative error (default by dtype: fp32 1e-5, "
+                   "fp16 1e-2, bf16 5e-2)")
+    p.add_argument("--provider", choices=("cuda", "cpu"), help="default: CUDA when available")
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def cmd_rewrite(args) -> int:
+    from rewriter.api import rewrite_file
+    progress = None if args.quiet else _progress
+    report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
+                          overwrite=args.overwrite, external_data=args.external_data, progress=progress)
+    if args.report:
+        report.to_json(args.report)
+    if not args.quiet:
+        print(report.table())
+        print(f"wrote {args.output}")
+    if args.verify:
+        return _verify(args.model, args.output, None, None, None, quiet=args.quiet)
+    return EXIT_OK
+
+
+def _progress(done: int, total: int, name: str) -> None:
+    if total >= 64 and sys.stderr.isatty():
+        print(f"\r  saving weights {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+
+
+def _verify(original, rewritten, inputs, tolerance, provider, quiet=False, **shape) -> int:
+    from rewriter.verify import format_diffs, load_npz, verify
+    feeds = load_npz(inputs) if inputs else None
+    diffs = verify(original, rewritten, inputs=feeds, tolerance=tolerance, provider=provider, **shape)
+    if not quiet or not all(d.ok for d in diffs):
+        print(format_diffs(diffs))
+    return EXIT_OK if all(d.ok for d in diffs) else EXIT_VERIFY_FAILED
+
+
+def cmd_verify(args) -> int:
+    return _verify(args.original, args.rewritten, args.inputs, args.tolerance, args.provider,
+                   seq=args.seq, batch=args.batch)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] == "verify":
+            return cmd_verify(_verify_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "bench":
+            from rewriter.bench import main as bench_main
+            return bench_main(argv[1:])
+        if argv and argv[0] == "demo":
+            from rewriter.demo import main as demo_main
+            return demo_main(argv[1:])
+        return cmd_rewrite(_rewrite_parser().parse_args(argv))
+    except RewriterError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing written)", file=sys.stderr)
+        return 130
+    except Exception as exc:    # a bug or an input we did not foresee: still one line
+        if debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return 4

@@ -1,0 +1,240 @@
+"""Small helpers over onnx_ir shared by patterns and passes.
+
+Everything here reads the graph; only `GraphEditor` creates nodes. Constants are looked up
+lazily: `const_tensor` never materializes a weight, `const_array` does (use it for gains,
+epsilons and shapes, not for projection weights).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+# ops that only forward a value without changing it (Cast counts when it keeps a float a float)
+PASS_THROUGH = ("Identity",)
+
+
+def op(node: ir.Node | None, *op_types: str, domain: str | None = None) -> bool:
+    """True when `node` is one of `op_types` (default ONNX or ORT contrib domain)."""
+    if node is None or node.op_type not in op_types:
+        return False
+    if domain is None:
+        return node.domain in ("", "ai.onnx", "com.microsoft")
+    return node.domain == domain
+
+
+def producer(value: ir.Value | None) -> ir.Node | None:
+    return None if value is None else value.producer()
+
+
+def users(value: ir.Value) -> list[tuple[ir.Node, int]]:
+    return [(u.node, u.idx) for u in value.uses()]
+
+
+def consumers(value: ir.Value) -> list[ir.Node]:
+    seen: list[ir.Node] = []
+    for node, _ in users(value):
+        if node not in seen:
+            seen.append(node)
+    return seen
+
+
+def is_graph_output(value: ir.Value) -> bool:
+    return value.is_graph_output()
+
+
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant behind `value` (initializer or Constant node), without loading it."""
+    if value is None:
+        return None
+    if value.const_value is not None and not value.is_graph_input():
+        return value.const_value
+    node = value.producer()
+    if op(node, "Constant", domain="") and "value" in node.attributes:
+        return node.attributes["value"].as_tensor()
+    return None
+
+
+def const_array(value: ir.Value | None, follow: bool = True) -> np.ndarray | None:
+    """Numpy value of a small constant, following Identity/Cast/Transpose/Add/Mul/Sub of
+    constants when `follow` (covers Gemma's `1 + w` if it was not folded by the exporter)."""
+    if value is None:
+        return None
+    tensor = const_tensor(value)
+    if tensor is not None:
+        return tensor.numpy()
+    node = value.producer()
+    if node is None or not follow:
+        return None
+    if op(node, "Constant", domain=""):
+        for key in ("value_float", "value_int", "value_floats", "value_ints"):
+            if key in node.attributes:
+                return np.asarray(node.attributes[key].value)
+        return None
+    if op(node, "Identity", domain=""):
+        return const_array(node.inputs[0])
+    if op(node, "Cast", domain=""):
+        arr = const_array(node.inputs[0])
+        return None if arr is None else arr.astype(ir.DataType(node.attributes["to"].value).numpy())
+    if op(node, "Add", "Sub", "Mul", "Div", domain="") and len(node.inputs) == 2:
+        a, b = const_array(node.inputs[0]), const_array(node.inputs[1])
+        if a is None or b is None:
+            return None
+        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[node.op_type]
+        return fn(a, b).astype(a.dtype)
+    return None
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def is_const(value: ir.Value | None) -> bool:
+    return value is not None and (const_tensor(value) is not None or const_array(value) is not None)
+
+
+def through_casts(value: ir.Value) -> ir.Value:
+    """Walk up through Cast/Identity nodes to the value they started from."""
+    node = value.producer()
+    while op(node, "Cast", "Identity", domain="") and node.inputs[0] is not None:
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
+def same_source(a: ir.Value, b: ir.Value) -> bool:
+    return a is b or through_casts(a) is through_casts(b)
+
+
+# ops whose output has the dtype of their first input
+_SAME_DTYPE = ("Mul", "Add", "Sub", "Div", "MatMul", "Gemm", "Reshape", "Identity", "Transpose",
+               "Sqrt", "Reciprocal", "Pow", "ReduceMean", "Neg", "Slice", "Concat", "Squeeze",
+               "Unsqueeze", "Relu", "Tanh", "Sigmoid", "Softmax", "Gather", "Split", "Expand",
+               "FusedMatMul", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+               "LayerNormalization", "SkipLayerNormalization", "RMSNormalization")
+
+
+def dtype_of(value: ir.Value, _depth: int = 0) -> ir.DataType | None:
+    """The element type of `value`, from its type, its constant, or its producer."""
+    if value.dtype is not None:
+        return value.dtype
+    tensor = const_tensor(value)
+    if tensor is not None:
+        return tensor.dtype
+    node = value.producer()
+    if op(node, "Cast", domain=""):
+        return ir.DataType(node.attributes["to"].value)
+    if _depth < 64 and node is not None and node.op_type in _SAME_DTYPE:
+        source = node.inputs[1] if node.op_type == "Gather" else node.inputs[0]
+        if source is not None:
+            return dtype_of(source, _depth + 1)
+    return None
+
+
+def attr(node: ir.Node, name: str, default=None):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def reduce_axes(node: ir.Node) -> list[int] | None:
+    """Axes of a Reduce* node whether given as attribute (opset < 18) or input."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = const_array(node.inputs[1])
+        return None if axes is None else [int(a) for a in np.atleast_1d(axes)]
+    axes = attr(node, "axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def rank_of(value: ir.Value) -> int | None:
+    return None if value.shape is None else len(value.shape)
+
+
+def last_dim(value: ir.Value) -> int | None:
+    if value.shape is None or len(value.shape) == 0:
+        return None
+    d = value.shape[-1]
+    return d if isinstance(d, int) else None
+
+
+def opset(model_or_graph: ir.Model | ir.Graph, domain: str = "") -> int:
+    imports = model_or_graph.opset_imports if isinstance(model_or_graph, ir.Graph) \
+        else model_or_graph.graph.opset_imports
+    return int(imports.get(domain, imports.get("ai.onnx", 0)))
+
+
+class GraphEditor:
+    """Creates nodes and initializers in one graph with names that cannot collide, emitting
+    the form of each op that the graph's opset requires."""
+
+    def __init__(self, graph: ir.Graph, prefix: str = "flashnorm"):
+        self.graph = graph
+        self.prefix = prefix
+        self.opset = opset(graph)
+        self._names = {v.name for v in _all_values(graph)} | {n.name for n in graph.all_nodes()}
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        while True:
+            self._count += 1
+            name = f"{self.prefix}/{hint}_{self._count}"
+            if name not in self._names:
+                self._names.add(name)
+                return name
+
+    def initializer(self, tensor_or_array, hint: str, dtype: ir.DataType | None = None) -> ir.Value:
+        tensor = tensor_or_array
+        if isinstance(tensor_or_array, np.ndarray) or np.isscalar(tensor_or_array):
+            tensor = ir.tensor(np.asarray(tensor_or_array), dtype=dtype)
+        name = self.fresh(hint)
+        tensor.name = name
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def node(self, op_type: str, inputs: Sequence[ir.Value | None], attributes=None, *,
+             domain: str = "", num_outputs: int = 1, hint: str | None = None,
+             before: ir.Node | None = None) -> ir.Node:
+        node = ir.node(op_type, list(inputs), attributes or {}, domain=domain,
+                       num_outputs=num_outputs, name=self.fresh(hint or op_type))
+        for i, out in enumerate(node.outputs):
+            out.name = self.fresh(f"{hint or op_type}_out{i}")
+        if before is not None:
+            self.graph.insert_before(before, node)
+        else:
+            self.graph.append(node)
+        return node
+
+    def op1(self, op_type: str, *inputs: ir.Value | None, hint: str | None = None, **attributes) -> ir.Value:
+        out = self.node(op_type, inputs, attributes, hint=hint).outputs[0]
+        return out
+
+    def cast(self, value: ir.Value, to: ir.DataType) -> ir.Value:
+        if dtype_of(value) == to:
+            return value
+        out = self.op1("Cast", value, to=int(to))
+        out.dtype = to
+        return out
+
+    def reduce_mean_last(self, value: ir.Value) -> ir.Value:
+        if self.opset >= 18:
+            axes = self.initializer(np.array([-1], dtype=np.int64), "axes")
+            out = self.op1("ReduceMean", value, axes, keepdims=1)
+        else:
+            out = self.op1("ReduceMean", value, axes=[-1], keepdims=1)
+        out.dtype = dtype_of(value)
+        return out
+
+
+def _all_values(graph: ir.Graph) -> Iterable[ir.Value]:
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph.all_nodes():
+        yield from (v for v in node.inputs if v is not None)
+        yield from node.outputs

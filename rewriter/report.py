@@ -1,0 +1,93 @@
+"""What happened to every candidate: one object behind the CLI table, `--report` JSON and the
+tests' assertions."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from rewriter.plan import Decision
+
+
+@dataclass
+class SiteReport:
+    name: str
+    kind: str             # rms | layer | dyt
+    form: str             # decomposed | RMSNormalization | SimplifiedLayerNormalization | ...
+    action: str           # defer | fold | skip
+    reason: str
+    consumers: list[str] = field(default_factory=list)
+    weights_changed: int = 0
+    bytes_added: int = 0
+
+
+@dataclass
+class Report:
+    mode: str
+    sites: list[SiteReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_plan(cls, mode: str, plan: list[Decision]) -> "Report":
+        report = cls(mode)
+        for d in plan:
+            source = d.site or d.miss
+            consumers = [f"{l.node.op_type}:{l.node.name}" for l in d.site.linears] if d.site else []
+            report.sites.append(SiteReport(
+                name=source.name, kind=source.kind, form=source.form, action=d.action,
+                reason=d.reason, consumers=consumers,
+                weights_changed=len(consumers) if d.rewritten else 0,
+                bytes_added=d.bytes_added if d.rewritten else 0))
+        return report
+
+    # -- counts the tests and the table use -----------------------------------------------
+    @property
+    def found(self) -> int:
+        return len(self.sites)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.action != "skip" for s in self.sites)
+
+    @property
+    def skipped(self) -> Counter:
+        return Counter(s.reason for s in self.sites if s.action == "skip")
+
+    @property
+    def weights_changed(self) -> int:
+        return sum(s.weights_changed for s in self.sites)
+
+    @property
+    def bytes_added(self) -> int:
+        return sum(s.bytes_added for s in self.sites)
+
+    def count(self, **where) -> int:
+        return sum(all(getattr(s, k) == v for k, v in where.items()) for s in self.sites)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "found": self.found, "rewritten": self.rewritten,
+                "skipped": dict(self.skipped), "weights_changed": self.weights_changed,
+                "bytes_added": self.bytes_added, "notes": self.notes,
+                "sites": [asdict(s) for s in self.sites]}
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    def table(self) -> str:
+        by_kind = Counter((s.kind, s.form) for s in self.sites)
+        lines = [f"FlashNorm rewrite (mode: {self.mode})",
+                 f"  sites found      {self.found:>6}   "
+                 + ", ".join(f"{k}/{f}: {n}" for (k, f), n in sorted(by_kind.items())),
+                 f"  rewritten        {self.rewritten:>6}   "
+                 + ", ".join(f"{a}: {n}" for a, n in sorted(Counter(
+                     s.action for s in self.sites if s.action != 'skip').items())),
+                 f"  skipped          {self.found - self.rewritten:>6}"]
+        for reason, n in self.skipped.most_common():
+            lines.append(f"    {n:>4} × {reason}")
+        lines += [f"  weights changed  {self.weights_changed:>6}",
+                  f"  bytes added      {self.bytes_added:>6}   ({self.bytes_added / 2**20:.1f} MiB, "
+                  "clones of shared weights)"]
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""Carry out a plan: the only stage that edits the graph.
+
+Weights are folded lazily: each new weight is an `ir.LazyTensor` computed (in float64, cast
+back once) when the model is saved or run, so nothing holds the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from patterns import Linear, Site
+from patterns.linear import weight_dtype
+from rewriter.irtools import GraphEditor, attr, const_array, dtype_of, op, users
+from rewriter.plan import Decision, owns_weight
+
+F32 = ir.DataType.FLOAT
+WIDENING = {(ir.DataType.FLOAT16, F32), (ir.DataType.BFLOAT16, F32), (F32, ir.DataType.DOUBLE),
+            (ir.DataType.FLOAT16, ir.DataType.DOUBLE), (ir.DataType.BFLOAT16, ir.DataType.DOUBLE)}
+
+
+def _weight_shape(linear: Linear) -> tuple[int, int]:
+    """[n_in, k_out] of the effective weight, from shapes only."""
+    shape = tuple(int(d) for d in linear.weight.tensor.shape)
+    for kind, perm in linear.weight.steps:
+        if kind == "transpose":
+            shape = tuple(shape[p] for p in perm)
+    return shape[::-1] if linear.weight.transposed else shape
+
+
+def _alpha(linear: Linear) -> float:
+    return float(attr(linear.node, "alpha", 1.0)) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
+
+
+class Rewriter:
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self.graph = model.graph
+        self.edit = GraphEditor(self.graph)
+        self._ones: dict = {}
+
+    # -- graph plumbing -------------------------------------------------------------------
+    def insert_after(self, value: ir.Value, make) -> ir.Value:
+        """Route every reader of `value` (graph outputs included) through `make(value)`."""
+        readers = users(value)
+        new = make(value)
+        for node, index in readers:
+            node.replace_input_with(index, new)
+        self._take_output_slot(value, new)
+        return new
+
+    def redirect(self, old: ir.Value, new: ir.Value) -> None:
+        for node, index in users(old):
+            node.replace_input_with(index, new)
+        self._take_output_slot(old, new)
+
+    def _take_output_slot(self, old: ir.Value, new: ir.Value) -> None:
+        if not old.is_graph_output():
+            return
+        for i, out in enumerate(self.graph.outputs):
+            if out is old:
+                self.graph.outputs[i] = new
+        name, old.name = old.name, self.edit.fresh("renamed")
+        new.name = name
+        new.shape, new.type = new.shape or old.shape, new.type or old.type
+
+    def narrow_source(self, value: ir.Value, dtype: ir.DataType | None) -> ir.Value:
+        """`value` in `dtype`, skipping a widening Cast instead of casting back."""
+        node = value.producer()
+        if op(node, "Cast", domain="") and dtype is not None:
+            source = node.inputs[0]
+            if dtype_of(source) == dtype and (dtype, dtype_of(value)) in WIDENING:
+                return source
+        return self.edit.cast(value, dtype) if dtype is not None else value
+
+    # -- weights --------------------------------------------------------------------------
+    def fold_linear(self, site: Site, linear: Linear, center: bool) -> np.ndarray | None:
+        """Replace the linear's weight by diag(gain)·W (centered over the input axis for a
+        deferred LayerNorm). Returns the bias delta α·β·W, or None when β is absent."""
+        ref = linear.weight
+        dtype = weight_dtype(linear)
+        gain = None if site.gain is None else site.gain.astype(np.float64)
+        n, k = _weight_shape(linear)
+        out_shape = (k, n) if ref.transposed else (n, k)
+
+        def folded() -> ir.TensorProtocol:
+            w = ref.matrix(np.float64)
+            if gain is not None:
+                w = w * (gain[:, None] if gain.size > 1 else gain.reshape(()))
+            if center:
+                w = w - w.mean(axis=0, keepdims=True)
+            w = w.T if ref.transposed else w
+            return ir.Tensor(np.ascontiguousarray(w).astype(dtype.numpy()), dtype=dtype)
+
+        tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(out_shape))
+        if owns_weight(linear) and not ref.steps and ref.source.is_initializer():
+            tensor.name = ref.source.name
+            ref.source.const_value = tensor
+        else:
+            linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_weight"))
+
+        if site.beta is None or not np.any(site.beta):
+            return None
+        return _alpha(linear) * (site.beta.astype(np.float64) @ ref.matrix(np.float64))
+
+    def add_bias(self, linear: Linear, after: ir.Value, delta: np.ndarray | None, detach_gemm_bias: bool):
+        """Apply the linear's bias (+ β·W delta) after `after`: in place when the bias stays
+        where it is, otherwise as an Add following `after`."""
+        node = linear.node
+        gemm_c = op(node, "Gemm", domain="") and linear.bias is not None
+        if gemm_c and not detach_gemm_bias:
+            if delta is not None:
+                c = const_array(linear.bias)
+                beta = float(attr(node, "beta", 1.0))
+                node.replace_input_with(2, self.edit.initializer(
+                    (c.astype(np.float64) + delta / beta).astype(c.dtype), "bias"))
+            return
+        if gemm_c:          # the scale must come before the bias: take C out of the Gemm
+            c = const_array(linear.bias).astype(np.float64) * float(attr(node, "beta", 1.0))
+            node.resize_inputs(2)
+            delta = c if delta is None else c + delta
+        elif linear.bias_add is not None and delta is not None:
+            index = 0 if linear.bias_add.inputs[0] is linear.bias else 1
+            c = const_array(linear.bias)
+            linear.bias_add.replace_input_with(index, self.edit.initializer(
+                (c.astype(np.float64) + delta).astype(c.dtype), "bias"))
+            return
+        if delta is None:
+            return
+        dtype = dtype_of(linear.output) or F32
+        bias = self.edit.initializer(delta.astype(dtype.numpy()), "bias", dtype=dtype)
+        self.insert_after(after, lambda v: self.edit.op1("Add", v, bias, hint="bias"))
+
+    # -- scales ---------------------------------------------------------------------------
+    def inverse_rms(self, x: ir.Value, eps: float, centered: bool) -> ir.Value:
+        """1/sqrt(mean(x²)+ε) (or 1/σ for LayerNorm) with an fp32 reduction, shape [..., 1]."""
+        e = self.edit
+        xf = e.cast(x, F32)
+        if centered:        # subtract the mean first: E[x²]−E[x]² cancels badly in fp32
+            xf = e.op1("Sub", xf, e.reduce_mean_last(xf))
+        ms = e.reduce_mean_last(e.op1("Mul", xf, xf))
+        root = e.op1("Sqrt", e.op1("Add", ms, e.initializer(np.array(eps, np.float32), "epsilon")))
+        return e.op1("Reciprocal", root, hint="inv_rms")
+
+    def scale_for(self, linear: Linear, scale: ir.Value) -> ir.Value:
+        """The per-row scale cast to the linear's dtype and reshaped like its input path."""
+        s = self.edit.cast(scale, dtype_of(linear.output) or F32)
+        for node in linear.path:
+            if op(node, "Reshape", domain=""):
+                target = const_array(node.inputs[1]).astype(np.int64).copy()
+                target[-1] = 1
+                s = self.edit.op1("Reshape", s, self.edit.initializer(target, "scale_shape"))
+        return s
+
+    # -- one site -------------------------------------------------------------------------
+    def apply(self, decision: Decision) -> None:
+        site = decision.site
+        defer = decision.action == "defer" and site.kind in ("rms", "layer")
+        deltas = [self.fold_linear(site, linear, center=defer and site.kind == "layer")
+                  for linear in site.linears]
+        if defer:
+            self.defer(site, deltas)
+        else:
+            self.drop_gain(site)
+            for linear, delta in zip(site.linears, deltas):
+                self.add_bias(linear, linear.output, delta, detach_gemm_bias=False)
+
+    def residual_input(self, site: Site) -> ir.Value:
+        """x itself, rebuilt as input + skip (+ bias) for Skip* ops."""
+        if not site.skip_inputs:
+            return site.x
+        inp, skip, bias = site.skip_inputs
+        x = self.edit.op1("Add", inp, skip, hint="residual")
+        if bias is not None:
+            x = self.edit.op1("Add", x, bias, hint="residual")
+        x.dtype = dtype_of(inp)
+        if site.residual_out is not None:
+            self.redirect(site.residual_out, x)
+        return x
+
+    def defer(self, site: Site, deltas) -> None:
+        x = self.residual_input(site)
+        scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer")
+        self.redirect(site.output, self.narrow_source(x, dtype_of(site.output)))
+        for linear, delta in zip(site.linears, deltas):
+            s = self.scale_for(linear, scale)
+            scaled = self.insert_after(linear.output, lambda v: self.edit.op1("Mul", v, s, hint="deferred_scale"))
+            self.add_bias(linear, scaled, delta, detach_gemm_bias=True)
+
+    def drop_gain(self, site: Site) -> None:
+        """Fold mode: keep the norm, weightless."""
+        if site.gain_node is not None:
+            out = site.gain_node.outputs[0]
+            self.redirect(out, self.narrow_source(site.pre_gain, dtype_of(out)))
+        if site.gain_input is not None:
+            gain = site.anchor.inputs[site.gain_input]
+            dtype = dtype_of(gain)
+            shape = tuple(gain.shape) if gain.shape is not None else site.gain.shape
+            site.anchor.replace_input_with(site.gain_input, self.ones(shape, dtype))
+        if site.beta_input is not None:
+            site.anchor.replace_input_with(site.beta_input, None)
+
+    def ones(self, shape, dtype: ir.DataType) -> ir.Value:
+        key = (tuple(shape), dtype)
+        if key not in self._ones:
+            self._ones[key] = self.edit.initializer(np.ones(shape, dtype.numpy()), "unit_gain", dtype=dtype)
+        return self._ones[key]
+
+    def finish(self) -> None:
+        RemoveUnusedNodesPass()(self.model)
+        self.graph.sort()
+
+
+def apply_plan(model: ir.Model, plan: list[Decision]) -> int:
+    """Rewrite every non-skipped site of `plan` in `model` (in place). Returns the count."""
+    rewriter = Rewriter(model)
+    done = 0
+    for decision in plan:
+        if decision.rewritten:
+            rewriter.apply(decision)
+            done += 1
+    if done:
+        rewriter.finish()
+    return done
