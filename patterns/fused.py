@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from patterns.base import Miss, Site
-from rewriter.irtools import attr, const_array, rank_of
+from rewriter.irtools import attr, const_array, is_used, rank_of
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class FusedNormRule:
             if axis != -1 and (rank is None or axis != rank - 1):
                 return Miss(node, spec.kind, f"normalizes over axes {axis}.. (not only the last)", form)
         for index in spec.extra_outputs:
-            if index < len(node.outputs) and node.outputs[index].uses():
+            if index < len(node.outputs) and is_used(node.outputs[index]):
                 return Miss(node, spec.kind, f"statistics output {index} is used", form)
         gain = const_array(_input(node, spec.gain))
         if gain is None:
@@ -75,7 +75,7 @@ class FusedNormRule:
         residual = None
         if spec.skip is not None:
             skip_inputs = (node.inputs[0], node.inputs[spec.skip], _input(node, spec.bias))
-            if spec.residual_out < len(node.outputs) and node.outputs[spec.residual_out].uses():
+            if spec.residual_out < len(node.outputs) and is_used(node.outputs[spec.residual_out]):
                 residual = node.outputs[spec.residual_out]
         return Site(spec.kind, form, node, None if skip_inputs else node.inputs[0], node.outputs[0],
                     float(attr(node, "epsilon", 1e-5)),

@@ -20,7 +20,7 @@ from rewriter import io
 from rewriter.errors import NothingToRewrite
 from rewriter.plan import Options, make_plan
 from rewriter.report import Report
-from rewriter.rewrite import apply_plan
+from rewriter.transform import apply_plan
 
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:

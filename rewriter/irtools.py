@@ -42,8 +42,9 @@ def consumers(value: ir.Value) -> list[ir.Node]:
     return seen
 
 
-def is_graph_output(value: ir.Value) -> bool:
-    return value.is_graph_output()
+def is_used(value: ir.Value | None) -> bool:
+    """Read by a node or returned by the graph."""
+    return value is not None and (bool(value.uses()) or value.is_graph_output())
 
 
 def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:

@@ -36,7 +36,8 @@ def session(path, provider: str | None = None, optimize: bool = True):
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=providers(provider))
+    model = path if isinstance(path, bytes) else str(path)     # a path or serialized model bytes
+    return ort.InferenceSession(model, options, providers=providers(provider))
 
 
 def _vocab_sizes(path) -> dict[str, int]:

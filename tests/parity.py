@@ -1,0 +1,48 @@
+"""Rewrite a model and run both graphs under onnxruntime: the proof every test relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from rewriter import rewrite_file
+from rewriter.verify import compare, run, session
+
+FP32_TOL = 1e-5     # max |a − b| / max |a|, the product's fp32 exactness bar
+
+
+def rewrite_and_run(proto_or_path, tmp_path: Path, *, mode="defer", feeds=None, name="model", **options):
+    """(report, diffs, rewritten ModelProto) for `proto_or_path` rewritten with `options`."""
+    tmp_path = Path(tmp_path)
+    if isinstance(proto_or_path, onnx.ModelProto):
+        src = tmp_path / f"{name}.onnx"
+        onnx.save(proto_or_path, src)
+    else:
+        src = Path(proto_or_path)
+    dst = tmp_path / f"{name}_{mode}.onnx"
+    report = rewrite_file(src, dst, mode=mode, **options)
+    a, b = session(src, "cpu"), session(dst, "cpu")
+    feeds = feeds if feeds is not None else random_feeds(a)
+    diffs = compare(run(src, feeds, sess=a), run(dst, feeds, sess=b))
+    return report, diffs, onnx.load(str(dst), load_external_data=False)
+
+
+def random_feeds(sess, seed: int = 0, seq: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = [d if isinstance(d, int) else (2 if i == 0 else seq) for i, d in enumerate(inp.shape)]
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(inp.type, np.float32)
+        feeds[inp.name] = (3 * rng.standard_normal(shape) + 0.5).astype(dtype)
+    return feeds
+
+
+def assert_exact(diffs, tol: float = FP32_TOL):
+    for d in diffs:
+        assert d.max_rel <= tol, f"{d.name}: max rel {d.max_rel:.3e} > {tol:.0e} (max abs {d.max_abs:.3e})"
+
+
+def op_types(proto: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in proto.graph.node]

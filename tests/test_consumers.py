@@ -1,0 +1,109 @@
+"""Linear consumers: MatMul/Gemm/FusedMatMul behind Cast/Identity/Reshape, weights behind
+Transpose/Cast, shared weights, and the consumers that block a rewrite."""
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from builders import GraphBuilder
+from parity import assert_exact, op_types, rewrite_and_run
+
+N, K = 16, 12
+
+
+def start(opset=18):
+    g = GraphBuilder(opset)
+    x = g.input("x", [None, None, N])
+    return g, x, g.rms(x, gain=g.gain(N))
+
+
+@pytest.mark.parametrize("mode", ["defer", "fold"])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_bias_behind_reshape(mode, trans_b, tmp_path):
+    """GPT-2 style: Reshape(-1, n) → Gemm(W, bias) → Reshape back."""
+    g, x, y = start()
+    flat = g.op("Reshape", [y, g.const(np.array([-1, N], np.int64))])
+    w = g.weight(K, N) if trans_b else g.weight(N, K)
+    bias = g.const(g.rng.standard_normal(K).astype(np.float32), "bias")
+    out = g.op("Gemm", [flat, w, bias], transB=trans_b, alpha=0.5, beta=2.0)
+    g.output(g.op("Reshape", [out, g.const(np.array([2, -1, K], np.int64))]))
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path, mode=mode)
+    assert report.rewritten == 1
+    assert_exact(diffs)
+
+
+@pytest.mark.parametrize("mode", ["defer", "fold"])
+def test_weight_behind_transpose_and_cast_is_cloned_when_tied(mode, tmp_path):
+    """Tied embeddings (dynamo): one table feeds Gather and Transpose → MatMul."""
+    g = GraphBuilder()
+    ids = g.input("ids", [None, None], np.int64)
+    table = g.const(g.rng.standard_normal((K, N)).astype(np.float32), "embed")
+    h = g.op("Gather", [table, ids])
+    y = g.rms(h, gain=g.gain(N))
+    y = g.op("Identity", [g.op("Cast", [y], to=TensorProto.FLOAT)])
+    g.output(g.op("MatMul", [y, g.op("Transpose", [table], perm=[1, 0])]))
+    feeds = {"ids": np.array([[1, 5, 7], [0, 11, 3]], np.int64)}
+    report, diffs, out = rewrite_and_run(g.model(), tmp_path, mode=mode, feeds=feeds)
+    assert report.rewritten == 1 and report.bytes_added == K * N * 4
+    assert_exact(diffs)
+    assert "Gather" in op_types(out) and len(out.graph.initializer) >= 2
+
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path, mode=mode, feeds=feeds, clone_shared=False)
+    assert report.rewritten == 0 and "shared" in report.sites[0].reason
+    assert_exact(diffs, tol=0)
+
+
+def test_fused_projection_then_split(tmp_path):
+    """Phi-3 qkv_proj / gate_up_proj: one weight, outputs split after the MatMul."""
+    g, x, y = start()
+    qkv = g.op("MatMul", [y, g.weight(N, 3 * K)])
+    for part in g.op("Split", [qkv, g.const(np.array([K, K, K], np.int64))], n_out=3, axis=-1):
+        g.output(part)
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    assert report.rewritten == 1
+    assert_exact(diffs)
+
+
+def test_fused_matmul_trans_b(tmp_path):
+    g, x, y = start()
+    g.output(g.op("FusedMatMul", [y, g.weight(K, N)], domain="com.microsoft", transB=1, alpha=1.5))
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    assert report.rewritten == 1
+    assert_exact(diffs)
+
+
+def test_shape_consumer_is_redirected(tmp_path):
+    """TorchScript reads Shape(normalized) for the attention reshapes."""
+    g, x, y = start()
+    mm = g.op("MatMul", [y, g.weight(N, K)])
+    shape = g.op("Shape", [y])
+    g.output(g.op("Reshape", [mm, g.op("Concat", [g.op("Slice", [shape, g.const(np.array([0], np.int64)),
+                                                          g.const(np.array([2], np.int64))]),
+                                                g.const(np.array([K], np.int64))], axis=0)]))
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    assert report.rewritten == 1
+    assert_exact(diffs)
+
+
+BLOCKERS = {
+    "residual-add": ("Add", "consumer Add is not a linear on the normalized axis"),
+    "graph-output": ("output", "norm output is a graph output"),
+    "activation-weight": ("weight", "MatMul reads the normalized tensor as its weight"),
+}
+
+
+@pytest.mark.parametrize("case", BLOCKERS)
+def test_blocked_sites_are_reported_and_untouched(case, tmp_path):
+    g, x, y = start()
+    g.output(g.op("MatMul", [y, g.weight(N, K)]))
+    kind, reason = BLOCKERS[case]
+    if kind == "Add":
+        g.output(g.op("Add", [y, x]))
+    elif kind == "output":
+        g.output(y)
+    else:
+        g.output(g.op("MatMul", [g.op("Transpose", [x], perm=[0, 2, 1]), y]))
+    report, diffs, out = rewrite_and_run(g.model(), tmp_path)
+    assert (report.found, report.rewritten) == (1, 0)
+    assert report.sites[0].reason == reason
+    assert_exact(diffs, tol=0)
