@@ -49,12 +49,16 @@ def _is_hf(model: nn.Module) -> bool:
 class LogitsWrapper(nn.Module):
     """Calls the model with plain tensors and returns a single tensor (logits / last_hidden_state)."""
 
-    def __init__(self, model: nn.Module, with_attention_mask: bool):
+    def __init__(self, model: nn.Module, with_attention_mask: bool,
+                 batched_positions: bool = False):
         super().__init__()
         self.model = model
         self.with_attention_mask = with_attention_mask
         self.hf = _is_hf(model)
         self.encoder = _is_encoder(model)
+        # pass position_ids = arange(T) expanded to [B, T]: cos/sin then carry the batch dim,
+        # which onnxruntime's RotaryEmbedding (opset 23) requires for batch > 1
+        self.batched_positions = batched_positions and self.hf and not self.encoder
 
     def forward(self, input_ids, attention_mask=None):
         if not self.hf:
@@ -66,6 +70,9 @@ class LogitsWrapper(nn.Module):
             kw["attention_mask"] = attention_mask
         if self.encoder:
             return self.model(**kw).last_hidden_state
+        if self.batched_positions:
+            b, t = input_ids.shape
+            kw["position_ids"] = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
         return self.model(**kw, use_cache=False).logits
 
 
@@ -125,8 +132,8 @@ def example_inputs(model: nn.Module, batch: int = 1, seq: int = 8, with_attentio
 def export_onnx(model: nn.Module, path: str | os.PathLike, exporter: str = "dynamo",
                 opset: int = 18, dtype: str = "fp32", batch: int = 1, seq: int = 8,
                 with_attention_mask: bool | None = None, dynamic: bool = True,
-                optimize: bool = True, check: bool = True, verbose: bool = False
-                ) -> ExportResult:
+                optimize: bool = True, check: bool = True, verbose: bool = False,
+                batched_positions: bool | None = None) -> ExportResult:
     """Export ``model`` (a zoo / HF model) to ONNX at ``path``.
 
     Inputs: ``input_ids`` [batch, seq] int64 (+ ``attention_mask`` int64 where requested);
@@ -140,6 +147,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, exporter: str = "dyna
     dtype: "fp32" | "fp16" (the model is converted to half in a deep copy; CPU half export).
     The dynamo exporter traces with batch >= 2 when dynamic (torch.export specializes size-1
     dims); the ``batch`` argument is otherwise just the example size.
+    batched_positions: None = auto (True for opset >= 23): decoders get position_ids =
+    arange(seq) expanded to [batch, seq] inside the graph, so that ORT's RotaryEmbedding
+    (opset 23) runs at batch > 1 (it rejects a batch-1 cos/sin cache otherwise).
     The written file's ir_version is clamped to MAX_IR_VERSION; with ``check`` the file is
     loaded in onnxruntime CPU and run once on random ids.
     """
@@ -163,7 +173,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, exporter: str = "dyna
     if DTYPES[dtype] != next(model.parameters()).dtype:
         m = copy.deepcopy(model).to(DTYPES[dtype])
     m.eval()
-    wrapper = LogitsWrapper(m, with_attention_mask).eval()
+    if batched_positions is None:
+        batched_positions = opset >= 23
+    wrapper = LogitsWrapper(m, with_attention_mask, batched_positions).eval()
     trace_batch = max(batch, 2) if (dynamic and exporter == "dynamo") else batch
     ids, mask = example_inputs(model, trace_batch, seq, with_attention_mask)
     input_names = ["input_ids"] + (["attention_mask"] if with_attention_mask else [])
@@ -266,22 +278,31 @@ def compare_with_torch(model: nn.Module, path, batch=1, seq=8, seed=1) -> float:
 
 def ort_optimize(in_path, out_path, model_type: str = "gpt2", num_heads: int = 0,
                  hidden: int = 0, opt_level: int = 0, use_gpu: bool = False,
-                 fp16: bool = False) -> str:
+                 fp16: bool = False, fallback: bool = True) -> str:
     """Run onnxruntime.transformers.optimizer.optimize_model and save the result.
 
     model_type: "bert" for BERT/MiniLM; "gpt2" for decoders (fuses SimplifiedLayerNormalization /
     SkipSimplifiedLayerNormalization / SkipLayerNormalization; "bert" gives the same norm
     fusions). opt_level=0 = python fusions only (no ORT session graph rewrites), so the result
-    stays plain ONNX + com.microsoft fused ops. Returns out_path.
+    stays plain ONNX + com.microsoft fused ops. With ``fallback``, a failing "gpt2" run is
+    retried as "bert". Returns out_path.
     """
     from onnxruntime.transformers import optimizer
     import logging
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        opt = optimizer.optimize_model(str(in_path), model_type=model_type, num_heads=num_heads,
-                                       hidden_size=hidden, opt_level=opt_level,
-                                       use_gpu=use_gpu)
+        try:
+            opt = optimizer.optimize_model(str(in_path), model_type=model_type,
+                                           num_heads=num_heads, hidden_size=hidden,
+                                           opt_level=opt_level, use_gpu=use_gpu)
+        except Exception:
+            if model_type != "gpt2" or not fallback:
+                raise
+            # gpt2's postprocess assumes every Gemm has a bias; "bert" fuses the same norms
+            opt = optimizer.optimize_model(str(in_path), model_type="bert",
+                                           num_heads=num_heads, hidden_size=hidden,
+                                           opt_level=opt_level, use_gpu=use_gpu)
         if fp16:
             opt.convert_float_to_float16(keep_io_types=True)
     out_path = str(out_path)

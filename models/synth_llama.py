@@ -223,7 +223,8 @@ class _WeightStore:
     def _maybe_report(self, force: bool = False):
         if not self.progress:
             return
-        if force or self.offset - self._last_report >= (1 << 30):
+        if (force and self.offset != self._last_report) or \
+                self.offset - self._last_report >= (1 << 30):
             self._last_report = self.offset
             dt = time.time() - self.t0
             self.progress(f"  {self.offset / 2**30:7.2f} GiB written, "
@@ -454,7 +455,7 @@ def _build(g: _Graph, ws: _WeightStore, cfg: dict, dtype: str, attention_mask: b
         w_lm = g.op("Transpose", [emb], "val", perm=[1, 0])
     else:
         w_lm = linear_weight("lm_head.weight", H, V)
-    logits = g.op("MatMul", [x, w_lm], "linear")
+    g.op("MatMul", [x, w_lm], "linear")
     # rename the final output to "logits"
     g.nodes[-1].output[0] = "logits"
     g.scope = []

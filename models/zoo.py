@@ -284,6 +284,22 @@ def perturb_norms(model: nn.Module, seed: int = 0, scale: float = 0.1) -> list[s
     return touched
 
 
+@torch.no_grad()
+def perturb_zero_biases(model: nn.Module, seed: int = 0, scale: float = 0.02) -> list[str]:
+    """Give all-zero linear biases (GPT-2 Conv1D, BERT Linear init) small random values, as in
+    trained models; the dynamo exporter would otherwise drop them (Gemm without C)."""
+    g = torch.Generator().manual_seed(seed + 54321)
+    touched = []
+    for name, mod in model.named_modules():
+        if _is_norm_module(name, mod):
+            continue
+        b = getattr(mod, "bias", None)
+        if isinstance(b, nn.Parameter) and b.ndim == 1 and not b.any():
+            b.add_(scale * torch.randn(b.shape, generator=g, dtype=torch.float32).to(b.dtype))
+            touched.append(f"{name}.bias")
+    return touched
+
+
 def make_config(family: str, size: str = "tiny", **overrides):
     kw = config_dict(family, size)
     kw.update(overrides)
@@ -319,6 +335,7 @@ def build(family: str, size: str = "tiny", seed: int = 0, *, perturb: bool = Tru
         model = model_cls(cfg)
     if perturb:
         perturb_norms(model, seed)
+        perturb_zero_biases(model, seed)
     return model.float().eval()
 
 
@@ -338,5 +355,5 @@ def describe() -> str:
 
 
 __all__ = ["CONFIGS", "FAMILIES", "HF_CLASSES", "ENCODERS", "build", "make_config",
-           "perturb_norms", "config_dict", "sizes", "num_heads_hidden", "DyT",
+           "perturb_norms", "perturb_zero_biases", "config_dict", "sizes", "num_heads_hidden", "DyT",
            "DyTConfig", "DyTForCausalLM", "describe"]

@@ -11,10 +11,11 @@ import onnx_ir as ir
 
 from patterns.base import Linear, Miss, Site, WeightRef
 from patterns.fused import FUSED_NORMS, FusedNormRule
+from patterns.layernorm import DecomposedDyT, DecomposedLayerNorm
 from patterns.linear import match_linears
 from patterns.rmsnorm import DecomposedRMSNorm
 
-RULES = (DecomposedRMSNorm(), FusedNormRule())
+RULES = (DecomposedRMSNorm(), DecomposedLayerNorm(), DecomposedDyT(), FusedNormRule())
 
 
 def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:

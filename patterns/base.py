@@ -72,8 +72,7 @@ class Site:
     gain: np.ndarray | None = None
     beta: np.ndarray | None = None
     nodes: tuple[ir.Node, ...] = ()
-    gain_node: ir.Node | None = None       # decomposed forms: the Mul by the gain
-    pre_gain: ir.Value | None = None       # decomposed forms: the normalized value before the gain
+    pre_affine: ir.Value | None = None     # decomposed forms: the value before the gain/β ops
     skip_inputs: tuple[ir.Value | None, ...] = ()   # Skip*: (input, skip, bias)
     residual_out: ir.Value | None = None   # Skip*: output 3 (input + skip + bias)
     gain_input: int | None = None          # fused ops: index of the gain input

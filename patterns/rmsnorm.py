@@ -10,11 +10,13 @@ Fused ops (anchored at the op): ONNX `RMSNormalization` (opset 23), ORT
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from patterns.base import Miss, Site
 from rewriter.irtools import attr, const_array, const_scalar, op, rank_of, reduce_axes, same_source, users
+
+
+DEFERRED = "1/RMS is not applied to its own input (a deferred scale: already rewritten)"
 
 
 def _only_user(value: ir.Value, *op_types: str) -> ir.Node | None:
@@ -92,34 +94,36 @@ def match_inverse_rms(reduce: ir.Node):
         return f"RMS feeds {node.op_type}"
     nodes.append(inv)
     mul = _only_user(inv.outputs[0], "Mul")
-    if mul is None:
-        return "1/RMS does not feed one Mul"
-    other = mul.inputs[1] if mul.inputs[0] is inv.outputs[0] else mul.inputs[0]
-    if not same_source(other, x):
-        return "1/RMS scales a different tensor"
+    other = None if mul is None else mul.inputs[1] if mul.inputs[0] is inv.outputs[0] else mul.inputs[0]
+    if other is None or not same_source(other, x):
+        return DEFERRED
     return x, eps, mul.outputs[0], nodes + [mul]
 
 
-def match_gain(value: ir.Value, nodes: list[ir.Node]):
-    """Trailing [Cast] → [Mul(gain)] → [Cast] after the normalized value.
+def match_affine(value: ir.Value, nodes: list[ir.Node]):
+    """Trailing [Cast] → [Mul(gain)] → [Cast] → [Add(β)] → [Cast] after the normalized value.
 
-    Returns (output, gain or None, gain_node, pre_gain)."""
-    gain = gain_node = pre_gain = None
+    Returns (output, gain or None, β or None, pre_affine) where pre_affine is the value
+    before the first affine op (None when there is none)."""
+    gain = beta = pre_affine = None
     while True:
-        node = _only_user(value, "Cast", "Mul")
-        if node is None:
+        node = _only_user(value, "Cast", "Mul", "Add")
+        if node is None or (node.op_type == "Mul" and (gain is not None or beta is not None)) \
+                or (node.op_type == "Add" and beta is not None):
             break
-        if op(node, "Mul", domain=""):
-            if gain_node is not None:
-                break
+        if node.op_type in ("Mul", "Add"):
             other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
-            g = const_array(other)
-            if g is None or (g.size > 1 and g.shape[-1] != g.size):   # gain must run along the last axis
-                break
-            gain, gain_node, pre_gain = g.reshape(-1), node, value
+            c = const_array(other)
+            if c is None or c.dtype.kind != "f" or (c.size > 1 and c.shape[-1] != c.size):
+                break       # not a constant along the last axis
+            pre_affine = value if pre_affine is None else pre_affine
+            if node.op_type == "Mul":
+                gain = c.reshape(-1)
+            else:
+                beta = c.reshape(-1)
         nodes.append(node)
         value = node.outputs[0]
-    return value, gain, gain_node, pre_gain
+    return value, gain, beta, pre_affine
 
 
 class DecomposedRMSNorm:
@@ -130,17 +134,15 @@ class DecomposedRMSNorm:
     anchors = ("ReduceMean",)
 
     def match(self, reduce: ir.Node) -> Site | Miss | None:
+        x = squared_input(reduce.inputs[0].producer())
+        if x is None or centered_input(x) is not None:      # not squares, or a LayerNorm's variance
+            return None
         found = match_inverse_rms(reduce)
         if found is None:
             return None
         if isinstance(found, str):
             return Miss(reduce, self.kind, found, self.form)
         x, eps, normalized, nodes = found
-        if centered_input(x) is not None:
-            return None                                     # a LayerNorm's variance
-        output, gain, gain_node, pre_gain = match_gain(normalized, nodes)
-        if gain is not None and gain.dtype.kind != "f":
-            return Miss(reduce, self.kind, "gain is not a float tensor", self.form)
-        return Site(self.kind, self.form, reduce, x, output, eps,
-                    gain=None if gain is None else np.asarray(gain),
-                    nodes=tuple(nodes), gain_node=gain_node, pre_gain=pre_gain)
+        output, gain, beta, pre_affine = match_affine(normalized, nodes)
+        return Site(self.kind, self.form, reduce, x, output, eps, gain=gain, beta=beta,
+                    nodes=tuple(nodes), pre_affine=pre_affine)

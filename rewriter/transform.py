@@ -190,9 +190,8 @@ class Rewriter:
 
     def drop_gain(self, site: Site) -> None:
         """Fold mode: keep the norm, weightless."""
-        if site.gain_node is not None:
-            out = site.gain_node.outputs[0]
-            self.redirect(out, self.narrow_source(site.pre_gain, dtype_of(out)))
+        if site.pre_affine is not None:
+            self.redirect(site.output, self.narrow_source(site.pre_affine, dtype_of(site.output)))
         if site.gain_input is not None:
             gain = site.anchor.inputs[site.gain_input]
             dtype = dtype_of(gain)

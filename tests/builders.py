@@ -85,3 +85,23 @@ class GraphBuilder:
         else:
             g = self.const(gain, "gain", as_node=gain_as == "node")
         return self.op("Mul", [g, y] if gain_side == "left" else [y, g])
+
+    def layernorm(self, x: str, *, gain=None, beta=None, eps=1e-5, inverse="div") -> str:
+        mean = self.reduce_mean(x)
+        d = self.op("Sub", [x, mean])
+        var = self.reduce_mean(self.op("Pow", [d, self.const(np.array(2.0, np.float32))]))
+        root = self.op("Sqrt", [self.op("Add", [var, self.const(np.array(eps, np.float32), "eps")])])
+        y = self.op("Div", [d, root]) if inverse == "div" else self.op("Mul", [d, self.op("Reciprocal", [root])])
+        if gain is not None:
+            y = self.op("Mul", [y, self.const(gain, "gamma")])
+        if beta is not None:
+            y = self.op("Add", [y, self.const(beta, "beta")])
+        return y
+
+    def dyt(self, x: str, *, alpha=0.7, gain=None, beta=None) -> str:
+        y = self.op("Tanh", [self.op("Mul", [x, self.const(np.array(alpha, np.float32), "alpha")])])
+        if gain is not None:
+            y = self.op("Mul", [self.const(gain, "g"), y])
+        if beta is not None:
+            y = self.op("Add", [y, self.const(beta, "b")])
+        return y

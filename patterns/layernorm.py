@@ -1,0 +1,61 @@
+"""LayerNorm and DyT in decomposed form (the single-op forms are rows of patterns/fused.py).
+
+LayerNorm (anchored at the variance's ReduceMean):
+    μ = ReduceMean(x); d = Sub(x, μ); ReduceMean(Pow(d, 2)) → [Add ε] → Sqrt →
+    Div(d, ·) | Mul(d, Reciprocal(·)) → [Cast] → [Mul γ] → [Add β] → [Cast]
+DyT (anchored at the Tanh):  Tanh(Mul(x, α)) → [Mul g] → [Add β]
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from patterns.base import Miss, Site
+from patterns.rmsnorm import centered_input, match_affine, match_inverse_rms, squared_input
+from rewriter.irtools import const_scalar, op
+
+
+class DecomposedLayerNorm:
+    kind = "layer"
+    form = "decomposed"
+    anchors = ("ReduceMean",)
+
+    def match(self, reduce: ir.Node) -> Site | Miss | None:
+        d = squared_input(reduce.inputs[0].producer())
+        x = None if d is None else centered_input(d)
+        if x is None:
+            return None
+        found = match_inverse_rms(reduce)
+        if found is None:
+            return None
+        if isinstance(found, str):
+            return Miss(reduce, self.kind, found, self.form)
+        d, eps, normalized, nodes = found
+        sub = d.producer()
+        nodes = [sub.inputs[1].producer(), sub] + nodes
+        output, gain, beta, pre_affine = match_affine(normalized, nodes)
+        return Site(self.kind, self.form, reduce, x, output, eps, gain=gain, beta=beta,
+                    nodes=tuple(nodes), pre_affine=pre_affine)
+
+
+class DecomposedDyT:
+    """Dynamic Tanh (Zhu et al. 2025): g ⊙ tanh(α·x) + β. Only g and β fold; no scale."""
+
+    kind = "dyt"
+    form = "decomposed"
+    anchors = ("Tanh",)
+
+    def match(self, tanh: ir.Node) -> Site | Miss | None:
+        scaled = tanh.inputs[0].producer()
+        if not op(scaled, "Mul", domain=""):
+            return None
+        alpha = [const_scalar(v) for v in scaled.inputs]
+        if all(a is None for a in alpha):
+            return None
+        x = scaled.inputs[1] if alpha[0] is not None else scaled.inputs[0]
+        nodes = [scaled, tanh]
+        output, gain, beta, pre_affine = match_affine(tanh.outputs[0], nodes)
+        if gain is None and beta is None:
+            return None     # a bare tanh(α·x) is an activation, not a norm
+        return Site(self.kind, self.form, tanh, x, output, 0.0, gain=gain, beta=beta,
+                    nodes=tuple(nodes), pre_affine=pre_affine)
