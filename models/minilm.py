@@ -42,14 +42,15 @@ def available() -> bool:
 
 def load(dtype=None, with_tokenizer: bool = True, attn_implementation: str = "sdpa"):
     """Return (BertModel, tokenizer) in fp32 (or ``dtype``), eval mode. The sentence-transformers
-    mean pooling / normalization is not included (BertModel's last_hidden_state only)."""
+    mean pooling / normalization is not included; exports use last_hidden_state only (the
+    pooler is kept so the checkpoint loads without unexpected keys, and is dead in exports)."""
     import torch
     from transformers import AutoTokenizer, BertModel
 
     d = model_dir()
     model = BertModel.from_pretrained(str(d), dtype=dtype or torch.float32,
                                       attn_implementation=attn_implementation,
-                                      local_files_only=True, add_pooling_layer=False)
+                                      local_files_only=True)
     model = model.eval()
     tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True) if with_tokenizer \
         else None

@@ -48,6 +48,8 @@ def load(dtype=None, with_tokenizer: bool = True, attn_implementation: str = "sd
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     folder, name = gguf_location()
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name,
                                                  dtype=dtype or torch.float32,

@@ -18,6 +18,7 @@ MODES = ("defer", "fold")
 class Options:
     mode: str = "defer"          # "defer": fold + defer 1/RMS past the linears; "fold": fold only
     clone_shared: bool = True    # clone a weight that something else also reads (tied lm_head)
+    push_scales: bool = True     # defer: move each 1/RMS as far downstream as the algebra allows
 
     def __post_init__(self):
         if self.mode not in MODES:

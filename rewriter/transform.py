@@ -14,6 +14,7 @@ from patterns import Linear, Site
 from patterns.linear import weight_dtype
 from rewriter.irtools import GraphEditor, attr, const_array, dtype_of, op, users
 from rewriter.plan import Decision, owns_weight
+from rewriter.scale import ScaleWalker
 
 F32 = ir.DataType.FLOAT
 WIDENING = {(ir.DataType.FLOAT16, F32), (ir.DataType.BFLOAT16, F32), (F32, ir.DataType.DOUBLE),
@@ -34,10 +35,11 @@ def _alpha(linear: Linear) -> float:
 
 
 class Rewriter:
-    def __init__(self, model: ir.Model):
+    def __init__(self, model: ir.Model, push_scales: bool = True):
         self.model = model
         self.graph = model.graph
         self.edit = GraphEditor(self.graph)
+        self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
 
     # -- graph plumbing -------------------------------------------------------------------
@@ -144,8 +146,8 @@ class Rewriter:
         return e.op1("Reciprocal", root, hint="inv_rms")
 
     def scale_for(self, linear: Linear, scale: ir.Value) -> ir.Value:
-        """The per-row scale cast to the linear's dtype and reshaped like its input path."""
-        s = self.edit.cast(scale, dtype_of(linear.output) or F32)
+        """The per-row scale (fp32) reshaped like the linear's input path."""
+        s = scale
         for node in linear.path:
             if op(node, "Reshape", domain=""):
                 target = const_array(node.inputs[1]).astype(np.int64).copy()
@@ -184,9 +186,8 @@ class Rewriter:
         scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer")
         self.redirect(site.output, self.narrow_source(x, dtype_of(site.output)))
         for linear, delta in zip(site.linears, deltas):
-            s = self.scale_for(linear, scale)
-            scaled = self.insert_after(linear.output, lambda v: self.edit.op1("Mul", v, s, hint="deferred_scale"))
-            self.add_bias(linear, scaled, delta, detach_gemm_bias=True)
+            self.add_bias(linear, linear.output, delta, detach_gemm_bias=True)
+            self.scales.seed(linear.output, self.scale_for(linear, scale))
 
     def drop_gain(self, site: Site) -> None:
         """Fold mode: keep the norm, weightless."""
@@ -207,13 +208,14 @@ class Rewriter:
         return self._ones[key]
 
     def finish(self) -> None:
+        self.scales.run()
         RemoveUnusedNodesPass()(self.model)
         self.graph.sort()
 
 
-def apply_plan(model: ir.Model, plan: list[Decision]) -> int:
+def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True) -> int:
     """Rewrite every non-skipped site of `plan` in `model` (in place). Returns the count."""
-    rewriter = Rewriter(model)
+    rewriter = Rewriter(model, push_scales)
     done = 0
     for decision in plan:
         if decision.rewritten:
