@@ -34,11 +34,13 @@ def infer_shapes(model: ir.Model) -> None:
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
     """Match, plan and rewrite `model` in place."""
-    if options.mode == "defer" and options.push_scales:
-        infer_shapes(model)
     sites, misses = patterns.find_sites(model.graph)
     plan = make_plan(sites, misses, options)
-    apply_plan(model, plan, push_scales=options.push_scales)
+    if any(d.rewritten for d in plan):      # a model left alone is written back unchanged
+        if options.mode == "defer" and options.push_scales:
+            infer_shapes(model)
+        apply_plan(model, plan, push_scales=options.push_scales)
+        infer_shapes(model)
     return Report.from_plan(options.mode, plan)
 
 
