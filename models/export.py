@@ -418,8 +418,8 @@ def export_decoder_with_past(model: nn.Module, path, exporter: str = "wrapper",
     B = torch.export.Dim("batch", min=1, max=1024)
     S = torch.export.Dim("sequence", min=1, max=8192)
     P = torch.export.Dim("past_sequence", min=1, max=8192)
-    dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: S + P},
-           "position_ids": {0: B, 1: S}, "past": [{0: B, 2: P}] * (2 * n)}
+    dyn = {"input_ids": {0: B, 1: S}, "attention_mask": {0: B, 1: torch.export.Dim.AUTO},
+           "position_ids": {0: B, 1: S}, "past": tuple({0: B, 2: P} for _ in range(2 * n))}
     t0 = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

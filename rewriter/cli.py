@@ -5,18 +5,34 @@
     python -m rewriter bench ORIGINAL [REWRITTEN] [--tokens 1,128,...]
     python -m rewriter demo [--workdir DIR]      the main job on a built-in default model
 
-Exit codes: 0 ok, 1 verification failed, 2 usage, 3 bad input (not ONNX, truncated, missing
-external data), 4 unsupported model, 5 cannot write output, 6 no normalization found.
-Errors print one line on stderr; --debug shows the traceback.
+Exit codes (rewriter/errors.py):
+    0  ok
+    1  verification failed (outputs differ, or the models could not be run)
+    2  usage (bad command line, bad --external-data name)
+    3  bad input: not ONNX, truncated, missing or short external data file
+    4  unsupported or invalid model: unknown opset or domain, dangling edge, cycle, a node or
+       types/shapes that onnx.checker or strict shape inference reject
+    5  cannot write the output (or it would overwrite the input or its external data without
+       --overwrite); nothing is written
+    6  no normalization found (nothing written)
+    7  internal error: an exception nobody foresaw, i.e. a bug (rerun with --debug, report it)
+    130 interrupted (nothing written)
+Errors print one line on stderr ("error: ..."); --debug shows the traceback. The input is never
+modified; the output appears only once complete and checked (temporary folder + rename).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import traceback
+import warnings
+from pathlib import Path
 
-from rewriter.errors import EXIT_OK, EXIT_VERIFY_FAILED, RewriterError
+from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_VERIFY_FAILED,
+                             BadInput, OutputError, RewriterError, VerificationFailed)
 
 SUBCOMMANDS = ("verify", "bench", "demo")
 
@@ -34,9 +50,10 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="JSON", help="write the per-site report here")
     p.add_argument("--verify", action="store_true", help="run both models and compare after writing")
     p.add_argument("--external-data", metavar="NAME",
-                   help="write weights to this file beside the output (default: when the input had "
-                        "external data or the model passes 2 GiB)")
-    p.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the input path")
+                   help="write weights to this file (a name, beside the output); default: "
+                        "OUTPUT.data when the input had external data or the model passes 2 GiB")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow OUTPUT to be the input path (replaced atomically, with its external data)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -60,16 +77,29 @@ def _verify_parser() -> argparse.ArgumentParser:
 def cmd_rewrite(args) -> int:
     from rewriter.api import rewrite_file
     progress = None if args.quiet else _progress
+    if args.report:
+        _check_report_path(Path(args.report), [args.model, args.output])
     report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
                           overwrite=args.overwrite, external_data=args.external_data, progress=progress)
     if args.report:
-        report.to_json(args.report)
+        try:
+            report.to_json(args.report)
+        except OSError as exc:
+            raise OutputError(f"{args.report}: cannot write the report ({exc.strerror or exc})") from exc
     if not args.quiet:
         print(report.table())
         print(f"wrote {args.output}")
     if args.verify:
         return _verify(args.model, args.output, None, None, None, quiet=args.quiet)
     return EXIT_OK
+
+
+def _check_report_path(report: Path, models) -> None:
+    parent = report.parent if str(report.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{parent}: report directory does not exist")
+    if report.is_dir() or any(report.resolve() == Path(m).resolve() for m in models):
+        raise OutputError(f"{report}: the report would overwrite a model or a directory")
 
 
 def _progress(done: int, total: int, name: str) -> None:
@@ -79,8 +109,16 @@ def _progress(done: int, total: int, name: str) -> None:
 
 def _verify(original, rewritten, inputs, tolerance, provider, quiet=False, **shape) -> int:
     from rewriter.verify import format_diffs, load_npz, verify
-    feeds = load_npz(inputs) if inputs else None
-    diffs = verify(original, rewritten, inputs=feeds, tolerance=tolerance, provider=provider, **shape)
+    for path in (original, rewritten, inputs):
+        if path is not None and not Path(path).is_file():
+            raise BadInput(f"{path}: no such file")
+    try:
+        feeds = load_npz(inputs) if inputs else None
+        diffs = verify(original, rewritten, inputs=feeds, tolerance=tolerance, provider=provider, **shape)
+    except (RewriterError, KeyboardInterrupt):
+        raise
+    except Exception as exc:    # onnxruntime cannot load or run one of them
+        raise VerificationFailed(f"could not run the models: {_one_line(exc)}") from exc
     if not quiet or not all(d.ok for d in diffs):
         print(format_diffs(diffs))
     return EXIT_OK if all(d.ok for d in diffs) else EXIT_VERIFY_FAILED
@@ -91,9 +129,43 @@ def cmd_verify(args) -> int:
                    seq=args.seq, batch=args.batch)
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool):
+    """onnx_ir logs a warning per dangling edge it repairs while loading: the error line
+    says it better. --debug keeps them."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    if not debug:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # library warnings are held back: a failed run prints its one error line only; a run that
+    # completes (or --debug) shows each as one "warning: ..." line
+    with _quiet_libraries(debug), warnings.catch_warnings(record=True) as caught:
+        code = _main(argv, debug)
+    if code in (EXIT_OK, EXIT_VERIFY_FAILED) or debug:
+        shown = set()
+        for w in caught:
+            line = f"warning: {_one_line(w.message)}"
+            if line not in shown:
+                shown.add(line)
+                print(line, file=sys.stderr)
+    return code
+
+
+def _main(argv: list[str], debug: bool) -> int:
     try:
         if argv and argv[0] == "verify":
             return cmd_verify(_verify_parser().parse_args(argv[1:]))
@@ -107,14 +179,16 @@ def main(argv=None) -> int:
     except RewriterError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("error: interrupted (nothing written)", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:    # a bug or an input we did not foresee: still one line
         if debug:
             traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
-        return 4
+        print(f"error: internal error, {type(exc).__name__}: {_one_line(exc, 200)} "
+              "(a bug: rerun with --debug and report the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL

@@ -1,4 +1,9 @@
-"""Errors the CLI turns into one line on stderr and a documented exit code."""
+"""Errors the CLI turns into one line on stderr and a documented exit code.
+
+    0 ok                  3 bad input            6 no normalization found
+    1 verification failed 4 unsupported/invalid  7 internal error (a bug: rerun with --debug)
+    2 usage               5 cannot write output  130 interrupted (nothing written)
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,11 @@ EXIT_BAD_INPUT = 3         # not ONNX, truncated, missing/short external data
 EXIT_UNSUPPORTED = 4       # invalid graph, unknown opset or domain
 EXIT_OUTPUT = 5            # cannot write the output (or would overwrite the input)
 EXIT_NOTHING = 6           # no normalization in the model
+EXIT_INTERNAL = 7          # an exception we did not foresee: a bug (--debug shows the traceback)
+EXIT_INTERRUPTED = 130     # Ctrl-C (nothing written)
+
+DOCUMENTED_EXIT_CODES = (EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_UNSUPPORTED,
+                         EXIT_OUTPUT, EXIT_NOTHING, EXIT_INTERNAL, EXIT_INTERRUPTED)
 
 
 class RewriterError(Exception):
@@ -17,6 +27,10 @@ class RewriterError(Exception):
 
 class BadInput(RewriterError):
     exit_code = EXIT_BAD_INPUT
+
+
+class UsageError(RewriterError):
+    exit_code = EXIT_USAGE
 
 
 class Unsupported(RewriterError):

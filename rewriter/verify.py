@@ -42,6 +42,8 @@ def session(path, provider: str | None = None, optimize: bool = True):
 
 def _vocab_sizes(path) -> dict[str, int]:
     """Graph inputs used as Gather indices into a constant table -> the table's row count."""
+    if path is None:
+        return {}
     model = onnx.load(str(path), load_external_data=False)
     tables = {init.name: init.dims[0] for init in model.graph.initializer if len(init.dims) == 2}
     vocab: dict[str, int] = {}

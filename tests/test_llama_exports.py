@@ -1,0 +1,57 @@
+"""End to end on exported Llama graphs: both torch exporters, opsets 17/18/23, fp32 and fp16,
+and onnxruntime-fused graphs — one rule set, no per-exporter code.
+
+Counts and numerics are asserted together: a tiny Llama (2 layers, tied embeddings) has 5
+RMSNorms (2 per layer + final), each feeding linears only, so all 5 must be rewritten.
+"""
+
+import numpy as np
+import pytest
+
+from models_cache import exported
+from parity import FP32_TOL, assert_exact, rewrite_and_run
+from rewriter.verify import compare, make_inputs, run, session
+
+EXPORTS = [("dynamo", 18), ("dynamo", 23), ("torchscript", 17)]
+
+
+@pytest.mark.parametrize("exporter,opset", EXPORTS, ids=[f"{e}-{o}" for e, o in EXPORTS])
+@pytest.mark.parametrize("mode", ["defer", "fold"])
+def test_fp32_exports(exporter, opset, mode, tmp_path):
+    src = exported("llama", exporter, opset)
+    feeds = make_inputs(src, batch=2, seq=7)
+    report, diffs, _ = rewrite_and_run(src, tmp_path, mode=mode, feeds=feeds)
+    assert (report.found, report.rewritten) == (5, 5), report.table()
+    assert report.weights_changed == 2 * (3 + 2) + 1        # q,k,v + gate,up per layer, lm_head
+    expected_form = "RMSNormalization" if opset >= 23 else "decomposed"
+    assert {s.form for s in report.sites} == {expected_form}
+    assert_exact(diffs, FP32_TOL)
+
+
+@pytest.mark.parametrize("exporter,opset", [("dynamo", 18), ("torchscript", 17)])
+def test_fp16_no_worse_than_original_against_fp32(exporter, opset, tmp_path):
+    """fp16 graphs are not bit-identical: the rewritten fp16 model must be no further from
+    the fp32 reference than the original fp16 model is (with 25 % slack for rounding luck)."""
+    ref_path, src = exported("llama", exporter, opset, "fp32"), exported("llama", exporter, opset, "fp16")
+    report, _, _ = rewrite_and_run(src, tmp_path)
+    assert report.rewritten == 5
+    feeds = make_inputs(ref_path, batch=2, seq=7)
+    ref = run(ref_path, feeds, provider="cpu")
+    original = run(src, feeds, provider="cpu")
+    rewritten = run(tmp_path / "model_defer.onnx", feeds, provider="cpu")
+    err_original = compare(ref, original)[0].max_rel
+    err_rewritten = compare(ref, rewritten)[0].max_rel
+    assert err_rewritten <= 1.25 * err_original + 1e-4, (err_rewritten, err_original)
+
+
+@pytest.mark.parametrize("mode", ["defer", "fold"])
+def test_ort_fused_graph(mode, tmp_path):
+    """After onnxruntime's transformers optimizer: SimplifiedLayerNormalization and
+    SkipSimplifiedLayerNormalization (whose residual-sum output feeds the next block)."""
+    src = exported("llama", "dynamo", 18, ort_opt=True)
+    report, diffs, out = rewrite_and_run(src, tmp_path, mode=mode, feeds=make_inputs(src, batch=2, seq=7))
+    forms = {s.form for s in report.sites}
+    assert forms <= {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"} and \
+        "SkipSimplifiedLayerNormalization" in forms, forms
+    assert (report.found, report.rewritten) == (5, 5), report.table()
+    assert_exact(diffs, FP32_TOL)
