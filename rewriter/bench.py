@@ -753,29 +753,46 @@ def measure(variants: dict[str, Variant], shapes: list[Shape], *, provider: str 
         names = list(bound)
         samples: dict[str, list[float]] = {n: [] for n in names}
         inner: dict[str, int] = {}
-        try:
-            for name in names:                                   # warm-up (graph capture too)
+
+        def failed(name, exc):
+            row["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            log(f"{shape.label} {name}: FAILED {row['variants'][name]['error']}")
+
+        for name in list(names):                                 # warm-up (graph capture too)
+            try:
                 ts = [bound[name].run() for _ in range(max(1, settings.warmup))]
-                one = float(np.median(ts))
-                inner[name] = int(min(1000, max(1, math.ceil(settings.min_sample_ms / 1e3 / max(one, 1e-7)))))
-            t_start = time.perf_counter()
-            for r in range(settings.max_rounds):
-                order = names[r % len(names):] + names[:r % len(names)] if names else []
-                for name in order:
+            except Exception as exc:
+                failed(name, exc)
+                names.remove(name)
+                continue
+            one = float(np.median(ts))
+            inner[name] = int(min(1000, max(1, math.ceil(settings.min_sample_ms / 1e3 / max(one, 1e-7)))))
+        t_start = time.perf_counter()
+        for r in range(settings.max_rounds):
+            if not names:
+                break
+            k = r % len(names)
+            for name in names[k:] + names[:k]:                   # A, B, C, ... rotated each round
+                try:
                     samples[name].append(bound[name].run(inner[name]))
-                if r + 1 >= settings.min_rounds and time.perf_counter() - t_start > settings.budget_s:
-                    break
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            log(f"{shape.label}: FAILED {row['error']}")
+                except Exception as exc:
+                    failed(name, exc)
+                    names.remove(name)
+                    samples[name] = []
+            if r + 1 >= settings.min_rounds and time.perf_counter() - t_start > settings.budget_s:
+                break
+        names = list(bound)
         for name in names:
             if samples[name]:
                 row["variants"][name] = dict(stats(samples[name]), inner=inner.get(name, 1))
-            bound[name].close()
+            with contextlib.suppress(Exception):
+                bound[name].close()
         bound.clear()
         parts = [f"{n} {row['variants'][n]['median_ms']:.3g}" for n in names if "median_ms" in row["variants"].get(n, {})]
         log(f"{shape.label}: " + ", ".join(parts) + " ms")
     sessions.clear()
+    import gc
+    gc.collect()
     import onnxruntime as ort
     return {"provider": provider, "onnxruntime": ort.__version__, "settings": asdict(settings),
             "sessions": notes, "shapes": results}

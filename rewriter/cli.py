@@ -45,6 +45,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("defer", "fold"), default="defer",
                    help="defer: fold gains and defer 1/RMS past the linears (FlashNorm, default); "
                         "fold: fold gains only, keep a weightless norm")
+    p.add_argument("--no-push", action="store_true",
+                   help="apply each deferred 1/RMS right after its linear instead of as late as "
+                        "the scale algebra allows")
     p.add_argument("--no-clone", action="store_true",
                    help="skip sites whose weight is shared (tied lm_head) instead of cloning it")
     p.add_argument("--report", metavar="JSON", help="write the per-site report here")
@@ -80,6 +83,7 @@ def cmd_rewrite(args) -> int:
     if args.report:
         _check_report_path(Path(args.report), [args.model, args.output])
     report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
+                          push_scales=not args.no_push,
                           overwrite=args.overwrite, external_data=args.external_data, progress=progress)
     if args.report:
         try:
