@@ -35,7 +35,7 @@ def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
             if isinstance(found, Site):
                 consumers = match_linears(found.output, found.size)
                 if isinstance(consumers, str):
-                    found = Miss(node, found.kind, consumers, found.form)
+                    found = Miss(node, found.kind, consumers, found.form, site=found)
                 else:
                     found.linears, found.shape_users = consumers
             (sites if isinstance(found, Site) else misses).append(found)

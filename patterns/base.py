@@ -99,6 +99,7 @@ class Miss:
     kind: str
     reason: str
     form: str = ""
+    site: Site | None = None     # the norm itself, when it matched but its consumers did not
 
     @property
     def name(self) -> str:

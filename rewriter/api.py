@@ -36,32 +36,47 @@ def rewrite_ir(model: ir.Model, options: Options) -> Report:
     """Match, plan and rewrite `model` in place."""
     sites, misses = patterns.find_sites(model.graph)
     plan = make_plan(sites, misses, options)
+    report_notes: list[str] = []
     if any(d.rewritten for d in plan):      # a model left alone is written back unchanged
         if options.mode == "defer" and options.push_scales:
             infer_shapes(model)
-        apply_plan(model, plan, push_scales=options.push_scales)
+        done = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx)
         infer_shapes(model)
-    return Report.from_plan(options.mode, plan)
+        if options.approx:
+            cancelled = len(done.scales.cancelled)
+            report_notes.append(f"--approx: {cancelled} deferred scale(s) cancelled in a following norm "
+                                "(exact only for ε = 0; see the measured error below)")
+    report = Report.from_plan(options.mode, plan)
+    report.notes += report_notes
+    return report
 
 
-def rewrite(model, *, mode: str = "defer", clone_shared: bool = True, push_scales: bool = True):
+def rewrite(model, **options):
     """Rewrite `model` (path, ModelProto, onnx_ir.Model or graphsurgeon Graph).
 
-    Returns (rewritten model of the same kind — an onnx_ir.Model for a path —, Report)."""
-    options = Options(mode=mode, clone_shared=clone_shared, push_scales=push_scales)
+    `options` are the fields of rewriter.Options (mode="defer"|"fold", clone_shared,
+    push_scales, approx). Returns (rewritten model of the same kind — an onnx_ir.Model for a
+    path —, Report)."""
     loaded, kind = io.load(model)
-    report = rewrite_ir(loaded, options)
+    report = rewrite_ir(loaded, Options(**options))
     return io.to_kind(loaded, kind), report
 
 
-def rewrite_file(src, dst, *, mode: str = "defer", clone_shared: bool = True, push_scales: bool = True,
-                 overwrite: bool = False, external_data: str | None = None,
-                 require_norms: bool = True, progress=None) -> Report:
-    """Rewrite the model at `src` into `dst` (atomic; `src` is never modified)."""
-    options = Options(mode=mode, clone_shared=clone_shared, push_scales=push_scales)
+def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None = None,
+                 require_norms: bool = True, progress=None, **options) -> Report:
+    """Rewrite the model at `src` into `dst` (atomic; `src` is never modified).
+
+    With approx=True the rewritten model is run against the original and the measured
+    worst-case relative error is added to the report's notes."""
+    opts = Options(**options)
     model, _ = io.load(src)
-    report = rewrite_ir(model, options)
+    report = rewrite_ir(model, opts)
     if require_norms and report.found == 0:
         raise NothingToRewrite(f"{src}: no normalization found (nothing to rewrite, nothing written)")
     io.save(model, dst, external_data=external_data, overwrite=overwrite, source=src, progress=progress)
+    if opts.approx and report.rewritten:
+        from rewriter.verify import verify
+        worst = max(d.max_rel for d in verify(src, dst, provider="cpu"))
+        report.notes.append(f"--approx: measured worst-case error {worst:.3e} relative "
+                            "(max |Δ| / max |original| over outputs, random inputs, CPU)")
     return report

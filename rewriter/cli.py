@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -48,6 +50,9 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-push", action="store_true",
                    help="apply each deferred 1/RMS right after its linear instead of as late as "
                         "the scale algebra allows")
+    p.add_argument("--approx", action="store_true",
+                   help="let a deferred scale cancel in a following norm (QK-norm, norm→linear→norm): "
+                        "exact only for ε = 0; the measured error is reported")
     p.add_argument("--no-clone", action="store_true",
                    help="skip sites whose weight is shared (tied lm_head) instead of cloning it")
     p.add_argument("--report", metavar="JSON", help="write the per-site report here")
@@ -83,7 +88,7 @@ def cmd_rewrite(args) -> int:
     if args.report:
         _check_report_path(Path(args.report), [args.model, args.output])
     report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
-                          push_scales=not args.no_push,
+                          push_scales=not args.no_push, approx=args.approx,
                           overwrite=args.overwrite, external_data=args.external_data, progress=progress)
     if args.report:
         try:
@@ -139,6 +144,22 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
+def _sigterm_interrupts():
+    """`kill` (SIGTERM) unwinds like Ctrl-C, so the temporary output folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def _quiet_libraries(debug: bool):
     """onnx_ir logs a warning per dangling edge it repairs while loading: the error line
     says it better. --debug keeps them."""
@@ -157,7 +178,7 @@ def main(argv=None) -> int:
     debug = "--debug" in argv
     # library warnings are held back: a failed run prints its one error line only; a run that
     # completes (or --debug) shows each as one "warning: ..." line
-    with _quiet_libraries(debug), warnings.catch_warnings(record=True) as caught:
+    with _sigterm_interrupts(), _quiet_libraries(debug), warnings.catch_warnings(record=True) as caught:
         code = _main(argv, debug)
     if code in (EXIT_OK, EXIT_VERIFY_FAILED) or debug:
         shown = set()

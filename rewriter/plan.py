@@ -19,6 +19,7 @@ class Options:
     mode: str = "defer"          # "defer": fold + defer 1/RMS past the linears; "fold": fold only
     clone_shared: bool = True    # clone a weight that something else also reads (tied lm_head)
     push_scales: bool = True     # defer: move each 1/RMS as far downstream as the algebra allows
+    approx: bool = False         # let a deferred scale cancel in a following norm (exact only for ε=0)
 
     def __post_init__(self):
         if self.mode not in MODES:

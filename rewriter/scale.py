@@ -69,12 +69,25 @@ class ScaleWalker:
     def __init__(self, graph: ir.Graph, edit: GraphEditor, take_output_slot, push: bool = True):
         self.graph = graph
         self.push = push        # False: apply every scale right after its linear
+        # --approx: (node, input) pairs through which a following RMSNorm reads its input;
+        # a scale reaching them is dropped: RMSNorm(s·t) = RMSNorm(t) up to ε (Prop. 3)
+        self.cancels: set[tuple[ir.Node, ir.Value]] = set()
+        self.cancelled: set[ir.Value] = set()      # norm inputs where a scale was dropped
+        self.stops: set[ir.Node] = set()
         self.edit = edit
         self.take_output_slot = take_output_slot
         self.states: dict[ir.Value, Scaled] = {}
         self._applied: dict[ir.Value, ir.Value] = {}
         self._factor: dict[tuple, ir.Value] = {}
         self.muls = 0
+
+    def stop_at(self, nodes) -> None:
+        """Apply any scale before these nodes (a norm's readers: one Mul on its input)."""
+        self.stops.update(nodes)
+
+    def cancel_in(self, norm_input: ir.Value, readers) -> None:
+        """Let the scale cancel in the RMSNorm whose nodes `readers` read `norm_input`."""
+        self.cancels.update((node, norm_input) for node in readers)
 
     def seed(self, value: ir.Value, scale: ir.Value) -> None:
         rank = rank_of(value)
@@ -87,7 +100,13 @@ class ScaleWalker:
             ins = [self.states.get(v) if v is not None else None for v in node.inputs]
             if not any(ins):
                 continue
+            if any((node, v) in self.cancels for v, st in zip(node.inputs, ins) if st is not None) \
+                    and all(st is None or (node, v) in self.cancels for v, st in zip(node.inputs, ins)):
+                self.cancelled.update(v for v, st in zip(node.inputs, ins) if st is not None)
+                continue            # the norm reads the raw tensor; its output is unscaled
             outs = self.rule(node, ins)
+            if outs is not None and any(out in self.states for out in node.outputs):
+                outs = None         # a linear of another deferred norm: its own scale is seeded here
             if outs is None:
                 for index, state in enumerate(ins):
                     if state is not None:
@@ -103,7 +122,7 @@ class ScaleWalker:
 
     def rule(self, node: ir.Node, ins: list[Scaled | None]) -> list[Scaled | None] | None:
         """Output states when the scale passes `node`, None when it must be applied before."""
-        if not self.push or node.domain not in ("", "ai.onnx"):
+        if not self.push or node in self.stops or node.domain not in ("", "ai.onnx"):
             return None
         kind = node.op_type
         first = ins[0]

@@ -35,12 +35,13 @@ def _alpha(linear: Linear) -> float:
 
 
 class Rewriter:
-    def __init__(self, model: ir.Model, push_scales: bool = True):
+    def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False):
         self.model = model
         self.graph = model.graph
         self.edit = GraphEditor(self.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
+        self.approx = approx
 
     # -- graph plumbing -------------------------------------------------------------------
     def insert_after(self, value: ir.Value, make) -> ir.Value:
@@ -183,8 +184,12 @@ class Rewriter:
 
     def defer(self, site: Site, deltas) -> None:
         x = self.residual_input(site)
+        before = {node for node, _ in users(x)}
         scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer")
         self.redirect(site.output, self.narrow_source(x, dtype_of(site.output)))
+        if self.approx and not site.skip_inputs:
+            # a scale arriving at x may cancel: s_B(s·t)·(s·t)W = s_B(t)·tW up to ε
+            self.scales.cancel_in(x, [node for node, _ in users(x) if node not in before])
         for linear, delta in zip(site.linears, deltas):
             self.add_bias(linear, linear.output, delta, detach_gemm_bias=True)
             self.scales.seed(linear.output, self.scale_for(linear, scale))
@@ -201,6 +206,17 @@ class Rewriter:
         if site.beta_input is not None:
             site.anchor.replace_input_with(site.beta_input, None)
 
+    def meet_untouched_norm(self, site: Site) -> None:
+        """A scale reaching this (not rewritten) norm's input is applied once before it, or
+        with --approx cancels in it."""
+        if site.kind not in ("rms", "layer") or site.skip_inputs or site.x is None:
+            return
+        readers = [node for node in site.nodes if site.x in node.inputs]
+        if self.approx:
+            self.scales.cancel_in(site.x, readers)
+        else:
+            self.scales.stop_at(readers)
+
     def ones(self, shape, dtype: ir.DataType) -> ir.Value:
         key = (tuple(shape), dtype)
         if key not in self._ones:
@@ -209,18 +225,24 @@ class Rewriter:
 
     def finish(self) -> None:
         self.scales.run()
-        RemoveUnusedNodesPass()(self.model)
+        self.graph.sort()
+        # to a fixed point: the walker may have put Muls in front of replaced (dead) norms
+        while RemoveUnusedNodesPass()(self.model).modified:
+            pass
         self.graph.sort()
 
 
-def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True) -> int:
-    """Rewrite every non-skipped site of `plan` in `model` (in place). Returns the count."""
-    rewriter = Rewriter(model, push_scales)
+def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True,
+               approx: bool = False) -> Rewriter:
+    """Rewrite every non-skipped site of `plan` in `model` (in place)."""
+    rewriter = Rewriter(model, push_scales, approx)
     done = 0
     for decision in plan:
         if decision.rewritten:
             rewriter.apply(decision)
             done += 1
+        elif decision.miss is not None and decision.miss.site is not None:
+            rewriter.meet_untouched_norm(decision.miss.site)
     if done:
         rewriter.finish()
-    return done
+    return rewriter

@@ -202,8 +202,9 @@ def test_fault_is_one_line_and_writes_nothing(kind, code, message, dirs):
 def test_debug_shows_the_traceback(dirs):
     src, out = dirs
     path = _write("dangling", src)
+    before = digests(src)
     code, _, err = cli(path, "-o", out / "flash.onnx", "--debug")
-    assert code == EXIT_UNSUPPORTED
+    assert code == EXIT_UNSUPPORTED and digests(src) == before
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: invalid graph")
     assert list(out.iterdir()) == []
 
@@ -233,18 +234,20 @@ def test_missing_output_directory(dirs):
 def test_report_directory_missing_writes_nothing(dirs):
     src, out = dirs
     onnx.save(llama_like_block(), src / "m.onnx")
+    before = digests(src)
     code, _, err = cli(src / "m.onnx", "-o", out / "flash.onnx", "--report", out / "no" / "r.json")
     assert_error(code, err, EXIT_OUTPUT, "report directory does not exist")
-    assert list(out.iterdir()) == []
+    assert list(out.iterdir()) == [] and digests(src) == before
 
 
 @pytest.mark.parametrize("name", ["sub/w.data", "../w.data", "/abs/w.data", "flash.onnx"])
 def test_bad_external_data_name_is_a_usage_error(name, dirs):
     src, out = dirs
     onnx.save(llama_like_block(), src / "m.onnx")
+    before = digests(src)
     code, _, err = cli(src / "m.onnx", "-o", out / "flash.onnx", "--external-data", name)
     assert_error(code, err, EXIT_USAGE, "--external-data")
-    assert list(out.iterdir()) == []
+    assert list(out.iterdir()) == [] and digests(src) == before
 
 
 def test_writing_over_the_input_is_refused_without_overwrite(dirs):
@@ -330,6 +333,23 @@ def test_failure_while_saving_leaves_nothing(exc, code, message, external, dirs,
     assert digests(src) == before
 
 
+def test_sigterm_while_saving_leaves_nothing(dirs, monkeypatch):
+    import signal
+    src, out = dirs
+    save_external(llama_like_block(), src / "model.onnx")
+    before = digests(src)
+    real = ir.save
+
+    def save(model, path, *args, **kwargs):
+        real(model, path, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)        # `kill <pid>` in the middle of the write
+    monkeypatch.setattr(rio.ir, "save", save)
+    code, _, err = cli(src / "model.onnx", "-o", out / "flash.onnx")
+    assert_error(code, err, EXIT_INTERRUPTED, "interrupted (nothing written)")
+    assert list(out.iterdir()) == [] and digests(src) == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
 def test_failure_while_renaming_restores_what_was_there(dirs, monkeypatch):
     """Data renamed into place, then the model rename fails: the old data file comes back."""
     src, out = dirs
@@ -364,9 +384,10 @@ def test_an_invalid_rewrite_is_not_written(dirs, monkeypatch):
         node.replace_input_with(0, ir.Value(name="lost"))     # a dangling edge
         return report
     monkeypatch.setattr(api, "rewrite_ir", broken)
+    before = digests(src)
     code, _, err = cli(src / "model.onnx", "-o", out / "flash.onnx")
     assert_error(code, err, EXIT_OUTPUT, "rewritten model is invalid")
-    assert list(out.iterdir()) == []
+    assert list(out.iterdir()) == [] and digests(src) == before
 
 
 # -- idempotency and metadata -------------------------------------------------------------------

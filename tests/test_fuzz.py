@@ -169,6 +169,18 @@ def _feeds(sess, rng) -> dict:
     return feeds
 
 
+def _extreme_constants(src: Path) -> bool:
+    """A float constant past 1e4 (or not finite): a flipped exponent bit. Deferring 1/RMS
+    past the linears legitimately overflows earlier on such weights: no parity to expect."""
+    try:
+        proto = onnx.load(str(src))
+        arrays = [numpy_helper.to_array(t) for t in proto.graph.initializer]
+    except Exception:
+        return True
+    return any(a.dtype.kind == "f" and a.size and not np.all(np.abs(a.astype(np.float64)) <= 1e4)
+               for a in arrays)
+
+
 def _check_success(src: Path, out: Path) -> str | None:
     """None when the output is good, else what is wrong with it."""
     try:
@@ -184,7 +196,7 @@ def _check_success(src: Path, out: Path) -> str | None:
     except Exception as exc:
         return f"onnxruntime loads the input but not the output: {exc}"
     feeds = _feeds(a, np.random.default_rng(0))
-    if not feeds:
+    if not feeds or _extreme_constants(src):
         return None
     try:
         ref = a.run(None, feeds)
@@ -215,6 +227,29 @@ def _digest(folder: Path) -> str:
 # Crashes found by this fuzzer in code this test does not own go here, as
 # (seed name, mutation description) -> reason, until they are fixed.
 KNOWN_CRASHES: dict[tuple[str, str], str] = {}
+
+
+def test_product_with_the_residual_stream_known_bug(tmp_path):
+    """Found by this fuzzer (seed 2, case 976: the residual Add turned into a Mul). The 1/RMS
+    scale pushed through `x * (q + k)` into the next norm loses that norm's own 1/RMS: its
+    ReduceMean/Sqrt/Reciprocal are dropped and the next linear is scaled by the first norm's
+    1/RMS. Correct with push_scales=False. Remove the xfail once rewriter/transform is fixed."""
+    from builders import GraphBuilder
+    from parity import assert_exact, rewrite_and_run
+    n = 16
+    g = GraphBuilder()
+    x = g.input("x", [None, None, n])
+    y = g.rms(x, gain=g.gain(n))
+    qk = g.op("Add", [g.op("MatMul", [y, g.weight(n, n)]), g.op("MatMul", [y, g.weight(n, n)])])
+    h = g.op("Mul", [x, qk])
+    g.output(g.op("MatMul", [g.rms(h, gain=g.gain(n)), g.weight(n, n)]))
+    _, diffs, _ = rewrite_and_run(g.model(), tmp_path, push_scales=False)
+    assert_exact(diffs)
+    _, diffs, _ = rewrite_and_run(g.model(), tmp_path, name="pushed")
+    if max(d.max_rel for d in diffs) > 1e-5:
+        pytest.xfail("known bug in scale pushing (rewriter/transform.py): max rel "
+                     f"{max(d.max_rel for d in diffs):.2f}")
+    assert_exact(diffs)
 
 
 def test_fuzz_cli(tmp_path):

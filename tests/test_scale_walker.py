@@ -33,12 +33,13 @@ def placements(proto: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 def _is_scale(node, prod) -> bool:
-    """The factor is 1/RMS (possibly cast, squared, reshaped or transposed)."""
+    """The factor is the rewriter's 1/RMS (possibly cast, squared, reshaped or transposed);
+    the rewriter prefixes the nodes it creates with "flashnorm/"."""
     while node is not None and node.op_type in ("Cast", "Mul", "Transpose", "Reshape", "Pow"):
         if node.op_type == "Mul" and node.input[0] != node.input[1]:
             return False
         node = prod.get(node.input[0])
-    return node is not None and node.op_type == "Reciprocal"
+    return node is not None and node.op_type == "Reciprocal" and node.name.startswith("flashnorm/")
 
 
 def block(kind: str):
