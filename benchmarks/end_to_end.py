@@ -1,7 +1,9 @@
 """End-to-end benchmark: whole Llama-shaped decoders, prefill and decode, under onnxruntime.
 
     python benchmarks/end_to_end.py                 # full
-    python benchmarks/end_to_end.py --quick         # GPU budget run (truncated layers, short rounds)
+    python benchmarks/end_to_end.py --quick         # GPU budget run: prefill only (truncated layers)
+    python benchmarks/end_to_end.py --quick --models smollm2-135m --prefill "" --decode 512,1024,2048,4096
+                                                    # decode rows alone (a torch export: minutes)
     python benchmarks/end_to_end.py --smoke         # tiny model, CPU, about a minute (decode export)
 
 Models (shapes of the real ones, random weights):
@@ -44,7 +46,7 @@ PRESETS = {
     "full": dict(models="smollm2-135m,llama-3.2-1b,llama-3.1-8b", layers="llama-3.1-8b:8",
                  prefill="1,512,1024,2048,4096", decode="512,1024,2048,4096", decode_models="all"),
     "quick": dict(models="smollm2-135m,llama-3.2-1b,llama-3.1-8b",
-                  layers="llama-3.2-1b:4,llama-3.1-8b:2", prefill="1,512,4096", decode="512,4096",
+                  layers="llama-3.2-1b:4,llama-3.1-8b:2", prefill="1,512,4096", decode="",
                   decode_models="smollm2-135m", warmup=3, rounds=15, min_rounds=5, budget=1.5,
                   best_fused="hand"),
     "smoke": dict(models="tiny", layers="", prefill="1,16", decode="16", decode_models="tiny",
@@ -80,7 +82,30 @@ def make_prefill(path, preset: str, layers: int, dtype: str, log) -> dict:
     return {"source": "models.synth_llama", "params": info["params"], "layers": layers}
 
 
-def make_decode(folder, preset: str, layers: int, dtype: str, log) -> tuple[str, dict]:
+def make_decode(folder, preset: str, layers: int, dtype: str, log, timeout: float = 600) -> tuple[str, dict]:
+    """A with-past decode graph, made in a child process (torch export is slow and memory
+    hungry; a timeout turns into "not available"), or an exception saying why there is none."""
+    import json
+    import subprocess
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_make-decode",
+           json.dumps({"folder": str(folder), "preset": preset, "layers": layers, "dtype": dtype})]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"decode graph export took more than {timeout:.0f} s (--export-timeout)") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("DECODE_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+        raise RuntimeError(f"decode graph export failed: {tail}")
+    out = json.loads(lines[-1][len("DECODE_RESULT "):])
+    if out.get("error"):
+        raise RuntimeError(out["error"])
+    log(f"{preset}: decode graph ready in {time.perf_counter() - t0:.1f} s ({out['info']['source']})")
+    return out["path"], out["info"]
+
+
+def _make_decode_inproc(folder, preset: str, layers: int, dtype: str, log) -> tuple[str, dict]:
     """A with-past decode graph, or an exception saying why there is none."""
     import inspect
 
@@ -135,6 +160,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--best-fused", choices=("auto", "ort", "hand"), default="auto")
+    p.add_argument("--export-timeout", type=float, default=600, help="seconds for one decode-graph export")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None, help="default benchmarks/results/end_to_end-<provider>")
@@ -144,8 +170,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _child_make_decode(spec: str) -> int:
+    import json
+    a = json.loads(spec)
+    try:
+        path, info = _make_decode_inproc(a["folder"], a["preset"], a["layers"], a["dtype"],
+                                         lambda m: print(m, file=sys.stderr, flush=True))
+        print("DECODE_RESULT " + json.dumps({"path": path, "info": info}), flush=True)
+    except Exception as exc:
+        print("DECODE_RESULT " + json.dumps({"error": f"{type(exc).__name__}: {str(exc)[:400]}"}), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--_make-decode"]:
+        return _child_make_decode(argv[1])
     p = parser()
     for name in ("quick", "smoke"):
         if f"--{name}" in argv:
@@ -203,7 +243,7 @@ def main(argv=None) -> int:
                 work.mkdir(parents=True, exist_ok=True)
                 case = f"{tag} decode"
                 try:
-                    src, info = make_decode(work, name, layers, args.dtype, log)
+                    src, info = make_decode(work, name, layers, args.dtype, log, args.export_timeout)
                     run_case(case, src, [bench.Shape(1, args.batch, p_) for p_ in decode], info, work)
                 except Exception as exc:
                     msg = f"not available: {type(exc).__name__}: {str(exc)[:400]}"

@@ -363,7 +363,8 @@ def main(argv=None) -> int:
             k: {"ppl": round(v["perplexity"], 5),
                 "ppl_delta_vs_same_dtype_original": v["perplexity"] - rows[f"{k.split('/')[0]}/original"]["perplexity"],
                 "rel_logit_diff_vs_fp32": v["rel_logit_diff"], "top1_vs_fp32": v["top1_agreement"],
-                "greedy_identical": v.get("generation_identical_to_same_dtype_original", True)}
+                "greedy_identical": v.get("generation_identical_to_same_dtype_original",
+                                          v.get("generation_identical_to_fp32_original", True))}
             for k, v in rows.items()}
     finally:
         if not args.workdir:
@@ -372,6 +373,7 @@ def main(argv=None) -> int:
     path = out_dir / "zero_loss.json"
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
+    print("greedy same: identical to the original of the same dtype (fp16/original: to fp32/original)")
     print(f"{'variant':<16} {'ppl':>10} {'Δppl (same dtype)':>18} {'rel logit diff vs fp32':>23} "
           f"{'top-1 vs fp32':>14} {'greedy same':>12}")
     for k, s in result["summary"].items():

@@ -40,23 +40,58 @@ def available() -> bool:
         return False
 
 
-def load(dtype=None, with_tokenizer: bool = True, attn_implementation: str = "sdpa"):
+def cache_dir() -> Path:
+    """Where the dequantized fp32 checkpoint is cached (FLASHNORM_MODEL_CACHE or
+    ~/.cache/flashnorm/smollm2-135m-instruct)."""
+    root = os.environ.get("FLASHNORM_MODEL_CACHE") or str(Path.home() / ".cache" / "flashnorm")
+    return Path(root) / "smollm2-135m-instruct"
+
+
+def load(dtype=None, with_tokenizer: bool = True, attn_implementation: str = "sdpa",
+         use_cache: bool = True):
     """Return (model, tokenizer) — LlamaForCausalLM in fp32 (or ``dtype``), eval mode.
 
-    tokenizer is None when ``with_tokenizer`` is False.
+    The first load converts the GGUF (slow: ~80 s on 2 cores, mostly the tokenizer); with
+    ``use_cache`` the result is saved as safetensors + tokenizer under ``cache_dir()`` and
+    later loads read that (a few seconds). tokenizer is None when ``with_tokenizer`` is False.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
-    folder, name = gguf_location()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name,
-                                                 dtype=dtype or torch.float32,
-                                                 attn_implementation=attn_implementation,
-                                                 local_files_only=True)
-    model = model.to(dtype or torch.float32).eval()
-    tok = None
-    if with_tokenizer:
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name, local_files_only=True)
+    dtype = dtype or torch.float32
+    cdir = cache_dir()
+    cached = use_cache and (cdir / "config.json").exists() and \
+        any(cdir.glob("*.safetensors")) and (cdir / "tokenizer_config.json").exists()
+    if cached:
+        model = AutoModelForCausalLM.from_pretrained(str(cdir), dtype=torch.float32,
+                                                     attn_implementation=attn_implementation,
+                                                     local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(cdir), local_files_only=True) \
+            if with_tokenizer else None
+    else:
+        folder, name = gguf_location()
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name,
+                                                     dtype=torch.float32,
+                                                     attn_implementation=attn_implementation,
+                                                     local_files_only=True)
+        tok = None
+        if with_tokenizer or use_cache:
+            tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name,
+                                                local_files_only=True)
+        if use_cache:
+            try:
+                tmp = cdir.with_name(cdir.name + f".tmp{os.getpid()}")
+                model.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
+                if cdir.exists():
+                    import shutil
+                    shutil.rmtree(cdir)
+                tmp.rename(cdir)
+            except OSError:
+                pass
+        if not with_tokenizer:
+            tok = None
+    model = model.to(dtype).eval()
     return model, tok

@@ -38,9 +38,9 @@ def rewrite_ir(model: ir.Model, options: Options) -> Report:
     plan = make_plan(sites, misses, options)
     report_notes: list[str] = []
     if any(d.rewritten for d in plan):      # a model left alone is written back unchanged
-        if options.mode == "defer" and options.push_scales:
-            infer_shapes(model)
-        done = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx)
+        infer_shapes(model)     # the scale walker and the norm fusion read shapes
+        done = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx,
+                          fuse_norms=options.fuse_norms)
         infer_shapes(model)
         if options.approx:
             cancelled = len(done.scales.cancelled)

@@ -50,6 +50,10 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-push", action="store_true",
                    help="apply each deferred 1/RMS right after its linear instead of as late as "
                         "the scale algebra allows")
+    p.add_argument("--target", choices=("portable", "ort-cpu", "ort-cuda"),
+                   help="choose the rewrite per runtime: portable/ort-cpu = fold + defer (the paper's "
+                        "form); ort-cuda = fold into the weights and keep one fused weightless norm "
+                        "kernel (a deferred Mul costs a pass over the output there)")
     p.add_argument("--approx", action="store_true",
                    help="let a deferred scale cancel in a following norm (QK-norm, norm→linear→norm): "
                         "exact only for ε = 0; the measured error is reported")
@@ -89,6 +93,7 @@ def cmd_rewrite(args) -> int:
         _check_report_path(Path(args.report), [args.model, args.output])
     report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
                           push_scales=not args.no_push, approx=args.approx,
+                          **({"target": args.target} if args.target else {}),
                           overwrite=args.overwrite, external_data=args.external_data, progress=progress)
     if args.report:
         try:

@@ -28,7 +28,7 @@ KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.ml", "pkg.onnxscript.t
 MAX_ONNX_OPSET = onnx.defs.onnx_opset_version()
 # ops onnxruntime registers in the ONNX domain although the ONNX standard has no such op (at
 # that opset): the checker would call them unknown, so they are checked as contrib ops
-ORT_ONNX_DOMAIN_CONTRIB = {"SimplifiedLayerNormalization": 1, "LayerNormalization": 17}
+ORT_ONNX_DOMAIN_CONTRIB = {"SimplifiedLayerNormalization": 10**9, "LayerNormalization": 17}  # op: first ONNX opset that has it
 SKELETON_MIN_BYTES = 1024           # initializers above this size become typed inputs
 INPUT_FILES = "rewriter.input_files"  # model.meta key: files the loaded model came from
 

@@ -12,6 +12,15 @@ from patterns import Linear, Miss, Site
 from rewriter.irtools import op, users
 
 MODES = ("defer", "fold")
+# --target: what each runtime does best (measured: docs/BENCHMARKS.md, PERF_BASELINE.md).
+# ORT CUDA has no GEMM epilogue for a per-row scale, so a deferred Mul costs a pass over the
+# output while its fused norm kernel is near free: fold the gains into the weights and keep
+# one fused, weightless norm kernel. Elsewhere the paper's form (fold + defer).
+TARGETS = {
+    "portable": dict(mode="defer", fuse_norms=False),
+    "ort-cpu": dict(mode="defer", fuse_norms=False),
+    "ort-cuda": dict(mode="fold", fuse_norms=True),
+}
 
 
 @dataclass
@@ -20,8 +29,15 @@ class Options:
     clone_shared: bool = True    # clone a weight that something else also reads (tied lm_head)
     push_scales: bool = True     # defer: move each 1/RMS as far downstream as the algebra allows
     approx: bool = False         # let a deferred scale cancel in a following norm (exact only for ε=0)
+    fuse_norms: bool = False     # fold: emit onnxruntime's fused norm kernels for decomposed norms
+    target: str | None = None    # sets mode and fuse_norms from TARGETS
 
     def __post_init__(self):
+        if self.target is not None:
+            if self.target not in TARGETS:
+                raise ValueError(f"unknown target {self.target!r} (choose from {', '.join(TARGETS)})")
+            for key, value in TARGETS[self.target].items():
+                setattr(self, key, value)
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
 
@@ -69,7 +85,7 @@ def is_trivial(site: Site) -> bool:
 
 def decide(site: Site, options: Options) -> Decision:
     action = "fold" if site.kind == "dyt" else options.mode
-    if action == "fold" and is_trivial(site):
+    if action == "fold" and is_trivial(site) and not (options.fuse_norms and site.form == "decomposed"):
         return Decision(site, None, "skip", "nothing to fold: unit gain and no β (already folded?)")
     shared = [linear for linear in site.linears if not owns_weight(linear)]
     if shared and not options.clone_shared:
@@ -80,6 +96,8 @@ def decide(site: Site, options: Options) -> Decision:
     if site.kind == "layer":
         reason = ("fold γ, β into weights/bias" if action == "fold"
                   else "fold γ, β and mean-centering into weights, defer 1/σ")
+    if action == "fold" and options.fuse_norms and site.form == "decomposed":
+        reason += "; norm fused into one onnxruntime kernel"
     if shared:
         reason += f"; cloned {len(shared)} shared weight(s)"
     return Decision(site, None, action, reason, cloned=shared)
@@ -91,4 +109,4 @@ def make_plan(sites: list[Site], misses: list[Miss], options: Options) -> list[D
     return plan
 
 
-__all__ = ["Decision", "MODES", "Options", "decide", "make_plan", "owns_weight"]
+__all__ = ["Decision", "MODES", "Options", "TARGETS", "decide", "make_plan", "owns_weight"]

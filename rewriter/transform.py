@@ -12,13 +12,23 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from patterns import Linear, Site
 from patterns.linear import weight_dtype
-from rewriter.irtools import GraphEditor, attr, const_array, dtype_of, op, users
+from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, users
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 
 F32 = ir.DataType.FLOAT
 WIDENING = {(ir.DataType.FLOAT16, F32), (ir.DataType.BFLOAT16, F32), (F32, ir.DataType.DOUBLE),
             (ir.DataType.FLOAT16, ir.DataType.DOUBLE), (ir.DataType.BFLOAT16, ir.DataType.DOUBLE)}
+
+
+def _residual_pair(a: ir.Value, b: ir.Value) -> bool:
+    """Two activations (not constants) of the same rank and hidden size: a residual Add.
+    Leading dims are not compared (exporters name the same symbolic dim differently)."""
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape) or len(a.shape) < 2:
+        return False
+    if const_tensor(a) is not None or const_tensor(b) is not None:
+        return False
+    return isinstance(a.shape[-1], int) and a.shape[-1] == b.shape[-1]
 
 
 def _weight_shape(linear: Linear) -> tuple[int, int]:
@@ -35,13 +45,15 @@ def _alpha(linear: Linear) -> float:
 
 
 class Rewriter:
-    def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False):
+    def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False,
+                 fuse_norms: bool = False):
         self.model = model
         self.graph = model.graph
         self.edit = GraphEditor(self.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
         self.approx = approx
+        self.fuse_norms = fuse_norms
 
     # -- graph plumbing -------------------------------------------------------------------
     def insert_after(self, value: ir.Value, make) -> ir.Value:
@@ -54,6 +66,11 @@ class Rewriter:
         return new
 
     def redirect(self, old: ir.Value, new: ir.Value) -> None:
+        """Replace `old` by the equivalent `new` everywhere (graph outputs included)."""
+        if new.shape is None:
+            new.shape = old.shape
+        if new.type is None:
+            new.type = old.type
         for node, index in users(old):
             node.replace_input_with(index, new)
         self._take_output_slot(old, new)
@@ -69,12 +86,14 @@ class Rewriter:
         new.shape, new.type = new.shape or old.shape, new.type or old.type
 
     def narrow_source(self, value: ir.Value, dtype: ir.DataType | None) -> ir.Value:
-        """`value` in `dtype`, skipping a widening Cast instead of casting back."""
+        """`value` in `dtype`, skipping lossless Casts (widening or to the same type) back to
+        a value already in `dtype` instead of casting again."""
         node = value.producer()
         if op(node, "Cast", domain="") and dtype is not None:
             source = node.inputs[0]
-            if dtype_of(source) == dtype and (dtype, dtype_of(value)) in WIDENING:
-                return source
+            lossless = dtype_of(source) == dtype_of(value) or (dtype_of(source), dtype_of(value)) in WIDENING
+            if lossless and dtype_of(source) in (dtype, dtype_of(value)):
+                return self.narrow_source(source, dtype)
         return self.edit.cast(value, dtype) if dtype is not None else value
 
     # -- weights --------------------------------------------------------------------------
@@ -83,7 +102,9 @@ class Rewriter:
         deferred LayerNorm). Returns the bias delta α·β·W, or None when β is absent."""
         ref = linear.weight
         dtype = weight_dtype(linear)
-        gain = None if site.gain is None else site.gain.astype(np.float64)
+        gain = None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
+        if gain is None and not center and (site.beta is None or not np.any(site.beta)):
+            return None         # nothing to fold into this weight
         n, k = _weight_shape(linear)
         out_shape = (k, n) if ref.transposed else (n, k)
 
@@ -195,7 +216,9 @@ class Rewriter:
             self.scales.seed(linear.output, self.scale_for(linear, scale))
 
     def drop_gain(self, site: Site) -> None:
-        """Fold mode: keep the norm, weightless."""
+        """Fold mode: keep the norm, weightless (as one fused op when `fuse_norms`)."""
+        if self.fuse_norms and site.form == "decomposed" and self.fuse(site):
+            return
         if site.pre_affine is not None:
             self.redirect(site.output, self.narrow_source(site.pre_affine, dtype_of(site.output)))
         if site.gain_input is not None:
@@ -205,6 +228,34 @@ class Rewriter:
             site.anchor.replace_input_with(site.gain_input, self.ones(shape, dtype))
         if site.beta_input is not None:
             site.anchor.replace_input_with(site.beta_input, None)
+
+    def fuse(self, site: Site) -> bool:
+        """Replace a decomposed weightless norm by onnxruntime's fused kernel:
+        SkipSimplifiedLayerNormalization when its input is a residual Add (the sum stays
+        available as output 3), else SimplifiedLayerNormalization / LayerNormalization."""
+        n = site.size
+        if n is None or site.kind not in ("rms", "layer") or (site.kind == "layer" and self.edit.opset < 17):
+            return False
+        x = self.narrow_source(site.x, dtype_of(site.output))
+        dtype = dtype_of(x)
+        if dtype not in (F32, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            return False
+        ones = self.ones((n,), dtype)
+        add = x.producer()
+        if site.kind == "rms" and op(add, "Add", domain="") and _residual_pair(add.inputs[0], add.inputs[1]):
+            fused = self.edit.node("SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], ones],
+                                   {"epsilon": site.eps}, domain="com.microsoft", num_outputs=4,
+                                   hint="SkipRMSNorm")
+            self.redirect(x, fused.outputs[3])
+        elif site.kind == "rms":
+            fused = self.edit.node("SimplifiedLayerNormalization", [x, ones],
+                                   {"epsilon": site.eps, "axis": -1, "stash_type": 1}, hint="RMSNorm")
+        else:
+            fused = self.edit.node("LayerNormalization", [x, ones],
+                                   {"epsilon": site.eps, "axis": -1}, hint="LayerNorm")
+        fused.outputs[0].dtype = dtype
+        self.redirect(site.output, self.edit.cast(fused.outputs[0], dtype_of(site.output)))
+        return True
 
     def meet_untouched_norm(self, site: Site) -> None:
         """A scale reaching this (not rewritten) norm's input is applied once before it, or
@@ -233,9 +284,9 @@ class Rewriter:
 
 
 def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True,
-               approx: bool = False) -> Rewriter:
+               approx: bool = False, fuse_norms: bool = False) -> Rewriter:
     """Rewrite every non-skipped site of `plan` in `model` (in place)."""
-    rewriter = Rewriter(model, push_scales, approx)
+    rewriter = Rewriter(model, push_scales, approx, fuse_norms)
     done = 0
     for decision in plan:
         if decision.rewritten:

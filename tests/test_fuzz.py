@@ -229,26 +229,18 @@ def _digest(folder: Path) -> str:
 KNOWN_CRASHES: dict[tuple[str, str], str] = {}
 
 
-def test_product_with_the_residual_stream_known_bug(tmp_path):
-    """Found by this fuzzer (seed 2, case 976: the residual Add turned into a Mul). The 1/RMS
-    scale pushed through `x * (q + k)` into the next norm loses that norm's own 1/RMS: its
-    ReduceMean/Sqrt/Reciprocal are dropped and the next linear is scaled by the first norm's
-    1/RMS. Correct with push_scales=False. Remove the xfail once rewriter/transform is fixed."""
-    from builders import GraphBuilder
+@pytest.mark.parametrize("residual", ["Add33", "Add62"])
+def test_residual_add_turned_product(residual, tmp_path):
+    """Found by this fuzzer (seed 2 case 976, seed 3 case 714): a residual Add of the block
+    turned into a Mul, so the 1/RMS scale must travel through `x * f(norm(x))` into the next
+    norm. It once lost that norm's own 1/RMS (max rel 3.5); correct with push_scales=False."""
     from parity import assert_exact, rewrite_and_run
-    n = 16
-    g = GraphBuilder()
-    x = g.input("x", [None, None, n])
-    y = g.rms(x, gain=g.gain(n))
-    qk = g.op("Add", [g.op("MatMul", [y, g.weight(n, n)]), g.op("MatMul", [y, g.weight(n, n)])])
-    h = g.op("Mul", [x, qk])
-    g.output(g.op("MatMul", [g.rms(h, gain=g.gain(n)), g.weight(n, n)]))
-    _, diffs, _ = rewrite_and_run(g.model(), tmp_path, push_scales=False)
+    proto = llama_like_block()
+    node = next(n for n in proto.graph.node if n.name == residual)
+    node.op_type = "Mul"
+    _, diffs, _ = rewrite_and_run(proto, tmp_path, push_scales=False, name="plain")
     assert_exact(diffs)
-    _, diffs, _ = rewrite_and_run(g.model(), tmp_path, name="pushed")
-    if max(d.max_rel for d in diffs) > 1e-5:
-        pytest.xfail("known bug in scale pushing (rewriter/transform.py): max rel "
-                     f"{max(d.max_rel for d in diffs):.2f}")
+    _, diffs, _ = rewrite_and_run(proto, tmp_path, name="pushed")
     assert_exact(diffs)
 
 

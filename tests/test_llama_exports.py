@@ -55,3 +55,19 @@ def test_ort_fused_graph(mode, tmp_path):
         "SkipSimplifiedLayerNormalization" in forms, forms
     assert (report.found, report.rewritten) == (5, 5), report.table()
     assert_exact(diffs, FP32_TOL)
+
+
+@pytest.mark.parametrize("exporter,opset", [("dynamo", 18), ("torchscript", 17)])
+def test_target_ort_cuda_folds_and_fuses(exporter, opset, tmp_path):
+    """--target ort-cuda: gains folded, each decomposed norm replaced by one weightless fused
+    kernel (SkipSimplifiedLayerNormalization where a residual Add feeds it)."""
+    src = exported("llama", exporter, opset)
+    report, diffs, out = rewrite_and_run(src, tmp_path, target="ort-cuda", feeds=make_inputs(src, batch=2, seq=7))
+    assert (report.found, report.rewritten) == (5, 5)
+    kinds = [n.op_type for n in out.graph.node]
+    assert kinds.count("SkipSimplifiedLayerNormalization") == 4      # every norm after a residual Add
+    assert kinds.count("SimplifiedLayerNormalization") == 1          # the first, on the embedding
+    assert "ReduceMean" not in kinds and "Reciprocal" not in kinds
+    assert_exact(diffs, FP32_TOL)
+    again, _, _ = rewrite_and_run(tmp_path / "model_ort-cuda.onnx", tmp_path, target="ort-cuda", name="again")
+    assert again.rewritten == 0
