@@ -47,7 +47,7 @@ PRESETS = {
                  prefill="1,512,1024,2048,4096", decode="512,1024,2048,4096", decode_models="all"),
     "quick": dict(models="smollm2-135m,llama-3.2-1b,llama-3.1-8b",
                   layers="llama-3.2-1b:4,llama-3.1-8b:2", prefill="1,512,4096", decode="",
-                  decode_models="smollm2-135m", warmup=3, rounds=15, min_rounds=5, budget=1.5,
+                  decode_models="smollm2-135m", time_limit=420, warmup=3, rounds=15, min_rounds=5, budget=1.5,
                   best_fused="hand"),
     "smoke": dict(models="tiny", layers="", prefill="1,16", decode="16", decode_models="tiny",
                   warmup=1, rounds=3, min_rounds=2, budget=0.2, min_sample_ms=1.0, best_fused="hand"),
@@ -161,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--best-fused", choices=("auto", "ort", "hand"), default="auto")
     p.add_argument("--export-timeout", type=float, default=600, help="seconds for one decode-graph export")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds; cases not started by then are skipped (0: none; --quick: 420)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None, help="default benchmarks/results/end_to_end-<provider>")
@@ -218,6 +220,45 @@ def main(argv=None) -> int:
         parts.append((case, res, vj))
         gc.collect()
 
+    def write(final: bool):
+        result = bench.merge_cases(parts, provider, settings)
+        result["benchmark"] = "end_to_end"
+        result["complete"] = final
+        result["config"] = {"models": args.models,
+                            "layers": {m: layers_map.get(m, SP[m]["layers"]) for m in args.models.split(",") if m in SP},
+                            "prefill": prefill, "decode": decode, "decode_models": args.decode_models,
+                            "dtype": args.dtype, "batch": args.batch, "variants": list(wanted),
+                            "best_fused": args.best_fused, "time_limit_s": args.time_limit}
+        result["wall_s"] = round(time.perf_counter() - t_all, 1)
+        missing = [f"{case}: {e['variants']['raw']['error']}" for case, e in result["cases"].items()
+                   if e["variants"].get("raw", {}).get("error")]
+        bench.write_json(result, out / "end_to_end.json")
+        md = [f"# End to end ({args.dtype}, batch {args.batch})", "",
+              f"Device: {result['device']}, onnxruntime {result['onnxruntime']} ({provider})"
+              + (", CUDA graph" if args.cuda_graph else "") + f". Wall time {result['wall_s']} s"
+              + ("" if final else " (INCOMPLETE: written after each case)") + ".", "",
+              "Cells: median ms per forward [p10-p90]. Ratios: t(base) / t(variant), > 1 = variant faster. "
+              "Prefill t1 = a 1-token forward without KV cache (decode proxy); decode rows: 1 new token, "
+              "KV cache of `past` tokens. `L` = decoder layers in the graph (embedding and lm_head kept).",
+              "", bench.table(result, markdown=True), ""]
+        md += [f"- {m}" for m in missing]
+        for case, entry in result["cases"].items():
+            for vname, v in entry["variants"].items():
+                if v.get("error") and vname != "raw":
+                    md.append(f"- {case} {vname}: not measured: {v['error']}")
+        md += ["", "Method: " + result["method"], ""]
+        (out / "end_to_end.md").write_text("\n".join(md) + "\n")
+        if final:
+            bench.plot(result, out / "end_to_end.png", title=f"end to end, {args.dtype}, batch {args.batch}")
+        return result, missing
+
+    def over_time(case) -> bool:
+        if args.time_limit and time.perf_counter() - t_all > args.time_limit:
+            log(f"{case}: skipped (--time-limit {args.time_limit:.0f} s reached)")
+            parts.append((case, None, {"raw": {"error": f"skipped: --time-limit {args.time_limit:.0f} s reached"}}))
+            return True
+        return False
+
     try:
         for name in [m for m in args.models.split(",") if m]:
             if name not in SP:
@@ -225,7 +266,7 @@ def main(argv=None) -> int:
                 continue
             layers = layers_map.get(name, SP[name]["layers"])
             tag = f"{name} L{layers}"
-            if prefill:
+            if prefill and not over_time(f"{tag} prefill"):
                 work = workroot / f"{name}-prefill"
                 work.mkdir(parents=True, exist_ok=True)
                 case = f"{tag} prefill"
@@ -238,7 +279,8 @@ def main(argv=None) -> int:
                     parts.append((case, None, {"raw": {"error": f"not available: {type(exc).__name__}: {exc}"}}))
                 if not args.workdir:
                     shutil.rmtree(work, ignore_errors=True)
-            if decode and (decode_models is None or name in decode_models):
+                write(final=False)
+            if decode and (decode_models is None or name in decode_models) and not over_time(f"{tag} decode"):
                 work = workroot / f"{name}-decode"
                 work.mkdir(parents=True, exist_ok=True)
                 case = f"{tag} decode"
@@ -251,38 +293,15 @@ def main(argv=None) -> int:
                     parts.append((case, None, {"raw": {"error": msg}}))
                 if not args.workdir:
                     shutil.rmtree(work, ignore_errors=True)
+                write(final=False)
     finally:
         if not args.workdir:
             shutil.rmtree(workroot, ignore_errors=True)
-    result = bench.merge_cases(parts, provider, settings)
-    result["benchmark"] = "end_to_end"
-    result["config"] = {"models": args.models, "layers": {m: layers_map.get(m, SP[m]["layers"])
-                                                          for m in args.models.split(",") if m in SP},
-                        "prefill": prefill, "decode": decode, "decode_models": args.decode_models,
-                        "dtype": args.dtype, "batch": args.batch, "variants": list(wanted),
-                        "best_fused": args.best_fused}
-    result["wall_s"] = round(time.perf_counter() - t_all, 1)
-    missing = [f"{case}: {e['variants']['raw']['error']}" for case, e in result["cases"].items()
-               if e["variants"].get("raw", {}).get("error")]
+    result, missing = write(final=True)
     print(bench.table(result))
     for m in missing:
         print("# " + m)
     print("\nMethod: " + result["method"])
-    bench.write_json(result, out / "end_to_end.json")
-    bench.plot(result, out / "end_to_end.png", title=f"end to end, {args.dtype}, batch {args.batch}")
-    md = [f"# End to end ({args.dtype}, batch {args.batch})", "",
-          f"Device: {result['device']}, onnxruntime {result['onnxruntime']} ({provider})"
-          + (", CUDA graph" if args.cuda_graph else "") + f". Wall time {result['wall_s']} s.", "",
-          "Cells: median ms per forward [p10-p90]. Ratios: t(base) / t(variant), > 1 = variant faster. "
-          "Prefill t1 = a 1-token forward without KV cache (decode proxy); decode rows: 1 new token, "
-          "KV cache of `past` tokens.", "", bench.table(result, markdown=True), ""]
-    md += [f"- {m}" for m in missing]
-    for case, entry in result["cases"].items():
-        for vname, v in entry["variants"].items():
-            if v.get("error") and vname != "raw":
-                md.append(f"- {case} {vname}: not measured: {v['error']}")
-    md += ["", "Method: " + result["method"], ""]
-    (out / "end_to_end.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / 'end_to_end.json'}, end_to_end.png, end_to_end.md")
     return 0
 

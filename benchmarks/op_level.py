@@ -132,7 +132,7 @@ def _shapes(text: str) -> list[tuple[int, int]]:
 PRESETS = {
     "smoke": dict(shapes="64x96,64x64", tokens="1,8", layers=2, warmup=1, rounds=3, min_rounds=2,
                   budget=0.2, min_sample_ms=1.0),
-    "quick": dict(tokens=QUICK_TOKENS, warmup=3, rounds=15, min_rounds=5, budget=1.5, min_sample_ms=5.0),
+    "quick": dict(tokens=QUICK_TOKENS, time_limit=420, warmup=3, rounds=15, min_rounds=5, budget=1.5, min_sample_ms=5.0),
 }
 
 
@@ -150,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="3 token counts, short budget (GPU runs)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/op_level-<provider>)")
     p.add_argument("--workdir", help="where the chain models are written (default: temporary, deleted)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="seconds; shapes not started by then are skipped (0: none; --quick: 420)")
     p.add_argument("--quiet", action="store_true")
     bench.add_timing_args(p)
     return p
@@ -173,9 +175,41 @@ def main(argv=None) -> int:
     tokens = bench._ints(args.tokens)
     parts = []
     t_all = time.perf_counter()
+
+    def write(final: bool):
+        result = bench.merge_cases(parts, provider, settings)
+        result["benchmark"] = "op_level"
+        result["complete"] = final
+        result["config"] = {"shapes": args.shapes, "tokens": tokens, "layers": args.layers,
+                            "batch": args.batch, "dtype": args.dtype, "variants": list(wanted),
+                            "best_fused": args.best_fused, "time_limit_s": args.time_limit,
+                            "graph": __doc__.split("Graph per shape", 1)[1].split("Variants", 1)[0].strip()}
+        result["wall_s"] = round(time.perf_counter() - t_all, 1)
+        bench.write_json(result, out / "op_level.json")
+        md = [f"# Op-level: norm -> projection chains ({args.dtype}, L={args.layers}, batch {args.batch})", "",
+              f"Device: {result['device']}, onnxruntime {result['onnxruntime']} ({provider})"
+              + (", CUDA graph" if args.cuda_graph else "") + f". Wall time {result['wall_s']} s"
+              + ("" if final else " (INCOMPLETE: written after each shape)") + ".", "",
+              "Cells: median ms per call [p10-p90]. Ratios: t(base) / t(variant), > 1 = variant faster.", "",
+              bench.table(result, markdown=True), "", "Graph: " + result["config"]["graph"], "",
+              "Method: " + result["method"], ""]
+        for case, entry in result["cases"].items():
+            for name, v in entry["variants"].items():
+                if v.get("error"):
+                    md.append(f"- {case} {name}: not measured: {v['error']}")
+        (out / "op_level.md").write_text("\n".join(md) + "\n")
+        if final:
+            bench.plot(result, out / "op_level.png", title=f"op level: L={args.layers} norm->projection "
+                       f"chains, {args.dtype}, batch {args.batch}")
+        return result
+
     try:
         for d, d_out in _shapes(args.shapes):
             case = f"{d}->{d_out}"
+            if args.time_limit and time.perf_counter() - t_all > args.time_limit:
+                log(f"{case}: skipped (--time-limit {args.time_limit:.0f} s reached)")
+                parts.append((case, None, {"raw": {"error": f"skipped: --time-limit {args.time_limit:.0f} s reached"}}))
+                continue
             work = workroot / f"c{d}x{d_out}"
             work.mkdir(parents=True, exist_ok=True)
             src = work / f"chain_{d}x{d_out}.onnx"
@@ -200,32 +234,13 @@ def main(argv=None) -> int:
             parts.append((case, res, vj))
             if not args.workdir:
                 shutil.rmtree(work, ignore_errors=True)
+            write(final=False)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    result = bench.merge_cases(parts, provider, settings)
-    result["benchmark"] = "op_level"
-    result["config"] = {"shapes": args.shapes, "tokens": tokens, "layers": args.layers, "batch": args.batch,
-                        "dtype": args.dtype, "variants": list(wanted), "best_fused": args.best_fused,
-                        "graph": __doc__.split("Graph per shape", 1)[1].split("Variants", 1)[0].strip()}
-    result["wall_s"] = round(time.perf_counter() - t_all, 1)
-    text = bench.table(result)
-    print(text)
+    result = write(final=True)
+    print(bench.table(result))
     print("\nMethod: " + result["method"])
-    bench.write_json(result, out / "op_level.json")
-    bench.plot(result, out / "op_level.png", title=f"op level: L={args.layers} norm->projection chains, "
-               f"{args.dtype}, batch {args.batch}")
-    md = [f"# Op-level: norm -> projection chains ({args.dtype}, L={args.layers}, batch {args.batch})", "",
-          f"Device: {result['device']}, onnxruntime {result['onnxruntime']} ({provider})"
-          + (", CUDA graph" if args.cuda_graph else "") + f". Wall time {result['wall_s']} s.", "",
-          "Cells: median ms per call [p10-p90]. Ratios: t(base) / t(variant), > 1 = variant faster.", "",
-          bench.table(result, markdown=True), "", "Graph: " + result["config"]["graph"], "",
-          "Method: " + result["method"], ""]
-    for case, entry in result["cases"].items():
-        for name, v in entry["variants"].items():
-            if v.get("error"):
-                md.append(f"- {case} {name}: not measured: {v['error']}")
-    (out / "op_level.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / 'op_level.json'}, op_level.png, op_level.md")
     return 0
 

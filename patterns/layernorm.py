@@ -55,7 +55,7 @@ class DecomposedDyT:
         x = scaled.inputs[1] if alpha[0] is not None else scaled.inputs[0]
         nodes = [scaled, tanh]
         output, gain, beta, pre_affine = match_affine(tanh.outputs[0], nodes)
-        if gain is None and beta is None:
-            return None     # a bare tanh(α·x) is an activation, not a norm
+        if not any(v is not None and v.size > 1 for v in (gain, beta)):
+            return None     # tanh(α·x) with no per-channel affine is an activation (GELU's tanh form)
         return Site(self.kind, self.form, tanh, x, output, 0.0, gain=gain, beta=beta,
                     nodes=tuple(nodes), pre_affine=pre_affine)

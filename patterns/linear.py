@@ -49,6 +49,8 @@ def _bias_after(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
 
 
 def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | str:
+    if not op(node, "MatMul", "Gemm", domain="") and not op(node, "FusedMatMul", domain="com.microsoft"):
+        return f"consumer {node.op_type} is not a linear on the normalized axis"
     if index != 0:
         return f"{node.op_type} reads the normalized tensor as its weight"
     if op(node, "MatMul", domain=""):
@@ -81,9 +83,13 @@ def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
                                                   ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
     if op(node, "Identity", domain=""):
         return True
-    if op(node, "Reshape", domain=""):
+    if op(node, "Reshape", domain="") and n is not None:
+        # rows may be merged or split, the last axis must stay whole: [.., n] → [.., n]
         target = const_array(node.inputs[1])
-        return target is not None and n is not None and target.size >= 1 and int(target[-1]) == n
+        if target is not None:
+            return target.size >= 1 and int(target[-1]) == n
+        src, dst = node.inputs[0].shape, node.outputs[0].shape
+        return bool(src and dst) and src[-1] == n and dst[-1] == n
     return False
 
 

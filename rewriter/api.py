@@ -34,11 +34,11 @@ def infer_shapes(model: ir.Model) -> None:
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
     """Match, plan and rewrite `model` in place."""
+    infer_shapes(model)     # matching (Reshapes), the scale walker and the norm fusion read shapes
     sites, misses = patterns.find_sites(model.graph)
     plan = make_plan(sites, misses, options)
     report_notes: list[str] = []
-    if any(d.rewritten for d in plan):      # a model left alone is written back unchanged
-        infer_shapes(model)     # the scale walker and the norm fusion read shapes
+    if any(d.rewritten for d in plan):
         done = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx,
                           fuse_norms=options.fuse_norms)
         infer_shapes(model)

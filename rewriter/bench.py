@@ -204,7 +204,6 @@ def _skip_sum(editor, node, spec):
 def norm_free_ir(model) -> dict:
     """Replace every normalization in `model` (onnx_ir, in place) by identity. Returns
     {"removed": n, "kept": [[name, reason], ...]}."""
-    import onnx_ir as ir
     import patterns
     from patterns.rmsnorm import match_inverse_rms
     from rewriter.irtools import GraphEditor, is_used
@@ -926,6 +925,7 @@ def _plot_case(ax1, ax2, rows, title: str) -> None:
     ax1.set_yscale("log")
     ax1.set_ylabel("ms per call (median, p10-p90)")
     ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_yscale("log", base=2)
     ax2.set_ylabel("t(base) / t(variant)  (>1: variant faster)")
     ax1.set_title(title, fontsize=9)
     ax2.set_title(title + ": speed-ups", fontsize=9)

@@ -138,6 +138,12 @@ def dtype_of(value: ir.Value, _depth: int = 0) -> ir.DataType | None:
     return None
 
 
+def set_dtype(value: ir.Value, dtype: ir.DataType | None) -> None:
+    """Record a known element type (an unknown one is left unset, not set to None)."""
+    if dtype is not None:
+        value.dtype = dtype
+
+
 def attr(node: ir.Node, name: str, default=None):
     a = node.attributes.get(name)
     return default if a is None else a.value
@@ -229,7 +235,7 @@ class GraphEditor:
             out = self.op1("ReduceMean", value, axes, keepdims=1)
         else:
             out = self.op1("ReduceMean", value, axes=[-1], keepdims=1)
-        out.dtype = dtype_of(value)
+        set_dtype(out, dtype_of(value))
         return out
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, rank_of
+from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, rank_of, set_dtype
 
 FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                                 ir.DataType.DOUBLE)}
@@ -213,7 +213,7 @@ class ScaleWalker:
         """value ⊙ scale^degree, made once per value."""
         if value not in self._applied:
             out = self.edit.op1("Mul", value, self.factor(state, dtype_of(value)), hint="deferred_scale")
-            out.dtype = dtype_of(value)
+            set_dtype(out, dtype_of(value))
             out.shape = value.shape
             self._applied[value] = out
             self.muls += 1

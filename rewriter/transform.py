@@ -12,7 +12,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from patterns import Linear, Site
 from patterns.linear import weight_dtype
-from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, users
+from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, set_dtype, users
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 
@@ -69,7 +69,7 @@ class Rewriter:
         """Replace `old` by the equivalent `new` everywhere (graph outputs included)."""
         if new.shape is None:
             new.shape = old.shape
-        if new.type is None:
+        if (new.type is None or new.dtype is None) and old.type is not None:
             new.type = old.type
         for node, index in users(old):
             node.replace_input_with(index, new)
@@ -171,10 +171,19 @@ class Rewriter:
         """The per-row scale (fp32) reshaped like the linear's input path."""
         s = scale
         for node in linear.path:
-            if op(node, "Reshape", domain=""):
-                target = const_array(node.inputs[1]).astype(np.int64).copy()
+            if not op(node, "Reshape", domain=""):
+                continue
+            target = const_array(node.inputs[1])
+            if target is not None:
+                target = target.astype(np.int64).copy()
                 target[-1] = 1
-                s = self.edit.op1("Reshape", s, self.edit.initializer(target, "scale_shape"))
+                shape = self.edit.initializer(target, "scale_shape")
+            else:       # the reshaped activation's shape with the last axis set to 1
+                e = self.edit
+                rows = e.op1("Slice", e.op1("Shape", node.outputs[0]), e.initializer(np.array([0], np.int64), "zero"),
+                             e.initializer(np.array([-1], np.int64), "minus_one"))
+                shape = e.op1("Concat", rows, e.initializer(np.array([1], np.int64), "one"), axis=0)
+            s = self.edit.op1("Reshape", s, shape, hint="scale_r")
         return s
 
     # -- one site -------------------------------------------------------------------------
@@ -198,7 +207,7 @@ class Rewriter:
         x = self.edit.op1("Add", inp, skip, hint="residual")
         if bias is not None:
             x = self.edit.op1("Add", x, bias, hint="residual")
-        x.dtype = dtype_of(inp)
+        set_dtype(x, dtype_of(inp))
         if site.residual_out is not None:
             self.redirect(site.residual_out, x)
         return x
@@ -253,7 +262,7 @@ class Rewriter:
         else:
             fused = self.edit.node("LayerNormalization", [x, ones],
                                    {"epsilon": site.eps, "axis": -1}, hint="LayerNorm")
-        fused.outputs[0].dtype = dtype
+        set_dtype(fused.outputs[0], dtype)
         self.redirect(site.output, self.edit.cast(fused.outputs[0], dtype_of(site.output)))
         return True
 
