@@ -105,9 +105,7 @@ def match_linears(value: ir.Value, n: int | None):
             return "norm output reaches a graph output"
         for node, index in users(v):
             if op(node, "Shape", domain=""):
-                if path:
-                    return "Shape of a reshaped norm output"
-                shape_users.append((node, index))
+                shape_users.append((node, index))     # reads only the shape, which is kept
             elif op(node, *TRANSPARENT, domain="") and index == 0:
                 if not _keeps_last_axis(node, n):
                     return f"{node.op_type} changes the normalized axis or dtype"
