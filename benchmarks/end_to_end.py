@@ -22,7 +22,7 @@ models.export.export_decoder_with_past ("wrapper" exporter, else "transformers")
 whose decode graph cannot be made gets a "not available" row with the reason.
 
 Variants per row (rewriter/bench.py): raw, best-fused, rewritten (defer), rewritten-fold,
-norm-free (+ fused+fold with --variants). Writes end_to_end.json, .png and .md into --out.
+ort-cuda (rewrite_file target="ort-cuda"), norm-free (+ fused+fold with --variants). Writes end_to_end.json, .png and .md into --out.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from rewriter import bench  # noqa: E402
 
-DEFAULT_VARIANTS = "raw,best-fused,rewritten,rewritten-fold,norm-free"
+DEFAULT_VARIANTS = "raw,best-fused,rewritten,rewritten-fold,ort-cuda,norm-free"
 PRESETS = {
     "full": dict(models="smollm2-135m,llama-3.2-1b,llama-3.1-8b", layers="llama-3.1-8b:8",
                  prefill="1,512,1024,2048,4096", decode="512,1024,2048,4096", decode_models="all"),

@@ -46,7 +46,7 @@ from rewriter import bench  # noqa: E402
 PAPER_SHAPES = "576x960,576x3072,4096x4096,4096x12288,4096x22016"
 FULL_TOKENS = "1,16,128,512,2048,8192"
 QUICK_TOKENS = "1,512,4096"
-DEFAULT_VARIANTS = "raw,best-fused,rewritten,rewritten-fold,norm-free,fused+fold"
+DEFAULT_VARIANTS = "raw,best-fused,rewritten,rewritten-fold,ort-cuda,norm-free,fused+fold"
 
 
 def build_chain(path, d: int, d_out: int, layers: int = 8, dtype: str = "fp16", seed: int = 0,

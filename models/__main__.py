@@ -41,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--with-past", nargs="?", const="wrapper", default=None,
                     choices=["wrapper", "transformers", "transformers-cpu"],
                     help="decode graph with KV cache (decoders); 'transformers' writes a dir")
+    ap.add_argument("--no-optimize", action="store_true",
+                    help="dynamo: skip the onnxscript optimizer (faster export, rawer graph)")
     ap.add_argument("--check", action="store_true", help="compare ORT output with torch")
     ap.add_argument("--chains", action="store_true", help="print the norm op chains")
     ap.add_argument("-o", "--output", default=None)
@@ -87,7 +89,8 @@ def main(argv=None):
     mask = {None: None, "auto": None, "yes": True, "no": False}[a.mask]
     raw = out.with_suffix(".raw.onnx") if a.ort_opt else out
     r = export_onnx(model, raw, exporter=a.exporter, opset=opset, dtype=a.dtype,
-                    batch=a.batch, seq=a.seq, with_attention_mask=mask)
+                    batch=a.batch, seq=a.seq, with_attention_mask=mask,
+                    optimize=not a.no_optimize)
     print(r.summary())
     final = raw
     if a.ort_opt:

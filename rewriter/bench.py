@@ -15,6 +15,8 @@ Variants (the names used in the table, the JSON and the plot):
                     the default: the optimizer fuses nothing in fp16 dynamo exports), or the
                     hand fusion alone (`hand`)
     rewritten-fold  rewrite_file(ORIGINAL, mode="fold"): gains folded, a weightless norm kept
+    ort-cuda        rewrite_file(ORIGINAL, target="ort-cuda"): the rewriter's CUDA recipe (gains
+                    folded, each norm one weightless fused ORT kernel)
     norm-free       every normalization replaced by identity (not a usable model: the floor
                     any normalization trick can reach)
     --stacked fold,defer adds fused+fold / fused+defer: the rewriter run on best-fused.
@@ -58,7 +60,7 @@ METHOD = (
 NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
             "SkipLayerNormalization", "RMSNormalization"}
 DEFAULT_TOKENS = "1,128,512,2048,4096"
-VARIANT_ORDER = ("raw", "best-fused", "rewritten", "rewritten-fold", "norm-free", "fused+fold",
+VARIANT_ORDER = ("raw", "best-fused", "rewritten", "rewritten-fold", "ort-cuda", "norm-free", "fused+fold",
                  "fused+defer")
 
 
@@ -524,7 +526,7 @@ class Variant:
 def prepare_variants(original, rewritten=None, *, workdir, mode: str = "defer", baselines: bool = False,
                      stacked: tuple[str, ...] = (), best_fused: str = "auto", model_type: str = "gpt2",
                      opt_level: int = 0, use_gpu: bool = False, only: tuple[str, ...] | None = None,
-                     log=_quiet_log) -> dict[str, Variant]:
+                     targets: tuple[str, ...] = ("ort-cuda",), log=_quiet_log) -> dict[str, Variant]:
     """Write every variant's model into `workdir`; a failure is recorded in its Variant and
     never stops the others."""
     from rewriter.api import rewrite_file
@@ -554,9 +556,9 @@ def prepare_variants(original, rewritten=None, *, workdir, mode: str = "defer", 
             log(f"{name}: ready in {v.seconds:.1f} s")
         out[name] = v
 
-    def rewrite(src, name, m):
+    def rewrite(src, name, m, **opts):
         dst = workdir / f"{stem}.{name.replace('+', '_')}.onnx"
-        report = rewrite_file(src, dst, mode=m, overwrite=True)
+        report = rewrite_file(src, dst, overwrite=True, **(opts or {"mode": m}))
         return dst, {"sites_found": report.found, "sites_rewritten": report.rewritten,
                      "skipped": dict(report.skipped)}
 
@@ -572,6 +574,9 @@ def prepare_variants(original, rewritten=None, *, workdir, mode: str = "defer", 
         build("best-fused", fused)
         if mode != "fold" or rewritten is not None:
             build("rewritten-fold", lambda: rewrite(original, "rewritten-fold", "fold"), mode="fold")
+        if "ort-cuda" in targets:       # the rewriter's own CUDA recipe (fold + fused weightless norms)
+            build("ort-cuda", lambda: rewrite(original, "ort-cuda", None, target="ort-cuda"),
+                  target="ort-cuda")
 
         def free():
             dst = workdir / f"{stem}.norm-free.onnx"
@@ -801,7 +806,7 @@ def measure(variants: dict[str, Variant], shapes: list[Shape], *, provider: str 
 # Ratios, table, plot, JSON
 # =============================================================================================
 
-TARGETS = ("rewritten", "rewritten-fold", "fused+fold", "fused+defer")
+TARGETS = ("rewritten", "rewritten-fold", "ort-cuda", "fused+fold", "fused+defer")
 BASES = ("raw", "best-fused", "norm-free")
 
 
@@ -843,6 +848,7 @@ def table(result: dict, markdown: bool = False) -> str:
     names = [n for n in VARIANT_ORDER if any(n in r["variants"] for r in result["shapes"])]
     names += sorted({n for r in result["shapes"] for n in r["variants"]} - set(names))
     ratio_cols = [k for k in ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fold",
+                              "best-fused/ort-cuda",
                               "best-fused/fused+fold")
                   if any(k in r.get("ratios", {}) for r in result["shapes"])]
     head = ["shape"] + [f"{n} ms" for n in names] + [k.replace("/", "÷") for k in ratio_cols] + ["note"]
@@ -852,7 +858,7 @@ def table(result: dict, markdown: bool = False) -> str:
         cells = [(r["case"] + " " if r.get("case") else "") + s.label] + [_cell(r["variants"].get(n)) for n in names]
         cells += [f"{r['ratios'][k]:.2f}" if k in r.get("ratios", {}) else "-" for k in ratio_cols]
         note = []
-        for k in ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fold"):
+        for k in ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fold", "best-fused/ort-cuda"):
             verdict = r.get("verdicts", {}).get(k)
             if verdict == "SLOWER":
                 base, target = k.split("/")
@@ -885,9 +891,9 @@ def method_text(result: dict) -> str:
                          budget_s=st["budget_s"])
 
 
-STYLES = {"raw": "C3", "best-fused": "C0", "rewritten": "C2", "rewritten-fold": "C8",
+STYLES = {"raw": "C3", "best-fused": "C0", "rewritten": "C2", "rewritten-fold": "C8", "ort-cuda": "C1",
           "norm-free": "C7", "fused+fold": "C4", "fused+defer": "C5"}
-PLOT_RATIOS = ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fold",
+PLOT_RATIOS = ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fold", "best-fused/ort-cuda",
                "norm-free/rewritten", "best-fused/fused+fold")
 
 

@@ -132,7 +132,7 @@ def dtype_of(value: ir.Value, _depth: int = 0) -> ir.DataType | None:
     if op(node, "Cast", domain=""):
         return ir.DataType(node.attributes["to"].value)
     if _depth < 64 and node is not None and node.op_type in _SAME_DTYPE:
-        source = node.inputs[1] if node.op_type == "Gather" else node.inputs[0]
+        source = node.inputs[0]      # Gather: the table, not the indices
         if source is not None:
             return dtype_of(source, _depth + 1)
     return None
