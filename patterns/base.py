@@ -26,17 +26,6 @@ class WeightRef:
     def nbytes(self) -> int:
         return int(self.tensor.nbytes)
 
-    def matrix(self, dtype=np.float64) -> np.ndarray:
-        """The weight as [n_in, k_out] in `dtype` (the only place a weight is materialized)."""
-        w = self.tensor.numpy()
-        for kind, arg in self.steps:
-            if kind == "transpose":
-                w = np.transpose(w, arg)
-            elif kind == "cast":
-                w = w.astype(arg)
-        w = w.astype(dtype, copy=False)
-        return w.T if self.transposed else w
-
 
 @dataclass
 class Linear:

@@ -431,7 +431,9 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
             def callback(tensor, info):
                 progress(info.index + 1, info.total, tensor.name)
         try:
-            ir.save(model, tmp_model, format="protobuf", external_data=external_data, callback=callback)
+            # one weight at a time: folded weights are computed when written (bounded memory)
+            ir.save(model, tmp_model, format="protobuf", external_data=external_data, callback=callback,
+                    max_workers=1)
         except (OSError, KeyboardInterrupt):
             raise
         except Exception as exc:

@@ -15,6 +15,7 @@ from patterns.linear import weight_dtype
 from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, set_dtype, users
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
+from rewriter.weights import beta_through_weight, folded_weight
 
 F32 = ir.DataType.FLOAT
 WIDENING = {(ir.DataType.FLOAT16, F32), (ir.DataType.BFLOAT16, F32), (F32, ir.DataType.DOUBLE),
@@ -109,13 +110,7 @@ class Rewriter:
         out_shape = (k, n) if ref.transposed else (n, k)
 
         def folded() -> ir.TensorProtocol:
-            w = ref.matrix(np.float64)
-            if gain is not None:
-                w = w * (gain[:, None] if gain.size > 1 else gain.reshape(()))
-            if center:
-                w = w - w.mean(axis=0, keepdims=True)
-            w = w.T if ref.transposed else w
-            return ir.Tensor(np.ascontiguousarray(w).astype(dtype.numpy()), dtype=dtype)
+            return ir.Tensor(folded_weight(ref, gain, center, dtype), dtype=dtype)
 
         tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(out_shape))
         if owns_weight(linear) and not ref.steps and ref.source.is_initializer():
@@ -126,7 +121,7 @@ class Rewriter:
 
         if site.beta is None or not np.any(site.beta):
             return None
-        return _alpha(linear) * (site.beta.astype(np.float64) @ ref.matrix(np.float64))
+        return _alpha(linear) * beta_through_weight(ref, site.beta.astype(np.float64))
 
     def add_bias(self, linear: Linear, after: ir.Value, delta: np.ndarray | None, detach_gemm_bias: bool):
         """Apply the linear's bias (+ β·W delta) after `after`: in place when the bias stays
