@@ -14,7 +14,8 @@ the first op that does not — as late as the algebra allows:
                            Sigmoid/Tanh/Erf, Softmax, MatMul of two activations, norms, outputs
 
 RoPE's rotate-half (Slice, Neg, Concat, Mul by cos/sin, Add) and the GLU product are not
-special cases: they are these rules meeting the ops they are made of. s > 0 always, which
+special cases: they are these rules meeting the ops they are made of. A fused RotaryEmbedding
+op (ONNX opset 23, ORT contrib) is linear per position: the scale passes it whole. s > 0 always, which
 is what makes ReLU (and any positively homogeneous op) pass.
 """
 
@@ -122,11 +123,15 @@ class ScaleWalker:
 
     def rule(self, node: ir.Node, ins: list[Scaled | None]) -> list[Scaled | None] | None:
         """Output states when the scale passes `node`, None when it must be applied before."""
-        if not self.push or node in self.stops or node.domain not in ("", "ai.onnx"):
+        if not self.push or node in self.stops:
             return None
         kind = node.op_type
         first = ins[0]
         rank = rank_of(node.inputs[0])
+        if kind == "RotaryEmbedding":     # ONNX (opset 23) and ORT: linear per position
+            return [first] if first and not any(ins[1:]) and rank == rank_of(node.outputs[0]) else None
+        if node.domain not in ("", "ai.onnx"):
+            return None
         if kind in UNARY_HOMOGENEOUS or (kind == "Cast" and attr(node, "to") in FLOAT_CASTS):
             return [first] + [None] * (len(node.outputs) - 1) if first else None
         if kind == "Pow" and first and ins[1] is None:

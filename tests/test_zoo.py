@@ -56,3 +56,35 @@ def test_zoo_after_ort_transformers_optimizer(family, tmp_path):
     assert (report.found, report.rewritten) == (found, rewritten), report.table()
     assert any(s.form != "decomposed" for s in report.sites) or family == "dyt"
     assert_exact(diffs, FP32_TOL)
+
+
+def test_unseen_llama_descendant_needs_no_new_code(tmp_path):
+    """Mistral is not in the zoo; it is built from the same blocks (sliding-window attention)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from models.export import export_onnx
+    from models.zoo import perturb_norms
+    model = MistralForCausalLM(MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=4, tie_word_embeddings=False)).eval()
+    perturb_norms(model)
+    src = tmp_path / "mistral.onnx"
+    export_onnx(model, src, exporter="torchscript", opset=17)
+    report, diffs, _ = rewrite_and_run(src, tmp_path, feeds=make_inputs(src, batch=2, seq=7))
+    assert (report.found, report.rewritten) == (5, 5)
+    assert_exact(diffs, FP32_TOL)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "phi3"])
+def test_zoo_fp16_no_worse_than_original(family, tmp_path):
+    """fp16: the rewritten model is no further from the fp32 reference than the fp16 original
+    (25 % slack for rounding luck)."""
+    from rewriter.verify import compare, run
+    ref_path, src = exported(family, "dynamo", 18, "fp32"), exported(family, "dynamo", 18, "fp16")
+    report, _, _ = rewrite_and_run(src, tmp_path)
+    assert report.rewritten == EXPECTED[family][1]
+    feeds = make_inputs(ref_path, batch=2, seq=7)
+    ref = run(ref_path, feeds, provider="cpu")
+    err_original = compare(ref, run(src, feeds, provider="cpu"))[0].max_rel
+    err_rewritten = compare(ref, run(tmp_path / "model_defer.onnx", feeds, provider="cpu"))[0].max_rel
+    assert err_rewritten <= 1.25 * err_original + 1e-4, (err_rewritten, err_original)
