@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     if not args.no_bench:
         step("4/4 benchmark original vs rewritten")
         from rewriter.bench import main as bench_main
-        bench_main([str(src), str(dst), "--tokens", args.tokens, "--json", str(work / "bench.json"),
+        bench_main([str(src), str(dst), "--baselines", "--tokens", args.tokens, "--json", str(work / "bench.json"),
                     "--plot", str(work / "bench.png")])
     print(f"\ndemo {'passed' if ok else 'FAILED verification'}; files in {work}/")
     return EXIT_OK if ok else EXIT_VERIFY_FAILED

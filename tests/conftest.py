@@ -7,3 +7,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the exports cache unless the user pointed FLASHNORM_TEST_CACHE at a folder."""
+    if not os.environ.get("FLASHNORM_TEST_CACHE"):
+        import shutil
+        from models_cache import CACHE
+        shutil.rmtree(CACHE, ignore_errors=True)
