@@ -32,3 +32,4 @@ def test_folded_weight_matches_formula(monkeypatch, stored_transposed, trans_b, 
     beta = rng.standard_normal(n)
     np.testing.assert_allclose(weights.beta_through_weight(ref, beta),
                                beta @ w_eff.astype(np.float32).astype(np.float64), rtol=1e-6, atol=1e-6)
+
