@@ -54,8 +54,8 @@ def rewrite_ir(model: ir.Model, options: Options) -> Report:
 def rewrite(model, **options):
     """Rewrite `model` (path, ModelProto, onnx_ir.Model or graphsurgeon Graph).
 
-    `options` are the fields of rewriter.Options (mode="defer"|"fold", clone_shared,
-    push_scales, approx). Returns (rewritten model of the same kind — an onnx_ir.Model for a
+    `options` are the fields of rewriter.Options (mode="defer"|"fold", target="portable"|
+    "ort-cpu"|"ort-cuda", clone_shared, push_scales, approx). Returns (rewritten model of the same kind — an onnx_ir.Model for a
     path —, Report)."""
     loaded, kind = io.load(model)
     report = rewrite_ir(loaded, Options(**options))

@@ -47,6 +47,20 @@ def _blocks(ref: WeightRef) -> Iterator[tuple[int, int, np.ndarray]]:
         yield r0, r1, _block(ref, source, r0, r1)
 
 
+def _prefetch(path, offset: int, length: int) -> None:
+    """Ask the kernel to start reading the tensor now, so that reading overlaps folding."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def _reader(tensor: ir.TensorProtocol):
     """Row-slice reader: external data is read with plain file reads (not mmap), so pages of a
     multi-GB file do not accumulate in the process's resident memory."""
@@ -56,6 +70,7 @@ def _reader(tensor: ir.TensorProtocol):
         cols = int(tensor.shape[1])
         row_bytes = cols * dtype.itemsize
         base = tensor.offset or 0
+        _prefetch(path, base, int(tensor.shape[0]) * row_bytes)
 
         def read(r0: int, r1: int) -> np.ndarray:
             with open(path, "rb") as f:
