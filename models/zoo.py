@@ -14,7 +14,6 @@ Usage::
 """
 from __future__ import annotations
 
-import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from patterns.base import Miss, Site
-from patterns.rmsnorm import centered_input, match_affine, match_inverse_rms, squared_input
+from patterns.rmsnorm import match_affine, match_decomposed
 from rewriter.irtools import const_scalar, op
 
 
@@ -21,21 +21,7 @@ class DecomposedLayerNorm:
     anchors = ("ReduceMean",)
 
     def match(self, reduce: ir.Node) -> Site | Miss | None:
-        d = squared_input(reduce.inputs[0].producer())
-        x = None if d is None else centered_input(d)
-        if x is None:
-            return None
-        found = match_inverse_rms(reduce)
-        if found is None:
-            return None
-        if isinstance(found, str):
-            return Miss(reduce, self.kind, found, self.form)
-        d, eps, normalized, nodes = found
-        sub = d.producer()
-        nodes = [sub.inputs[1].producer(), sub] + nodes
-        output, gain, beta, pre_affine = match_affine(normalized, nodes)
-        return Site(self.kind, self.form, reduce, x, output, eps, gain=gain, beta=beta,
-                    nodes=tuple(nodes), pre_affine=pre_affine)
+        return match_decomposed(reduce, self.kind)
 
 
 class DecomposedDyT:

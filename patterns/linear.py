@@ -7,7 +7,6 @@ is a reason not to rewrite, returned as a string.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from patterns.base import Linear, WeightRef

@@ -126,6 +126,30 @@ def match_affine(value: ir.Value, nodes: list[ir.Node]):
     return value, gain, beta, pre_affine
 
 
+def match_decomposed(reduce: ir.Node, kind: str) -> Site | Miss | None:
+    """The mean-of-squares chain shared by RMSNorm (squares of x) and LayerNorm (squares of
+    x − mean(x)); `kind` says which one the caller wants."""
+    squared = squared_input(reduce.inputs[0].producer())
+    if squared is None:
+        return None
+    source = centered_input(squared)
+    if (source is not None) != (kind == "layer"):     # the other rule's norm
+        return None
+    found = match_inverse_rms(reduce)
+    if found is None:
+        return None
+    if isinstance(found, str):
+        return Miss(reduce, kind, found, "decomposed")
+    x, eps, normalized, nodes = found
+    if kind == "layer":                               # also own the mean and the Sub
+        sub = x.producer()
+        nodes = [sub.inputs[1].producer(), sub] + nodes
+        x = source
+    output, gain, beta, pre_affine = match_affine(normalized, nodes)
+    return Site(kind, "decomposed", reduce, x, output, eps, gain=gain, beta=beta,
+                nodes=tuple(nodes), pre_affine=pre_affine)
+
+
 class DecomposedRMSNorm:
     """Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul chains from torch's exporters (both)."""
 
@@ -134,15 +158,4 @@ class DecomposedRMSNorm:
     anchors = ("ReduceMean",)
 
     def match(self, reduce: ir.Node) -> Site | Miss | None:
-        x = squared_input(reduce.inputs[0].producer())
-        if x is None or centered_input(x) is not None:      # not squares, or a LayerNorm's variance
-            return None
-        found = match_inverse_rms(reduce)
-        if found is None:
-            return None
-        if isinstance(found, str):
-            return Miss(reduce, self.kind, found, self.form)
-        x, eps, normalized, nodes = found
-        output, gain, beta, pre_affine = match_affine(normalized, nodes)
-        return Site(self.kind, self.form, reduce, x, output, eps, gain=gain, beta=beta,
-                    nodes=tuple(nodes), pre_affine=pre_affine)
+        return match_decomposed(reduce, self.kind)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, rank_of, set_dtype
+from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, rank_of, set_dtype
 
 FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                                 ir.DataType.DOUBLE)}

@@ -5,12 +5,11 @@ Counts and numerics are asserted together: a tiny Llama (2 layers, tied embeddin
 RMSNorms (2 per layer + final), each feeding linears only, so all 5 must be rewritten.
 """
 
-import numpy as np
 import pytest
 
 from models_cache import exported
 from parity import FP32_TOL, assert_exact, rewrite_and_run
-from rewriter.verify import compare, make_inputs, run, session
+from rewriter.verify import compare, make_inputs, run
 
 EXPORTS = [("dynamo", 18), ("dynamo", 23), ("torchscript", 17)]
 

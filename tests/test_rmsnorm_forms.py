@@ -1,7 +1,6 @@
 """One tiny graph per RMSNorm form: the matcher finds it, both modes rewrite it exactly."""
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto
