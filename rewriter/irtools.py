@@ -12,9 +12,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-# ops that only forward a value without changing it (Cast counts when it keeps a float a float)
-PASS_THROUGH = ("Identity",)
 
 
 def op(node: ir.Node | None, *op_types: str, domain: str | None = None) -> bool:
@@ -26,20 +23,8 @@ def op(node: ir.Node | None, *op_types: str, domain: str | None = None) -> bool:
     return node.domain == domain
 
 
-def producer(value: ir.Value | None) -> ir.Node | None:
-    return None if value is None else value.producer()
-
-
 def users(value: ir.Value) -> list[tuple[ir.Node, int]]:
     return [(u.node, u.idx) for u in value.uses()]
-
-
-def consumers(value: ir.Value) -> list[ir.Node]:
-    seen: list[ir.Node] = []
-    for node, _ in users(value):
-        if node not in seen:
-            seen.append(node)
-    return seen
 
 
 def is_used(value: ir.Value | None) -> bool:

@@ -1,5 +1,7 @@
 import os
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,3 +17,12 @@ def pytest_sessionfinish(session, exitstatus):
         import shutil
         from models_cache import CACHE
         shutil.rmtree(CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """An input folder and an output folder (fault and external-data tests)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    return src, out

@@ -35,14 +35,6 @@ def external_locations(path) -> dict[str, str]:
             for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL}
 
 
-@pytest.fixture
-def dirs(tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    return src, out
-
-
 def make(layout: str, folder):
     proto = llama_like_block()
     expected = run(proto.SerializeToString(), feeds(), provider="cpu")

@@ -61,14 +61,6 @@ def save_external(proto: onnx.ModelProto, path: Path, location: str | None = "mo
                     location=location, size_threshold=64)
 
 
-@pytest.fixture
-def dirs(tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    return src, out
-
-
 # -- bad input: one case per fault ----------------------------------------------------------------
 
 def _model(mutate=None) -> onnx.ModelProto:
