@@ -42,6 +42,15 @@ class Linear:
     def output(self) -> ir.Value:
         return self.node.outputs[0]
 
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """[n_in, k_out] of the effective weight, from shapes only."""
+        shape = tuple(int(d) for d in self.weight.tensor.shape)
+        for kind, perm in self.weight.steps:
+            if kind == "transpose":
+                shape = tuple(shape[p] for p in perm)
+        return shape[::-1] if self.weight.transposed else shape
+
 
 @dataclass
 class Site:

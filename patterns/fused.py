@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from patterns.base import Miss, Site
+from patterns.rmsnorm import DEFERRED
 from rewriter.irtools import attr, const_array, is_used, rank_of
 
 
@@ -62,6 +63,8 @@ class FusedNormRule:
                 return Miss(node, spec.kind, f"normalizes over axes {axis}.. (not only the last)", form)
         for index in spec.extra_outputs:
             if index < len(node.outputs) and is_used(node.outputs[index]):
+                if not is_used(node.outputs[0]):    # only its inverse std: a deferred 1/RMS
+                    return Miss(node, spec.kind, DEFERRED, form)
                 return Miss(node, spec.kind, f"statistics output {index} is used", form)
         gain = const_array(_input(node, spec.gain))
         if gain is None:

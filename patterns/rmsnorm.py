@@ -150,12 +150,28 @@ def match_decomposed(reduce: ir.Node, kind: str) -> Site | Miss | None:
                 nodes=tuple(nodes), pre_affine=pre_affine)
 
 
+def match_sum_of_squares(reduce: ir.Node) -> Miss | None:
+    """ReduceSumSquare → Add → Sqrt → Div/Reciprocal: the 1/RMS this rewriter emits for a
+    deferred norm. Reported (a second run changes nothing), never rewritten."""
+    value, chain = reduce.outputs[0], ("Add", "Sqrt", "Div", "Reciprocal")
+    while (node := _only_user(value, *chain)) is not None:
+        value, chain = node.outputs[0], chain[chain.index(node.op_type) + 1:]
+        if node.op_type in ("Div", "Reciprocal"):
+            mul = _only_user(value, "Mul")
+            applied = mul is not None and any(same_source(v, reduce.inputs[0]) for v in mul.inputs)
+            return Miss(reduce, "rms", "sum-of-squares RMSNorm form not supported" if applied else DEFERRED,
+                        "decomposed")
+    return None
+
+
 class DecomposedRMSNorm:
     """Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul chains from torch's exporters (both)."""
 
     kind = "rms"
     form = "decomposed"
-    anchors = ("ReduceMean",)
+    anchors = ("ReduceMean", "ReduceSumSquare")
 
     def match(self, reduce: ir.Node) -> Site | Miss | None:
+        if reduce.op_type == "ReduceSumSquare":
+            return match_sum_of_squares(reduce)
         return match_decomposed(reduce, self.kind)

@@ -3,6 +3,7 @@
     python -m rewriter MODEL -o OUT [--mode defer|fold] [--no-clone] [--report R.json] [--verify]
     python -m rewriter verify ORIGINAL REWRITTEN [--inputs X.npz] [--tolerance T]
     python -m rewriter bench ORIGINAL [REWRITTEN] [--tokens 1,128,...]
+    python -m rewriter calibrate [MODEL] --provider cpu|cuda -o COSTS.json   measure the strategies
     python -m rewriter demo [--workdir DIR]      the main job on a built-in default model
 
 Exit codes (rewriter/errors.py):
@@ -34,9 +35,9 @@ import warnings
 from pathlib import Path
 
 from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_VERIFY_FAILED,
-                             BadInput, OutputError, RewriterError, VerificationFailed)
+                             BadInput, OutputError, RewriterError, UsageError, VerificationFailed)
 
-SUBCOMMANDS = ("verify", "bench", "demo")
+SUBCOMMANDS = ("verify", "bench", "calibrate", "demo")
 
 
 def _rewrite_parser() -> argparse.ArgumentParser:
@@ -51,9 +52,17 @@ def _rewrite_parser() -> argparse.ArgumentParser:
                    help="apply each deferred 1/RMS right after its linear instead of as late as "
                         "the scale algebra allows")
     p.add_argument("--target", choices=("portable", "ort-cpu", "ort-cuda"),
-                   help="choose the rewrite per runtime: portable/ort-cpu = fold + defer (the paper's "
-                        "form); ort-cuda = fold into the weights and keep one fused weightless norm "
-                        "kernel (a deferred Mul costs a pass over the output there)")
+                   help="choose each site's strategy for this runtime from measured costs "
+                        "(built-in tables, or --costs): portable = the paper's form everywhere; "
+                        "ort-cuda/ort-cpu = the fastest measured of keep, fold, fold-fused, defer, "
+                        "defer-normop, never one measured slower than the reference (ort-cuda: "
+                        "fold-fused; ort-cpu: defer)")
+    p.add_argument("--costs", metavar="JSON", help="cost file from `python -m rewriter calibrate` "
+                   "(default: the target's built-in table)")
+    p.add_argument("--tokens", metavar="N,N", help="token counts the chooser optimizes for "
+                   "(default: every measured count)")
+    p.add_argument("--strategy", choices=("keep", "fold", "fold-fused", "defer", "defer-normop"),
+                   help="force one strategy at every site (overrides --mode and --target)")
     p.add_argument("--approx", action="store_true",
                    help="let a deferred scale cancel in a following norm (QK-norm, norm→linear→norm): "
                         "exact only for ε = 0; the measured error is reported")
@@ -91,9 +100,13 @@ def cmd_rewrite(args) -> int:
     progress = None if args.quiet else _progress
     if args.report:
         _check_report_path(Path(args.report), [args.model, args.output])
+    if (args.costs or args.tokens) and (args.strategy or args.target not in ("ort-cpu", "ort-cuda")):
+        raise UsageError("--costs/--tokens choose per site: give --target ort-cpu or ort-cuda (and no --strategy)")
+    choice = {"target": args.target, "strategy": args.strategy, "costs": _costs(args.costs),
+              "tokens": _tokens(args.tokens)}
     report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
                           push_scales=not args.no_push, approx=args.approx,
-                          **({"target": args.target} if args.target else {}),
+                          **{k: v for k, v in choice.items() if v is not None},
                           overwrite=args.overwrite, external_data=args.external_data, progress=progress)
     if args.report:
         try:
@@ -105,6 +118,74 @@ def cmd_rewrite(args) -> int:
         print(f"wrote {args.output}")
     if args.verify:
         return _verify(args.model, args.output, None, None, None, quiet=args.quiet)
+    return EXIT_OK
+
+
+def _costs(path):
+    if path is None:
+        return None
+    from rewriter.costs import CostTable
+    try:
+        return CostTable.load(path)
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read the cost file ({exc.strerror or exc})") from exc
+    except ValueError as exc:        # json.JSONDecodeError included
+        raise BadInput(f"{path}: not a usable cost file ({_one_line(exc, 160)})") from exc
+
+
+def _tokens(text):
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UsageError(f"--tokens {text!r}: want positive integers separated by commas")
+    return values
+
+
+def _calibrate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rewriter calibrate",
+                                description="measure every strategy per site shape on a provider and "
+                                            "write the cost file the chooser reads (--costs)")
+    p.add_argument("model", nargs="?", help="take the site shapes from this model")
+    p.add_argument("--shapes", help="or give them: DxN[xN2...],... (e.g. 576x960,4096x4096)")
+    p.add_argument("--kind", choices=("rms", "layer", "dyt"), default="rms", help="with --shapes")
+    p.add_argument("--form", choices=("decomposed", "fused"), default="decomposed", help="with --shapes")
+    p.add_argument("--no-residual", action="store_true", help="with --shapes: the norm input is no residual sum")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="with --shapes")
+    p.add_argument("--provider", choices=("cpu", "cuda"), help="default: CUDA when available")
+    p.add_argument("--tokens", default="1,512", help="token counts (default 1,512)")
+    p.add_argument("--layers", type=int, default=4, help="sites per probe chain (default 4)")
+    p.add_argument("--budget", type=float, default=1.5, help="timing seconds per token count (default 1.5)")
+    p.add_argument("-o", "--output", required=True, help="cost file to write")
+    p.add_argument("--merge", action="store_true", help="add to OUTPUT's probes instead of replacing the file")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def cmd_calibrate(args) -> int:
+    from rewriter import bench
+    from rewriter.calibrate import calibrate, model_shapes, parse_shapes
+    from rewriter.costs import CostTable
+    if bool(args.model) == bool(args.shapes):
+        raise UsageError("give a MODEL or --shapes (one of the two)")
+    shapes = model_shapes(args.model) if args.model else parse_shapes(
+        args.shapes, kind=args.kind, form=args.form, residual=not args.no_residual, dtype=args.dtype)
+    shapes = [s for s in shapes if s.dtype in ("float16", "float32")]
+    if not shapes:
+        raise UsageError("no site shape to measure (float16/float32 sites only)")
+    settings = bench.Settings(warmup=3, min_rounds=5, max_rounds=15, budget_s=args.budget)
+    table = calibrate(shapes, provider=args.provider, tokens=_tokens(args.tokens), layers=args.layers,
+                      settings=settings, log=lambda m: print(m, file=sys.stderr))
+    if args.merge and Path(args.output).exists():
+        table = _costs(args.output).merge(table)
+    try:
+        table.save(args.output)
+    except OSError as exc:
+        raise OutputError(f"{args.output}: cannot write ({exc.strerror or exc})") from exc
+    print(f"wrote {args.output}: {len(table.probes)} probe(s)")
     return EXIT_OK
 
 
@@ -202,6 +283,8 @@ def _main(argv: list[str], debug: bool) -> int:
         if argv and argv[0] == "bench":
             from rewriter.bench import main as bench_main
             return bench_main(argv[1:])
+        if argv and argv[0] == "calibrate":
+            return cmd_calibrate(_calibrate_parser().parse_args(argv[1:]))
         if argv and argv[0] == "demo":
             from rewriter.demo import main as demo_main
             return demo_main(argv[1:])

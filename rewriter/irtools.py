@@ -195,6 +195,8 @@ class GraphEditor:
              before: ir.Node | None = None) -> ir.Node:
         node = ir.node(op_type, list(inputs), attributes or {}, domain=domain,
                        num_outputs=num_outputs, name=self.fresh(hint or op_type))
+        if domain not in ("", "ai.onnx"):       # a contrib op needs its domain imported
+            self.graph.opset_imports.setdefault(domain, 1)
         for i, out in enumerate(node.outputs):
             out.name = self.fresh(f"{hint or op_type}_out{i}")
         if before is not None:
@@ -215,11 +217,15 @@ class GraphEditor:
         return out
 
     def reduce_mean_last(self, value: ir.Value) -> ir.Value:
+        return self.reduce_last("ReduceMean", value)
+
+    def reduce_last(self, op_type: str, value: ir.Value) -> ir.Value:
+        """`op_type` (ReduceMean, ReduceSumSquare, ...) over the last axis, keepdims."""
         if self.opset >= 18:
             axes = self.initializer(np.array([-1], dtype=np.int64), "axes")
-            out = self.op1("ReduceMean", value, axes, keepdims=1)
+            out = self.op1(op_type, value, axes, keepdims=1)
         else:
-            out = self.op1("ReduceMean", value, axes=[-1], keepdims=1)
+            out = self.op1(op_type, value, axes=[-1], keepdims=1)
         set_dtype(out, dtype_of(value))
         return out
 

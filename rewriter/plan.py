@@ -1,6 +1,8 @@
 """Decide, per matched site, what to do — without touching a weight.
 
-The plan is a plain list of `Decision`s: printable, diffable and testable on its own.
+The plan is a plain list of `Decision`s: printable, diffable and testable on its own. Each
+decision names one strategy from STRATEGIES; with a target that has measured costs
+(`--target ort-cuda|ort-cpu`) the strategy is chosen per site by `rewriter.costs.choose`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,28 @@ from patterns import Linear, Miss, Site
 from rewriter.irtools import op, users
 
 MODES = ("defer", "fold")
-# --target: what each runtime does best (measured: docs/BENCHMARKS.md, PERF_BASELINE.md).
-# ORT CUDA has no GEMM epilogue for a per-row scale, so a deferred Mul costs a pass over the
-# output while its fused norm kernel is near free: fold the gains into the weights and keep
-# one fused, weightless norm kernel. Elsewhere the paper's form (fold + defer).
+
+# One line per strategy: what the rewritten site looks like.
+STRATEGIES = {
+    "keep":         "leave the site as exported",
+    "fold":         "fold gain (and β) into the weights, keep the norm weightless",
+    "fold-fused":   "fold, and run the weightless norm as one onnxruntime kernel",
+    "defer":        "fold, defer 1/RMS past the linears (FlashNorm); 1/RMS from a sum-of-squares reduction",
+    "defer-normop": "fold, defer 1/RMS; 1/RMS from the inverse-std output of one onnxruntime norm kernel",
+}
+DEFERRING = ("defer", "defer-normop")
+
+# --target: which strategies a runtime may use, which one is the safe reference, and which
+# measured costs decide between them (rewriter/data/costs-<ep>.json, `python -m rewriter
+# calibrate`). ORT CUDA has no GEMM epilogue for a per-row scale, so a deferred Mul costs a
+# pass over the output there; the chooser takes a candidate over the reference only where it
+# was measured faster at every token count (docs/BENCHMARKS.md).
 TARGETS = {
-    "portable": dict(mode="defer", fuse_norms=False),
-    "ort-cpu": dict(mode="defer", fuse_norms=False),
-    "ort-cuda": dict(mode="fold", fuse_norms=True),
+    "portable": dict(reference="defer", ep=None, candidates=("defer",)),
+    "ort-cpu": dict(reference="defer", ep="cpu",
+                    candidates=("keep", "fold", "fold-fused", "defer", "defer-normop")),
+    "ort-cuda": dict(reference="fold-fused", ep="cuda",
+                     candidates=("keep", "fold", "fold-fused", "defer", "defer-normop")),
 }
 
 
@@ -30,16 +46,40 @@ class Options:
     push_scales: bool = True     # defer: move each 1/RMS as far downstream as the algebra allows
     approx: bool = False         # let a deferred scale cancel in a following norm (exact only for ε=0)
     fuse_norms: bool = False     # fold: emit onnxruntime's fused norm kernels for decomposed norms
-    target: str | None = None    # sets mode and fuse_norms from TARGETS
+    target: str | None = None    # choose each site's strategy for this runtime (TARGETS)
+    strategy: str | None = None  # force one strategy (STRATEGIES) at every site
+    costs: object = None         # a cost file path or CostTable (default: the target's built-in file)
+    tokens: tuple[int, ...] | None = None   # token counts the chooser optimizes for (None: all measured)
 
     def __post_init__(self):
-        if self.target is not None:
-            if self.target not in TARGETS:
-                raise ValueError(f"unknown target {self.target!r} (choose from {', '.join(TARGETS)})")
-            for key, value in TARGETS[self.target].items():
-                setattr(self, key, value)
+        if self.target is not None and self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r} (choose from {', '.join(TARGETS)})")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r} (choose from {', '.join(STRATEGIES)})")
+        if (self.costs is not None or self.tokens) and not self.measured:
+            raise ValueError("costs/tokens choose per site: they need target ort-cpu or ort-cuda")
+
+    @property
+    def measured(self) -> bool:
+        """Each site's strategy comes from measured costs."""
+        return self.target is not None and TARGETS[self.target]["ep"] is not None
+
+    @property
+    def default_strategy(self) -> str:
+        """The strategy every site gets unless a cost table says otherwise."""
+        if self.strategy is not None:
+            return self.strategy
+        if self.target is not None:
+            return TARGETS[self.target]["reference"]
+        if self.mode == "fold":
+            return "fold-fused" if self.fuse_norms else "fold"
+        return "defer"
+
+    @property
+    def fold_like(self) -> bool:
+        return self.default_strategy not in DEFERRING
 
 
 @dataclass
@@ -49,10 +89,16 @@ class Decision:
     action: str                  # "defer" | "fold" | "skip"
     reason: str = ""
     cloned: list[Linear] = field(default_factory=list)   # linears whose weight is shared
+    strategy: str = ""           # one of STRATEGIES ("" for a miss)
+    evidence: str = ""           # the measured costs behind a chosen strategy
 
     @property
     def rewritten(self) -> bool:
         return self.action != "skip"
+
+    @property
+    def fused(self) -> bool:
+        return self.strategy == "fold-fused"
 
     @property
     def bytes_added(self) -> int:
@@ -83,30 +129,57 @@ def is_trivial(site: Site) -> bool:
     return unit and no_beta
 
 
-def decide(site: Site, options: Options) -> Decision:
-    action = "fold" if site.kind == "dyt" else options.mode
-    if action == "fold" and is_trivial(site) and not (options.fuse_norms and site.form == "decomposed"):
-        return Decision(site, None, "skip", "nothing to fold: unit gain and no β (already folded?)")
+def applicable(site: Site, strategy: str) -> str:
+    """The strategy this site can take: DyT has no 1/RMS to defer, and an already fused norm
+    is its own fused kernel."""
+    if site.kind == "dyt" and strategy in DEFERRING + ("fold-fused",):
+        return "fold"
+    if strategy == "fold-fused" and site.form != "decomposed":
+        return "fold"
+    if strategy == "defer-normop" and site.kind == "layer" and site.form == "decomposed" and site.size is None:
+        return "defer"
+    return strategy
+
+
+def decide(site: Site, options: Options, strategy: str | None = None, evidence: str = "") -> Decision:
+    strategy = applicable(site, strategy or options.default_strategy)
+    if strategy == "keep":
+        return Decision(site, None, "skip", "kept as exported: measured fastest on the target"
+                        + (f" ({evidence})" if evidence else ""), strategy=strategy, evidence=evidence)
+    action = "defer" if strategy in DEFERRING else "fold"
+    if action == "fold" and is_trivial(site) and strategy != "fold-fused":
+        return Decision(site, None, "skip", "nothing to fold: unit gain and no β (already folded?)",
+                        strategy=strategy, evidence=evidence)
     shared = [linear for linear in site.linears if not owns_weight(linear)]
     if shared and not options.clone_shared:
         return Decision(site, None, "skip",
                         f"weight of {shared[0].node.op_type} {shared[0].node.name!r} is shared "
-                        "(tied embedding or reused weight) and --no-clone was given")
+                        "(tied embedding or reused weight) and --no-clone was given", strategy=strategy)
     reason = "fold gain into weights" if action == "fold" else "fold gain, defer 1/RMS past the linears"
     if site.kind == "layer":
         reason = ("fold γ, β into weights/bias" if action == "fold"
                   else "fold γ, β and mean-centering into weights, defer 1/σ")
-    if action == "fold" and options.fuse_norms and site.form == "decomposed":
+    if strategy == "fold-fused":
         reason += "; norm fused into one onnxruntime kernel"
+    if strategy == "defer-normop":
+        reason += " (1/RMS from one onnxruntime norm kernel)"
     if shared:
         reason += f"; cloned {len(shared)} shared weight(s)"
-    return Decision(site, None, action, reason, cloned=shared)
+    if evidence:
+        reason += f" [{evidence}]"
+    return Decision(site, None, action, reason, cloned=shared, strategy=strategy, evidence=evidence)
 
 
-def make_plan(sites: list[Site], misses: list[Miss], options: Options) -> list[Decision]:
-    plan = [decide(site, options) for site in sites]
+def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=None) -> list[Decision]:
+    """`chooser(site) -> (strategy, evidence)` picks per site (rewriter.costs); without one,
+    every site takes the options' default strategy."""
+    plan = []
+    for site in sites:
+        strategy, evidence = chooser(site) if chooser is not None else (None, "")
+        plan.append(decide(site, options, strategy, evidence))
     plan += [Decision(None, miss, "skip", miss.reason) for miss in misses]
     return plan
 
 
-__all__ = ["Decision", "MODES", "Options", "TARGETS", "decide", "make_plan", "owns_weight"]
+__all__ = ["DEFERRING", "Decision", "MODES", "Options", "STRATEGIES", "TARGETS", "applicable",
+           "decide", "make_plan", "owns_weight"]

@@ -20,6 +20,8 @@ class SiteReport:
     consumers: list[str] = field(default_factory=list)
     weights_changed: int = 0
     bytes_added: int = 0
+    strategy: str = ""    # one of rewriter.plan.STRATEGIES ("" for a candidate no rule matched)
+    evidence: str = ""    # the measured costs behind the strategy (--target with a cost table)
 
 
 @dataclass
@@ -38,7 +40,8 @@ class Report:
                 name=source.name, kind=source.kind, form=source.form, action=d.action,
                 reason=d.reason, consumers=consumers,
                 weights_changed=len(consumers) if d.rewritten else 0,
-                bytes_added=d.bytes_added if d.rewritten else 0))
+                bytes_added=d.bytes_added if d.rewritten else 0,
+                strategy=d.strategy, evidence=d.evidence))
         return report
 
     # -- counts the tests and the table use -----------------------------------------------
@@ -82,7 +85,7 @@ class Report:
                  + ", ".join(f"{k}/{f}: {n}" for (k, f), n in sorted(by_kind.items())),
                  f"  rewritten        {self.rewritten:>6}   "
                  + ", ".join(f"{a}: {n}" for a, n in sorted(Counter(
-                     s.action for s in self.sites if s.action != 'skip').items())),
+                     s.strategy or s.action for s in self.sites if s.action != 'skip').items())),
                  f"  skipped          {self.found - self.rewritten:>6}"]
         for reason, n in self.skipped.most_common():
             lines.append(f"    {n:>4} × {reason}")

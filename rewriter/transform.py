@@ -32,29 +32,18 @@ def _residual_pair(a: ir.Value, b: ir.Value) -> bool:
     return isinstance(a.shape[-1], int) and a.shape[-1] == b.shape[-1]
 
 
-def _weight_shape(linear: Linear) -> tuple[int, int]:
-    """[n_in, k_out] of the effective weight, from shapes only."""
-    shape = tuple(int(d) for d in linear.weight.tensor.shape)
-    for kind, perm in linear.weight.steps:
-        if kind == "transpose":
-            shape = tuple(shape[p] for p in perm)
-    return shape[::-1] if linear.weight.transposed else shape
-
-
 def _alpha(linear: Linear) -> float:
     return float(attr(linear.node, "alpha", 1.0)) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
 
 
 class Rewriter:
-    def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False,
-                 fuse_norms: bool = False):
+    def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False):
         self.model = model
         self.graph = model.graph
         self.edit = GraphEditor(self.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
         self.approx = approx
-        self.fuse_norms = fuse_norms
 
     # -- graph plumbing -------------------------------------------------------------------
     def insert_after(self, value: ir.Value, make) -> ir.Value:
@@ -106,7 +95,7 @@ class Rewriter:
         gain = None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
         if gain is None and not center and (site.beta is None or not np.any(site.beta)):
             return None         # nothing to fold into this weight
-        n, k = _weight_shape(linear)
+        n, k = linear.weight_shape
         out_shape = (k, n) if ref.transposed else (n, k)
 
         def folded() -> ir.TensorProtocol:
@@ -152,15 +141,55 @@ class Rewriter:
         self.insert_after(after, lambda v: self.edit.op1("Add", v, bias, hint="bias"))
 
     # -- scales ---------------------------------------------------------------------------
-    def inverse_rms(self, x: ir.Value, eps: float, centered: bool) -> ir.Value:
-        """1/sqrt(mean(x²)+ε) (or 1/σ for LayerNorm) with an fp32 reduction, shape [..., 1]."""
+    def inverse_rms(self, x: ir.Value, eps: float, centered: bool, size: int | None,
+                    norm_kernel: bool = False) -> ir.Value:
+        """1/sqrt(mean(x²)+ε) (or 1/σ for LayerNorm) with an fp32 reduction, shape [..., 1].
+
+        Few kernels: with `norm_kernel`, the inverse-std output of one onnxruntime norm op;
+        otherwise √n / sqrt(Σx² + nε) — one ReduceSumSquare, with 1/n folded into constants."""
+        if norm_kernel:
+            inv = self.inverse_std_kernel(x, eps, centered, size)
+            if inv is not None:
+                return inv
         e = self.edit
         xf = e.cast(x, F32)
         if centered:        # subtract the mean first: E[x²]−E[x]² cancels badly in fp32
             xf = e.op1("Sub", xf, e.reduce_mean_last(xf))
-        ms = e.reduce_mean_last(e.op1("Mul", xf, xf))
-        root = e.op1("Sqrt", e.op1("Add", ms, e.initializer(np.array(eps, np.float32), "epsilon")))
-        return e.op1("Reciprocal", root, hint="inv_rms")
+        if size is None:    # hidden size unknown: mean of squares
+            ms = e.reduce_mean_last(e.op1("Mul", xf, xf))
+            root = e.op1("Sqrt", e.op1("Add", ms, e.initializer(np.array(eps, np.float32), "epsilon")))
+            return e.op1("Reciprocal", root, hint="inv_rms")
+        ss = e.reduce_last("ReduceSumSquare", xf)
+        root = e.op1("Sqrt", e.op1("Add", ss, e.initializer(np.array(size * eps, np.float32), "n_epsilon")))
+        return e.op1("Div", e.initializer(np.array(np.sqrt(size), np.float32), "sqrt_n"), root, hint="inv_rms")
+
+    def inverse_std_kernel(self, x: ir.Value, eps: float, centered: bool, size: int | None) -> ir.Value | None:
+        """The fp32 inverse-std output of SimplifiedLayerNormalization (LayerNormalization when
+        centered) run on x with a unit gain; its normalized output is not used. None when the
+        dtype or opset has no such kernel."""
+        source = self.lossless_source(x)
+        dtype = dtype_of(source)
+        if size is None or dtype not in (F32, ir.DataType.FLOAT16) or (centered and self.edit.opset < 17):
+            return None
+        ones = self.ones((size,), dtype)
+        attrs = {"epsilon": eps, "axis": -1, "stash_type": 1}
+        if centered:
+            node = self.edit.node("LayerNormalization", [source, ones], attrs, num_outputs=3, hint="inv_std")
+        else:
+            node = self.edit.node("SimplifiedLayerNormalization", [source, ones], attrs, num_outputs=2,
+                                  hint="inv_rms")
+        set_dtype(node.outputs[0], dtype)
+        for out in node.outputs[1:]:
+            set_dtype(out, F32)
+        return node.outputs[-1]
+
+    def lossless_source(self, value: ir.Value) -> ir.Value:
+        """Follow widening Casts back to the narrowest exact copy of `value`."""
+        node = value.producer()
+        while op(node, "Cast", domain="") and (dtype_of(node.inputs[0]), dtype_of(value)) in WIDENING:
+            value = node.inputs[0]
+            node = value.producer()
+        return value
 
     def scale_for(self, linear: Linear, scale: ir.Value) -> ir.Value:
         """The per-row scale (fp32) reshaped like the linear's input path."""
@@ -188,9 +217,9 @@ class Rewriter:
         deltas = [self.fold_linear(site, linear, center=defer and site.kind == "layer")
                   for linear in site.linears]
         if defer:
-            self.defer(site, deltas)
+            self.defer(site, deltas, norm_kernel=decision.strategy == "defer-normop")
         else:
-            self.drop_gain(site)
+            self.drop_gain(site, fuse=decision.fused)
             for linear, delta in zip(site.linears, deltas):
                 self.add_bias(linear, linear.output, delta, detach_gemm_bias=False)
 
@@ -207,10 +236,11 @@ class Rewriter:
             self.redirect(site.residual_out, x)
         return x
 
-    def defer(self, site: Site, deltas) -> None:
+    def defer(self, site: Site, deltas, norm_kernel: bool = False) -> None:
         x = self.residual_input(site)
         before = {node for node, _ in users(x)}
-        scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer")
+        scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer", size=site.size,
+                                 norm_kernel=norm_kernel)
         self.redirect(site.output, self.narrow_source(x, dtype_of(site.output)))
         if self.approx and not site.skip_inputs:
             # a scale arriving at x may cancel: s_B(s·t)·(s·t)W = s_B(t)·tW up to ε
@@ -219,9 +249,9 @@ class Rewriter:
             self.add_bias(linear, linear.output, delta, detach_gemm_bias=True)
             self.scales.seed(linear.output, self.scale_for(linear, scale))
 
-    def drop_gain(self, site: Site) -> None:
-        """Fold mode: keep the norm, weightless (as one fused op when `fuse_norms`)."""
-        if self.fuse_norms and site.form == "decomposed" and self.fuse(site):
+    def drop_gain(self, site: Site, fuse: bool = False) -> None:
+        """Fold: keep the norm, weightless (as one fused op when `fuse`)."""
+        if fuse and site.form == "decomposed" and self.fuse(site):
             return
         if site.pre_affine is not None:
             self.redirect(site.output, self.narrow_source(site.pre_affine, dtype_of(site.output)))
@@ -288,9 +318,9 @@ class Rewriter:
 
 
 def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True,
-               approx: bool = False, fuse_norms: bool = False) -> Rewriter:
+               approx: bool = False) -> Rewriter:
     """Rewrite every non-skipped site of `plan` in `model` (in place)."""
-    rewriter = Rewriter(model, push_scales, approx, fuse_norms)
+    rewriter = Rewriter(model, push_scales, approx)
     done = 0
     for decision in plan:
         if decision.rewritten:

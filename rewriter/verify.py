@@ -40,6 +40,27 @@ def session(path, provider: str | None = None, optimize: bool = True):
     return ort.InferenceSession(model, options, providers=providers(provider))
 
 
+def ort_kernels(path, provider: str | None = None) -> dict[str, int]:
+    """Op types (with counts) of the graph onnxruntime actually runs: the model after ORT's own
+    optimizations (level all) for `provider` — its fusions, not only the rewriter's graph."""
+    import tempfile
+    from collections import Counter
+
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         "1024")
+        ort.InferenceSession(str(path), options, providers=providers(provider))
+        graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+        return dict(sorted(Counter(n.op_type for n in graph.node).items()))
+
+
 def _vocab_sizes(path) -> dict[str, int]:
     """Graph inputs used as Gather indices into a constant table -> the table's row count."""
     if path is None:

@@ -39,7 +39,7 @@ def _is_scale(node, prod) -> bool:
         if node.op_type == "Mul" and node.input[0] != node.input[1]:
             return False
         node = prod.get(node.input[0])
-    return node is not None and node.op_type == "Reciprocal" and node.name.startswith("flashnorm/")
+    return node is not None and node.op_type in ("Reciprocal", "Div") and node.name.startswith("flashnorm/")
 
 
 def block(kind: str):

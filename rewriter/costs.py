@@ -1,0 +1,201 @@
+"""Measured costs per site shape and execution provider, and the per-site chooser.
+
+A cost file (JSON, shippable next to a model) holds *probes*: one site shape — norm kind and
+form, residual or not, hidden size d, the widths of the linears that read the norm, dtype —
+timed on one execution provider for every strategy at a few token counts:
+
+    {"format": "flashnorm-costs/1",
+     "probes": [{"ep": "cuda", "device": "NVIDIA H100 80GB HBM3", "onnxruntime": "1.31.1",
+                 "dtype": "float16", "kind": "rms", "form": "decomposed", "residual": true,
+                 "d": 576, "outs": [960], "layers": 8, "source": "...",
+                 "tokens": {"512": {"keep": {"ms": 0.107, "p10": ..., "p90": ...}, ...}},
+                 "failed": {"defer-normop": "why"}}]}
+
+`python -m rewriter calibrate MODEL --provider cuda -o costs.json` measures the probes a model
+needs (rewriter/calibrate.py); rewriter/data/costs-<ep>.json are the built-in tables.
+
+The chooser takes, for a site, the nearest probe of the same provider and compares every
+applicable strategy with the target's reference (the safe choice): a strategy replaces the
+reference only when it is no slower at every token count (within `noise`) and faster in
+geometric mean by more than `noise`. Without a probe the reference stands — and the report
+says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from patterns import Site
+from rewriter.irtools import dtype_of, op, through_casts
+
+FORMAT = "flashnorm-costs/1"
+DATA = Path(__file__).resolve().parent / "data"
+NOISE = 0.03
+
+
+@dataclass(frozen=True)
+class SiteShape:
+    """What the cost of a site depends on."""
+
+    kind: str                 # rms | layer | dyt
+    form: str                 # decomposed | fused
+    residual: bool            # the norm's input is a residual sum (Skip* kernels apply)
+    d: int
+    outs: tuple[int, ...]     # output widths of the linears reading the norm
+    dtype: str                # float32 | float16 | bfloat16
+
+    def label(self) -> str:
+        return f"{self.kind}/{self.form}{'+res' if self.residual else ''} {self.d}→{'+'.join(map(str, self.outs))} {self.dtype}"
+
+
+def site_shape(site: Site) -> SiteShape | None:
+    """The shape key of a matched site (None when its hidden size is unknown)."""
+    if site.size is None:
+        return None
+    residual = bool(site.skip_inputs)
+    if not residual and site.x is not None:
+        add = through_casts(site.x).producer()
+        residual = op(add, "Add", domain="") and all(
+            v is not None and v.const_value is None and not v.is_initializer() for v in add.inputs)
+    dtype = dtype_of(site.output)
+    return SiteShape(kind=site.kind, form="decomposed" if site.form == "decomposed" else "fused",
+                     residual=bool(residual), d=int(site.size),
+                     outs=tuple(sorted(int(linear.weight_shape[1]) for linear in site.linears)),
+                     dtype=dtype.name.lower() if dtype is not None else "float32")
+
+
+class CostTable:
+    def __init__(self, probes: list[dict] | None = None, path: str | None = None):
+        self.probes = list(probes or [])
+        self.path = path
+
+    @classmethod
+    def load(cls, path) -> "CostTable":
+        """Read and check a cost file; ValueError says what is wrong with it."""
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a FlashNorm cost file (format {found!r}, want {FORMAT!r})")
+        probes = data.get("probes")
+        if not isinstance(probes, list):
+            raise ValueError("'probes' is not a list")
+        for i, probe in enumerate(probes):
+            problem = _probe_problem(probe)
+            if problem:
+                raise ValueError(f"probe {i}: {problem}")
+        return cls(probes, str(path))
+
+    @classmethod
+    def builtin(cls, ep: str) -> "CostTable":
+        path = DATA / f"costs-{ep}.json"
+        return cls.load(path) if path.exists() else cls()
+
+    def save(self, path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "probes": self.probes}, indent=1) + "\n")
+        tmp.replace(path)
+
+    def merge(self, other: "CostTable") -> "CostTable":
+        """`other`'s probes replace ours with the same key (provider, device, shape)."""
+        keys = {_probe_key(p) for p in other.probes}
+        self.probes = [p for p in self.probes if _probe_key(p) not in keys] + list(other.probes)
+        return self
+
+    def nearest(self, ep: str, shape: SiteShape) -> tuple[dict | None, float]:
+        best, best_d = None, math.inf
+        for probe in self.probes:
+            if probe["ep"] != ep or probe["kind"] != shape.kind:
+                continue
+            dist = (abs(math.log(probe["d"] / shape.d)) + abs(math.log(sum(probe["outs"]) / sum(shape.outs)))
+                    + abs(len(probe["outs"]) - len(shape.outs)) * 0.5
+                    + (probe["dtype"] != shape.dtype) + (probe["form"] != shape.form)
+                    + 0.5 * (bool(probe["residual"]) != shape.residual))
+            if dist < best_d:
+                best, best_d = probe, dist
+        return best, best_d
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _probe_problem(probe) -> str | None:
+    if not isinstance(probe, dict):
+        return "not an object"
+    missing = [k for k in ("ep", "dtype", "kind", "form", "residual", "d", "outs", "tokens") if k not in probe]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not isinstance(probe["d"], int) or probe["d"] <= 0:
+        return f"d = {probe['d']!r} (want a positive integer)"
+    outs = probe["outs"]
+    if not isinstance(outs, list) or not outs or not all(isinstance(n, int) and n > 0 for n in outs):
+        return f"outs = {outs!r} (want positive integers)"
+    if not isinstance(probe["tokens"], dict) or not probe["tokens"]:
+        return "tokens is not a non-empty object"
+    for t, cells in probe["tokens"].items():
+        if not str(t).isdigit() or int(t) < 1 or not isinstance(cells, dict):
+            return f"tokens[{t!r}] is not a token count with its cells"
+        for strategy, cell in cells.items():
+            if not isinstance(cell, dict) or not _positive(cell.get("ms")):
+                return f"tokens[{t!r}][{strategy!r}] has no positive ms"
+    return None
+
+
+def _probe_key(p: dict) -> tuple:
+    return (p["ep"], p.get("device"), p["dtype"], p["kind"], p["form"], bool(p["residual"]), p["d"], tuple(p["outs"]))
+
+
+# A probe of the other form still says what a site costs: an already fused norm, kept or
+# folded, runs the kernel a decomposed probe timed as "fold-fused"; a decomposed site folded
+# into a fused kernel runs what a fused probe timed as "fold".
+_OTHER_FORM = {("decomposed", "fused"): {"keep": "fold-fused", "fold": "fold-fused"},
+               ("fused", "decomposed"): {"fold-fused": "fold", "keep": None, "fold": None}}
+
+
+def _ms(probe: dict, tokens: str, strategy: str, form: str | None = None) -> float | None:
+    if form is not None and form != probe["form"]:
+        strategy = _OTHER_FORM[(probe["form"], form)].get(strategy, strategy)
+        if strategy is None:
+            return None
+    cell = probe["tokens"][tokens].get(strategy)
+    return None if not cell or "ms" not in cell else float(cell["ms"])
+
+
+def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, reference: str,
+           tokens=None, noise: float = NOISE) -> tuple[str, str]:
+    """(strategy, evidence) for one site. `candidates` are the strategies applicable to it."""
+    if shape is None:
+        return reference, "hidden size unknown: target's reference strategy"
+    probe, _ = table.nearest(ep, shape)
+    if probe is None:
+        return reference, f"no measured cost for {ep}: target's reference strategy"
+    measured = sorted(probe["tokens"], key=int)
+    if tokens:      # the nearest measured token count to each requested one
+        measured = sorted({min(measured, key=lambda t: abs(math.log(int(t) / max(n, 1)))) for n in tokens}, key=int)
+    def ms(t, c):
+        return _ms(probe, t, c, shape.form)
+    usable = [c for c in candidates if all(ms(t, c) is not None for t in measured)]
+    ref = reference if reference in usable else None
+    if ref is None:
+        return reference, f"{reference} not measured in probe {_label(probe)}: kept as the reference"
+    best, best_gain = ref, 1.0
+    for c in usable:
+        ratios = [ms(t, ref) / ms(t, c) for t in measured]
+        gain = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        if c != ref and min(ratios) >= 1 - noise and gain >= 1 + noise and gain > best_gain:
+            best, best_gain = c, gain
+    cells = "; ".join(f"t{t}: " + " ".join(f"{c} {ms(t, c):.3g}" for c in usable) for t in measured)
+    verdict = f"{best} {best_gain:.2f}× {ref}" if best != ref else f"none beats {ref} by >{noise:.0%} at every size"
+    return best, f"{ep} {_label(probe)} ms/site {cells}; {verdict}"
+
+
+def _label(probe: dict) -> str:
+    return (f"{probe['kind']}/{probe['form']}{'+res' if probe['residual'] else ''} "
+            f"{probe['d']}→{'+'.join(map(str, probe['outs']))} {probe['dtype']}")
+
+
+__all__ = ["CostTable", "FORMAT", "SiteShape", "choose", "site_shape"]
