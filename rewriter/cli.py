@@ -159,6 +159,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="1,512", help="token counts (default 1,512)")
     p.add_argument("--layers", type=int, default=4, help="sites per probe chain (default 4)")
     p.add_argument("--budget", type=float, default=1.5, help="timing seconds per token count (default 1.5)")
+    p.add_argument("--rounds", type=int, default=60, help="at most this many interleaved rounds per token count")
     p.add_argument("-o", "--output", required=True, help="cost file to write")
     p.add_argument("--merge", action="store_true", help="add to OUTPUT's probes instead of replacing the file")
     p.add_argument("--debug", action="store_true")
@@ -176,7 +177,7 @@ def cmd_calibrate(args) -> int:
     shapes = [s for s in shapes if s.dtype in ("float16", "float32")]
     if not shapes:
         raise UsageError("no site shape to measure (float16/float32 sites only)")
-    settings = bench.Settings(warmup=3, min_rounds=5, max_rounds=15, budget_s=args.budget)
+    settings = bench.Settings(warmup=3, min_rounds=5, max_rounds=max(5, args.rounds), budget_s=args.budget)
     table = calibrate(shapes, provider=args.provider, tokens=_tokens(args.tokens), layers=args.layers,
                       settings=settings, log=lambda m: print(m, file=sys.stderr))
     if args.merge and Path(args.output).exists():

@@ -16,9 +16,10 @@ needs (rewriter/calibrate.py); rewriter/data/costs-<ep>.json are the built-in ta
 
 The chooser takes, for a site, the nearest probe of the same provider and compares every
 applicable strategy with the target's reference (the safe choice): a strategy replaces the
-reference only when it is no slower at every token count (within `noise`) and faster in
-geometric mean by more than `noise`. Without a probe the reference stands — and the report
-says so.
+reference only when its median is no slower at every token count (within `noise`) and its
+slow tail (p90) is faster than the reference's median by more than `noise` in geometric mean
+over the token counts — a win that run-to-run spread cannot explain. Without a probe the
+reference stands, and the report says so.
 """
 
 from __future__ import annotations
@@ -156,13 +157,13 @@ _OTHER_FORM = {("decomposed", "fused"): {"keep": "fold-fused", "fold": "fold-fus
                ("fused", "decomposed"): {"fold-fused": "fold", "keep": None, "fold": None}}
 
 
-def _ms(probe: dict, tokens: str, strategy: str, form: str | None = None) -> float | None:
+def _cell(probe: dict, tokens: str, strategy: str, form: str | None = None) -> dict | None:
     if form is not None and form != probe["form"]:
         strategy = _OTHER_FORM[(probe["form"], form)].get(strategy, strategy)
         if strategy is None:
             return None
     cell = probe["tokens"][tokens].get(strategy)
-    return None if not cell or "ms" not in cell else float(cell["ms"])
+    return cell if cell and "ms" in cell else None
 
 
 def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, reference: str,
@@ -177,19 +178,25 @@ def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, refer
     if tokens:      # the nearest measured token count to each requested one
         measured = sorted({min(measured, key=lambda t: abs(math.log(int(t) / max(n, 1)))) for n in tokens}, key=int)
     def ms(t, c):
-        return _ms(probe, t, c, shape.form)
-    usable = [c for c in candidates if all(ms(t, c) is not None for t in measured)]
+        return float(_cell(probe, t, c, shape.form)["ms"])
+
+    def slow_tail(t, c):    # the candidate's p90: a gain must hold beyond its run-to-run spread
+        cell = _cell(probe, t, c, shape.form)
+        return max(float(cell.get("p90", cell["ms"])), float(cell["ms"]))
+    usable = [c for c in candidates if all(_cell(probe, t, c, shape.form) is not None for t in measured)]
     ref = reference if reference in usable else None
     if ref is None:
         return reference, f"{reference} not measured in probe {_label(probe)}: kept as the reference"
     best, best_gain = ref, 1.0
     for c in usable:
         ratios = [ms(t, ref) / ms(t, c) for t in measured]
-        gain = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        sure = [ms(t, ref) / slow_tail(t, c) for t in measured]
+        gain = math.exp(sum(map(math.log, sure)) / len(sure))
         if c != ref and min(ratios) >= 1 - noise and gain >= 1 + noise and gain > best_gain:
             best, best_gain = c, gain
     cells = "; ".join(f"t{t}: " + " ".join(f"{c} {ms(t, c):.3g}" for c in usable) for t in measured)
-    verdict = f"{best} {best_gain:.2f}× {ref}" if best != ref else f"none beats {ref} by >{noise:.0%} at every size"
+    verdict = (f"{best} {best_gain:.2f}× {ref} (p90 vs median)" if best != ref
+               else f"none beats {ref} by >{noise:.0%} beyond its spread at every size")
     return best, f"{ep} {_label(probe)} ms/site {cells}; {verdict}"
 
 

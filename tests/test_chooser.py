@@ -62,6 +62,19 @@ def test_faster_at_every_token_count_is_chosen():
     assert "defer" in evidence and "×" in evidence and "t1:" in evidence and "t512:" in evidence
 
 
+def test_a_win_inside_the_run_to_run_spread_is_not_chosen():
+    """Median 10 % faster, but the candidate's p90 reaches past the reference's median: the
+    gain could be noise (what ORT CPU timings on a shared 2-core machine look like)."""
+    table = [probe({1: flat(defer=0.90), 512: flat(2.0, defer=1.80)})]
+    for t, ref_ms in (("1", 1.0), ("512", 2.0)):
+        table[0]["tokens"][t]["defer"]["p90"] = ref_ms * 1.2
+    strategy, evidence = pick(table)
+    assert strategy == "fold-fused" and "beyond its spread" in evidence
+    for t, ref_ms in (("1", 1.0), ("512", 2.0)):          # a tight spread: the same medians win
+        table[0]["tokens"][t]["defer"]["p90"] = table[0]["tokens"][t]["defer"]["ms"] * 1.01
+    assert pick(table)[0] == "defer"
+
+
 def test_faster_by_less_than_the_noise_is_not_chosen():
     table = [probe({1: flat(defer=1 / (1 + NOISE) + 0.005), 512: flat(defer=0.98)})]
     strategy, evidence = pick(table)
