@@ -60,7 +60,7 @@ METHOD = (
 NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
             "SkipLayerNormalization", "RMSNormalization"}
 DEFAULT_TOKENS = "1,128,512,2048,4096"
-VARIANT_ORDER = ("raw", "best-fused", "rewritten", "rewritten-fold", "ort-cuda", "norm-free", "fused+fold",
+VARIANT_ORDER = ("raw", "best-fused", "rewritten", "rewritten-fold", "ort-cuda", "ort-cpu", "norm-free", "fused+fold",
                  "fused+defer")
 
 
@@ -526,7 +526,7 @@ class Variant:
 def prepare_variants(original, rewritten=None, *, workdir, mode: str = "defer", baselines: bool = False,
                      stacked: tuple[str, ...] = (), best_fused: str = "auto", model_type: str = "gpt2",
                      opt_level: int = 0, use_gpu: bool = False, only: tuple[str, ...] | None = None,
-                     targets: tuple[str, ...] = ("ort-cuda",), log=_quiet_log) -> dict[str, Variant]:
+                     targets: tuple[str, ...] = ("ort-cuda", "ort-cpu"), log=_quiet_log) -> dict[str, Variant]:
     """Write every variant's model into `workdir`; a failure is recorded in its Variant and
     never stops the others."""
     from rewriter.api import rewrite_file
@@ -574,9 +574,11 @@ def prepare_variants(original, rewritten=None, *, workdir, mode: str = "defer", 
         build("best-fused", fused)
         if mode != "fold" or rewritten is not None:
             build("rewritten-fold", lambda: rewrite(original, "rewritten-fold", "fold"), mode="fold")
-        if "ort-cuda" in targets:       # the rewriter's own CUDA recipe (fold + fused weightless norms)
-            build("ort-cuda", lambda: rewrite(original, "ort-cuda", None, target="ort-cuda"),
-                  target="ort-cuda")
+        for target in targets:          # the rewriter's per-site choice from measured costs
+            if target == "ort-cpu" and only is None:
+                continue                # asked for by name only (the CPU table's choice)
+            build(target, lambda target=target: rewrite(original, target, None, target=target),
+                  target=target)
 
         def free():
             dst = workdir / f"{stem}.norm-free.onnx"
@@ -806,7 +808,7 @@ def measure(variants: dict[str, Variant], shapes: list[Shape], *, provider: str 
 # Ratios, table, plot, JSON
 # =============================================================================================
 
-TARGETS = ("rewritten", "rewritten-fold", "ort-cuda", "fused+fold", "fused+defer")
+TARGETS = ("rewritten", "rewritten-fold", "ort-cuda", "ort-cpu", "fused+fold", "fused+defer")
 BASES = ("raw", "best-fused", "norm-free")
 
 
@@ -891,7 +893,7 @@ def method_text(result: dict) -> str:
                          budget_s=st["budget_s"])
 
 
-STYLES = {"raw": "C3", "best-fused": "C0", "rewritten": "C2", "rewritten-fold": "C8", "ort-cuda": "C1",
+STYLES = {"raw": "C3", "best-fused": "C0", "rewritten": "C2", "rewritten-fold": "C8", "ort-cuda": "C1", "ort-cpu": "C6",
           "norm-free": "C7", "fused+fold": "C4", "fused+defer": "C5"}
 PLOT_RATIOS = ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fold", "best-fused/ort-cuda",
                "norm-free/rewritten", "best-fused/fused+fold")

@@ -122,7 +122,11 @@ def build_probe(shape: SiteShape, path, layers: int = 4, seed: int = 0, eps: flo
                               [helper.make_tensor_value_info(out, onnx_dt, [1, "tokens", d])], inits)
     opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("com.microsoft", 1)]
                                               if shape.form == "fused" else [])
-    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=10), str(path))
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    if sum(t.ByteSize() for t in inits) > 1 << 30:      # past protobuf's 2 GiB: weights beside it
+        onnx.save(model, str(path), save_as_external_data=True, location=Path(path).name + ".data")
+    else:
+        onnx.save(model, str(path))
 
 
 def candidates_for(shape: SiteShape) -> list[str]:
@@ -183,7 +187,8 @@ def calibrate(shapes: list[SiteShape], *, provider: str = "cpu", tokens=(1, 512)
             probes.append({"ep": provider, "device": device, "onnxruntime": ort.__version__,
                            "dtype": shape.dtype, "kind": shape.kind, "form": shape.form,
                            "residual": shape.residual, "d": shape.d, "outs": list(shape.outs),
-                           "layers": layers, "source": "python -m rewriter calibrate", "tokens": cells,
+                           "layers": layers, "threads": settings.threads,
+                           "source": "python -m rewriter calibrate", "tokens": cells,
                            "failed": failed, "kernels": kernels})
             best = {t: min(c, key=lambda n: c[n]["ms"]) for t, c in cells.items() if c}
             log(f"{shape.label()}: {time.perf_counter() - t0:.1f} s; fastest per tokens {best}")

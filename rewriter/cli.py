@@ -160,6 +160,8 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="sites per probe chain (default 4)")
     p.add_argument("--budget", type=float, default=1.5, help="timing seconds per token count (default 1.5)")
     p.add_argument("--rounds", type=int, default=60, help="at most this many interleaved rounds per token count")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: 1 on CPU — timings "
+                   "with every core busy spread 2×; 0 = ORT's default on CUDA)")
     p.add_argument("-o", "--output", required=True, help="cost file to write")
     p.add_argument("--merge", action="store_true", help="add to OUTPUT's probes instead of replacing the file")
     p.add_argument("--debug", action="store_true")
@@ -177,8 +179,11 @@ def cmd_calibrate(args) -> int:
     shapes = [s for s in shapes if s.dtype in ("float16", "float32")]
     if not shapes:
         raise UsageError("no site shape to measure (float16/float32 sites only)")
-    settings = bench.Settings(warmup=3, min_rounds=5, max_rounds=max(5, args.rounds), budget_s=args.budget)
-    table = calibrate(shapes, provider=args.provider, tokens=_tokens(args.tokens), layers=args.layers,
+    provider = bench.resolve_provider(args.provider)
+    threads = args.threads if args.threads is not None else (1 if provider == "cpu" else 0)
+    settings = bench.Settings(warmup=3, min_rounds=5, max_rounds=max(5, args.rounds), budget_s=args.budget,
+                              threads=threads)
+    table = calibrate(shapes, provider=provider, tokens=_tokens(args.tokens), layers=args.layers,
                       settings=settings, log=lambda m: print(m, file=sys.stderr))
     if args.merge and Path(args.output).exists():
         table = _costs(args.output).merge(table)
