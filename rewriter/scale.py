@@ -26,11 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, rank_of, set_dtype
+from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, is_const, op, rank_of,
+                              set_dtype, users)
 
 FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                                 ir.DataType.DOUBLE)}
 UNARY_HOMOGENEOUS = ("Identity", "Neg", "Relu", "LeakyRelu", "Abs", "Dropout")
+# Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
+NONLINEAR_GATES = ("Sigmoid", "Tanh", "Erf", "HardSigmoid", "Softplus")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class ScaleWalker:
         self.cancels: set[tuple[ir.Node, ir.Value]] = set()
         self.cancelled: set[ir.Value] = set()      # norm inputs where a scale was dropped
         self.stops: set[ir.Node] = set()
+        self.stop_edges: set[tuple[ir.Node, ir.Value]] = set()   # apply the scale on these edges
         self.edit = edit
         self.take_output_slot = take_output_slot
         self.states: dict[ir.Value, Scaled] = {}
@@ -94,11 +98,37 @@ class ScaleWalker:
         rank = rank_of(value)
         self.states[value] = Scaled(scale, 1.0, None if rank is None else tuple(range(rank - 1)))
 
+    def protect_activations(self) -> None:
+        """x·f(x) activations (SiLU = x·σ(x), GELU = x·½(1+erf(x/√2))): a scale arriving at x
+        is applied once, at x, for every reader — not inside f only — so the pattern
+        onnxruntime fuses (QuickGelu, Gelu) stays intact. Same number of Muls on big tensors."""
+        for gate in self.graph:
+            if not op(gate, *NONLINEAR_GATES, domain="") or not gate.inputs:
+                continue
+            chain, value = {gate}, gate.inputs[0]
+            for _ in range(4):      # back through constant scalings (x/√2, 1.702·x) to x
+                readers = users(value)
+                if any(node not in chain for node, _ in readers):
+                    self.stop_edges.update((node, value) for node, _ in readers)
+                    break
+                node = value.producer()
+                if not (op(node, "Mul", "Div", domain="") and is_const(node.inputs[1])) and \
+                        not op(node, "Cast", "Identity", domain=""):
+                    break
+                chain.add(node)
+                value = node.inputs[0]
+
     # -- propagation ----------------------------------------------------------------------
     def run(self) -> None:
         self.graph.sort()
+        if self.push:
+            self.protect_activations()
         for node in list(self.graph):
             ins = [self.states.get(v) if v is not None else None for v in node.inputs]
+            for index, (value, state) in enumerate(zip(node.inputs, ins)):
+                if state is not None and (node, value) in self.stop_edges:
+                    node.replace_input_with(index, self.apply(value, state))
+                    ins[index] = None
             if not any(ins):
                 continue
             if any((node, v) in self.cancels for v, st in zip(node.inputs, ins) if st is not None) \

@@ -43,6 +43,7 @@ class Rewriter:
         self.edit = GraphEditor(self.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
+        self.replaced: dict[ir.Value, ir.Value] = {}    # redirect()'s old → new, for later sites
         self.approx = approx
 
     # -- graph plumbing -------------------------------------------------------------------
@@ -64,6 +65,15 @@ class Rewriter:
         for node, index in users(old):
             node.replace_input_with(index, new)
         self._take_output_slot(old, new)
+        self.replaced[old] = new
+
+    def current(self, value: ir.Value | None) -> ir.Value | None:
+        """`value` as the graph now has it: a later site matched against a value an earlier
+        site replaced (a Skip* norm's residual output) must read the replacement, or the old
+        producer stays alive."""
+        while value in self.replaced:
+            value = self.replaced[value]
+        return value
 
     def _take_output_slot(self, old: ir.Value, new: ir.Value) -> None:
         if not old.is_graph_output():
@@ -226,8 +236,8 @@ class Rewriter:
     def residual_input(self, site: Site) -> ir.Value:
         """x itself, rebuilt as input + skip (+ bias) for Skip* ops."""
         if not site.skip_inputs:
-            return site.x
-        inp, skip, bias = site.skip_inputs
+            return self.current(site.x)
+        inp, skip, bias = (self.current(v) for v in site.skip_inputs)
         x = self.edit.op1("Add", inp, skip, hint="residual")
         if bias is not None:
             x = self.edit.op1("Add", x, bias, hint="residual")
@@ -270,7 +280,7 @@ class Rewriter:
         n = site.size
         if n is None or site.kind not in ("rms", "layer") or (site.kind == "layer" and self.edit.opset < 17):
             return False
-        x = self.narrow_source(site.x, dtype_of(site.output))
+        x = self.narrow_source(self.current(site.x), dtype_of(site.output))
         dtype = dtype_of(x)
         if dtype not in (F32, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             return False
@@ -296,9 +306,10 @@ class Rewriter:
         with --approx cancels in it."""
         if site.kind not in ("rms", "layer") or site.skip_inputs or site.x is None:
             return
-        readers = [node for node in site.nodes if site.x in node.inputs]
+        x = self.current(site.x)
+        readers = [node for node in site.nodes if x in node.inputs]
         if self.approx:
-            self.scales.cancel_in(site.x, readers)
+            self.scales.cancel_in(x, readers)
         else:
             self.scales.stop_at(readers)
 

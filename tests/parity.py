@@ -20,7 +20,7 @@ def rewrite_and_run(proto_or_path, tmp_path: Path, *, mode="defer", feeds=None, 
         onnx.save(proto_or_path, src)
     else:
         src = Path(proto_or_path)
-    dst = tmp_path / f"{name}_{options.get('target') or mode}.onnx"
+    dst = tmp_path / f"{name}_{options.get('strategy') or options.get('target') or mode}.onnx"
     report = rewrite_file(src, dst, mode=mode, **options)
     a, b = session(src, "cpu"), session(dst, "cpu")
     feeds = feeds if feeds is not None else random_feeds(a, src)

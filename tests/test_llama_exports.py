@@ -70,3 +70,32 @@ def test_target_ort_cuda_folds_and_fuses(exporter, opset, tmp_path):
     assert_exact(diffs, FP32_TOL)
     again, _, _ = rewrite_and_run(tmp_path / "model_ort-cuda.onnx", tmp_path, target="ort-cuda", name="again")
     assert again.rewritten == 0
+
+
+FUSED_BY_ORT = ("QuickGelu", "Gelu", "FastGelu", "FusedMatMul", "Attention", "MultiHeadAttention",
+                "GroupQueryAttention", "RotaryEmbedding", "BiasGelu", "SkipSimplifiedLayerNormalization",
+                "SimplifiedLayerNormalization")
+
+
+@pytest.mark.parametrize("strategy", ["defer", "defer-normop", "fold-fused"])
+def test_onnxruntime_fusions_survive_the_rewrite(strategy, tmp_path):
+    """What ORT actually runs: the ORT-optimized (transformers optimizer) export, rewritten,
+    then optimized again by an ORT session (level all): every fusion ORT made on the original
+    (QuickGelu for SiLU, FusedMatMul, ...) is still made on the rewritten graph; only the
+    deferred norms go away (their 1/RMS is a reduction or one inverse-std norm kernel)."""
+    from rewriter.verify import ort_kernels
+    src = exported("llama", "dynamo", 18, ort_opt=True)
+    report, diffs, _ = rewrite_and_run(src, tmp_path, strategy=strategy)
+    assert report.rewritten == 5
+    assert_exact(diffs, FP32_TOL)
+    before = ort_kernels(src, "cpu")
+    after = ort_kernels(tmp_path / f"model_{strategy}.onnx", "cpu")
+    assert before.get("QuickGelu") == 2, before          # the SiLU of both layers
+    deferred = strategy.startswith("defer")
+    for kind in FUSED_BY_ORT:
+        expected = before.get(kind, 0)
+        if deferred and kind == "SkipSimplifiedLayerNormalization":
+            expected = 0                                 # residual sums are plain Adds again
+        if deferred and kind == "SimplifiedLayerNormalization":
+            expected = 0 if strategy == "defer" else 5   # defer-normop: one 1/RMS kernel per site
+        assert after.get(kind, 0) == expected, (kind, before, after)

@@ -82,8 +82,9 @@ def block(kind: str):
 
 
 EXPECTED = {
-    # SiLU = g·σ(g): σ needs s on its input; g's own s and up's s ride the product and down
-    "swiglu": [("MatMul", "Sigmoid"), ("MatMul", "output")],
+    # SiLU = g·σ(g): σ needs s on its input, applied once at g for both of g's readers (the
+    # x·σ(x) pattern ORT fuses into QuickGelu stays intact); up's s rides the product and down
+    "swiglu": [("MatMul", "Sigmoid,Mul"), ("MatMul", "output")],
     # ReLU is positively homogeneous: both scalars merge into s² after down
     "reglu": [("MatMul", "output")],
     "relu-ffn": [("MatMul", "output")],
