@@ -34,6 +34,7 @@ FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataT
 UNARY_HOMOGENEOUS = ("Identity", "Neg", "Relu", "LeakyRelu", "Abs", "Dropout")
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
 NONLINEAR_GATES = ("Sigmoid", "Tanh", "Erf", "HardSigmoid", "Softplus")
+GATE_PATH = ("Mul", "Div", "Add", "Pow", "Cast", "Identity")   # the arithmetic around a gate
 
 
 @dataclass(frozen=True)
@@ -98,25 +99,32 @@ class ScaleWalker:
         rank = rank_of(value)
         self.states[value] = Scaled(scale, 1.0, None if rank is None else tuple(range(rank - 1)))
 
-    def protect_activations(self) -> None:
-        """x·f(x) activations (SiLU = x·σ(x), GELU = x·½(1+erf(x/√2))): a scale arriving at x
-        is applied once, at x, for every reader — not inside f only — so the pattern
-        onnxruntime fuses (QuickGelu, Gelu) stays intact. Same number of Muls on big tensors."""
-        for gate in self.graph:
-            if not op(gate, *NONLINEAR_GATES, domain="") or not gate.inputs:
-                continue
-            chain, value = {gate}, gate.inputs[0]
-            for _ in range(4):      # back through constant scalings (x/√2, 1.702·x) to x
+    def protect_activations(self, depth: int = 6) -> None:
+        """x·f(x) activations (SiLU = x·σ(x), GELU = x·½(1+erf(x/√2)) or its tanh form): a
+        scale arriving at x is applied once, at x, for all of x's readers — not somewhere
+        inside f — so the pattern onnxruntime fuses (QuickGelu, Gelu, FastGelu) stays intact.
+        Same number of Muls on big tensors. x: a value with several readers, one of which
+        reaches a nonlinear gate within `depth` ops."""
+        for node in self.graph:
+            for value in node.outputs:
                 readers = users(value)
-                if any(node not in chain for node, _ in readers):
-                    self.stop_edges.update((node, value) for node, _ in readers)
-                    break
-                node = value.producer()
-                if not (op(node, "Mul", "Div", domain="") and is_const(node.inputs[1])) and \
-                        not op(node, "Cast", "Identity", domain=""):
-                    break
-                chain.add(node)
-                value = node.inputs[0]
+                if len(readers) > 1 and self._reaches_gate(value, depth):
+                    self.stop_edges.update((reader, value) for reader, _ in readers)
+
+    @staticmethod
+    def _reaches_gate(value: ir.Value, depth: int) -> bool:
+        frontier, seen = [value], set()
+        for _ in range(depth):
+            nxt = []
+            for v in frontier:
+                for reader, _ in users(v):
+                    if op(reader, *NONLINEAR_GATES, domain=""):
+                        return True
+                    if reader not in seen and op(reader, *GATE_PATH, domain=""):
+                        seen.add(reader)
+                        nxt.extend(reader.outputs)
+            frontier = nxt
+        return False
 
     # -- propagation ----------------------------------------------------------------------
     def run(self) -> None:

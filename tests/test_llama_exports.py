@@ -99,3 +99,17 @@ def test_onnxruntime_fusions_survive_the_rewrite(strategy, tmp_path):
         if deferred and kind == "SimplifiedLayerNormalization":
             expected = 0 if strategy == "defer" else 5   # defer-normop: one 1/RMS kernel per site
         assert after.get(kind, 0) == expected, (kind, before, after)
+
+
+@pytest.mark.parametrize("ort_opt", [False, True], ids=["raw", "ortopt"])
+def test_gelu_fusion_survives_a_deferred_layernorm(ort_opt, tmp_path):
+    """GPT-2's tanh GELU reads the deferred c_fc output x in x·½(1+tanh(…(x+0.044715x³))):
+    the scale is applied once at x, so onnxruntime still fuses FastGelu after the rewrite."""
+    from rewriter.verify import ort_kernels
+    src = exported("gpt2", "dynamo", 18, ort_opt=ort_opt)
+    report, diffs, _ = rewrite_and_run(src, tmp_path, strategy="defer")
+    assert report.rewritten == 5
+    assert_exact(diffs, FP32_TOL)
+    before, after = ort_kernels(src, "cpu"), ort_kernels(tmp_path / "model_defer.onnx", "cpu")
+    assert before.get("FastGelu") == after.get("FastGelu") == 2, (before, after)
+    assert after.get("FusedMatMul") == before.get("FusedMatMul")
