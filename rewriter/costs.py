@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from patterns import Site
 from rewriter.irtools import dtype_of, op, through_casts
 
@@ -65,7 +67,12 @@ def site_shape(site: Site) -> SiteShape | None:
     return SiteShape(kind=site.kind, form="decomposed" if site.form == "decomposed" else "fused",
                      residual=bool(residual), d=int(site.size),
                      outs=tuple(sorted(int(linear.weight_shape[1]) for linear in site.linears)),
-                     dtype=dtype.name.lower() if dtype is not None else "float32")
+                     dtype=dtype_name(dtype))
+
+
+def dtype_name(dtype) -> str:
+    """numpy's name for an onnx_ir dtype (float32, float16, bfloat16); float32 when unknown."""
+    return "float32" if dtype is None else np.dtype(dtype.numpy()).name
 
 
 class CostTable:

@@ -382,6 +382,31 @@ def test_calibrate_probe_builds_and_every_candidate_rewrites(tmp_path):
         assert_exact(diffs, FP32_TOL)
 
 
+def test_calibrate_takes_the_shapes_of_a_models_sites(tmp_path):
+    """`calibrate MODEL`: one probe per distinct site shape, keyed so the chooser finds each
+    site's own probe at distance 0, with the kernels ORT ran for every strategy."""
+    import patterns
+    from rewriter import io
+    from rewriter.api import infer_shapes
+    from rewriter.bench import Settings
+    from rewriter.costs import site_shape
+    src = tmp_path / "m.onnx"
+    onnx.save(llama_like_block(), src)
+    shapes = calib.model_shapes(src)
+    model, _ = io.load(src)
+    infer_shapes(model)
+    sites, _ = patterns.find_sites(model.graph)
+    assert set(shapes) == {site_shape(s) for s in sites} and len(shapes) <= len(sites)
+    table = calib.calibrate(shapes, provider="cpu", tokens=(1,), layers=2, log=lambda m: None,
+                            settings=Settings(warmup=1, min_rounds=2, max_rounds=2, budget_s=0.05, threads=1))
+    assert len(table.probes) == len(shapes)
+    for shape, probe in zip(shapes, table.probes):
+        assert table.nearest("cpu", shape) == (probe, 0.0)
+        assert set(probe["tokens"]["1"]) == set(calib.candidates_for(shape)) and not probe["failed"]
+        assert set(probe["kernels"]) == set(calib.candidates_for(shape))
+        assert probe["kernels"]["keep"].get("MatMul", 0) >= 2 * len(shape.outs)
+
+
 @pytest.fixture
 def small_model(tmp_path):
     src = tmp_path / "m.onnx"
