@@ -142,9 +142,9 @@ def _dtype(value, _depth: int = 0):
 
 
 def _replace_value(graph, old, new) -> None:
-    """Every use of `old` (graph outputs included, keeping their names) now reads `new`."""
+    """Every use of `old` (graph outputs included, keeping their names: through an Identity,
+    as `new` may be a graph input or output itself) now reads `new`."""
     import onnx_ir as ir
-    ir.convenience.replace_all_uses_with(old, new)
     for i, out in enumerate(list(graph.outputs)):
         if out is old:
             name = old.name
@@ -155,6 +155,7 @@ def _replace_value(graph, old, new) -> None:
             node.outputs[0].shape = old.shape
             graph.append(node)
             graph.outputs[i] = node.outputs[0]
+    ir.convenience.replace_all_uses_with(old, new)      # raises while `old` is a graph output
 
 
 def _as_dtype(editor, value, dtype):
@@ -252,50 +253,45 @@ def norm_free_ir(model) -> dict:
 
 def hand_fuse_ir(model) -> dict:
     """Replace each decomposed RMSNorm/LayerNorm (as found by the matcher, linear consumers or
-    not) by ORT's fused op: SkipSimplifiedLayerNormalization / SkipLayerNormalization when its
-    input is a residual Add (the Add's sum comes from the op's output 3), else
-    SimplifiedLayerNormalization / LayerNormalization (fp32 statistics). In place.
-    Returns {"fused": {op: n}, "kept": [[name, reason], ...]}."""
-    import onnx_ir as ir
+    not) by ORT's fused op with its own γ/β, through the rewriter's `fuse_norm`: Skip* when its
+    input is a residual Add (SkipLayerNormalization too, and Adds of unknown shape count: the
+    graph is not shape-inferred), else SimplifiedLayerNormalization / LayerNormalization.
+    In place. Returns {"fused": {op: n}, "kept": [[name, reason], ...]}."""
     import patterns
     from patterns.rmsnorm import match_inverse_rms
-    from rewriter.irtools import GraphEditor, const_scalar, is_const
+    from rewriter.irtools import const_array, last_dim, users
+    from rewriter.transform import Rewriter
 
     graph = model.graph
-    editor = GraphEditor(graph, prefix="bench_fuse")
+    rw = Rewriter(model)
+    rw.edit.prefix = "bench_fuse"                            # names of what it adds
     sites, misses = patterns.find_sites(graph)
     fused: dict[str, int] = {}
     kept: list = []
-    skip_of_add: dict = {}
-    items = [(s.anchor, s) for s in sites] + [(m.anchor, m) for m in misses]
-    for anchor, found in items:
-        if _fused_spec(anchor) is not None:
+    for found in [*sites, *misses]:
+        if _fused_spec(found.anchor) is not None:
             continue                                           # already a fused op
         kind = found.kind
         if hasattr(found, "output") and found.x is not None:
             x, out, eps, gain, beta = found.x, found.output, found.eps, found.gain, found.beta
         else:
-            m = match_inverse_rms(anchor) if anchor.op_type == "ReduceMean" else None
+            m = match_inverse_rms(found.anchor) if found.anchor.op_type == "ReduceMean" else None
             if not isinstance(m, tuple) or kind != "rms":
                 kept.append([found.name, getattr(found, "reason", "")])
                 continue
             x, eps = m[0], m[1]
             out, gain, beta = _trailing_output(m[2]), None, None
             # a Miss: recover the gain from the trailing Mul when it is a constant
-            from rewriter.irtools import const_array
             v = m[2]
-            from rewriter.irtools import users
             while v is not out:
                 node = users(v)[0][0]
                 if node.op_type == "Mul":
-                    other = node.inputs[1] if node.inputs[0] is v else node.inputs[0]
-                    gain = const_array(other)
+                    gain = const_array(node.inputs[1] if node.inputs[0] is v else node.inputs[0])
                 elif node.op_type == "Add":
-                    kept.append([found.name, "bias after a Miss norm"])
-                    gain = "bail"
                     break
                 v = node.outputs[0]
-            if isinstance(gain, str):
+            if v is not out:
+                kept.append([found.name, "bias after a Miss norm"])
                 continue
         if kind not in ("rms", "layer"):
             kept.append([found.name, f"kind {kind}"])
@@ -305,52 +301,23 @@ def hand_fuse_ir(model) -> dict:
             kept.append([found.name, "unknown output dtype"])
             continue
         np_dtype = out_dtype.numpy()
-        xin = _as_dtype(editor, x, out_dtype)
-        size = None if gain is None else int(np.asarray(gain).size)
-        if size is None or size == 1:
-            from rewriter.irtools import last_dim
+        xin = _as_dtype(rw.edit, rw.current(x), out_dtype)
+        if gain is None or np.asarray(gain).size == 1:
             n = last_dim(out) or last_dim(xin)
             if n is None:
                 kept.append([found.name, "unknown hidden size"])
                 continue
             gain = np.full(n, 1.0 if gain is None else float(np.asarray(gain).reshape(-1)[0]))
-        gain_v = editor.initializer(np.asarray(gain, np.float64).reshape(-1).astype(np_dtype), "gain")
+        gain = np.asarray(gain, np.float64).reshape(-1)
+        gain_v = rw.edit.initializer(gain.astype(np_dtype), "gain")
         beta_v = None
         if kind == "layer":
-            b = np.zeros(gain_v.const_value.shape[0]) if beta is None else np.asarray(beta).reshape(-1)
-            beta_v = editor.initializer(b.astype(np.float64).astype(np_dtype), "beta")
-        add = xin.producer()
-        is_residual = (add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx")
-                       and not any(is_const(i) for i in add.inputs)
-                       and (const_scalar(add.inputs[1]) is None)
-                       and all(_dtype(i) == out_dtype for i in add.inputs)
-                       and all((i.shape is None or len(i.shape) == 3) for i in add.inputs)
-                       and (add.inputs[0].shape is None or add.inputs[1].shape is None
-                            or add.inputs[0].shape == add.inputs[1].shape)
-                       and id(add) not in skip_of_add)
-        if is_residual:
-            op_type = "SkipSimplifiedLayerNormalization" if kind == "rms" else "SkipLayerNormalization"
-            inputs = [add.inputs[0], add.inputs[1], gain_v] + ([beta_v] if beta_v is not None else [])
-            node = editor.node(op_type, inputs, {"epsilon": float(eps)}, domain="com.microsoft",
-                               num_outputs=4, hint=op_type)
-            for i, o in enumerate(node.outputs):
-                o.dtype = out_dtype if i in (0, 3) else ir.DataType.FLOAT     # 1, 2: statistics
-            node.outputs[0].shape = out.shape
-            node.outputs[3].shape = add.outputs[0].shape
-            skip_of_add[id(add)] = node
-            _replace_value(graph, add.outputs[0], node.outputs[3])
-        else:
-            op_type = "SimplifiedLayerNormalization" if kind == "rms" else "LayerNormalization"
-            inputs = [xin, gain_v] + ([beta_v] if beta_v is not None else [])
-            node = editor.node(op_type, inputs, {"epsilon": float(eps), "axis": -1, "stash_type": 1},
-                               hint=op_type)
-            node.outputs[0].dtype = out_dtype
-            node.outputs[0].shape = out.shape
-        _replace_value(graph, out, node.outputs[0])
+            b = np.zeros(gain.size) if beta is None else np.asarray(beta, np.float64).reshape(-1)
+            beta_v = rw.edit.initializer(b.astype(np_dtype), "beta")
+        op_type = rw.fuse_norm(xin, out, kind, eps, gain_v, beta_v, skip_layernorm=True,
+                               trust_unknown_shapes=True)
         fused[op_type] = fused.get(op_type, 0) + 1
-    if any(op.startswith("Skip") for op in fused):
-        graph.opset_imports.setdefault("com.microsoft", 1)
-    if fused.get("LayerNormalization") and graph.opset_imports.get("", 1) < 17:
+    if fused.get("LayerNormalization") and rw.edit.opset < 17:
         kept.append(["*", "LayerNormalization needs opset 17"])
     from onnx_ir.passes.common import RemoveUnusedNodesPass
     RemoveUnusedNodesPass()(model)

@@ -12,7 +12,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from patterns import Linear, Site
 from patterns.linear import weight_dtype
-from rewriter.irtools import GraphEditor, attr, const_array, const_tensor, dtype_of, op, set_dtype, users
+from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, is_const, op,
+                              set_dtype, users)
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight
@@ -22,9 +23,12 @@ WIDENING = {(ir.DataType.FLOAT16, F32), (ir.DataType.BFLOAT16, F32), (F32, ir.Da
             (ir.DataType.FLOAT16, ir.DataType.DOUBLE), (ir.DataType.BFLOAT16, ir.DataType.DOUBLE)}
 
 
-def _residual_pair(a: ir.Value, b: ir.Value) -> bool:
+def _residual_pair(a: ir.Value, b: ir.Value, trust_unknown_shapes: bool = False) -> bool:
     """Two activations (not constants) of the same rank and hidden size: a residual Add.
-    Leading dims are not compared (exporters name the same symbolic dim differently)."""
+    Leading dims are not compared (exporters name the same symbolic dim differently).
+    `trust_unknown_shapes`: two non-constant values count when a shape is not known."""
+    if trust_unknown_shapes and (a.shape is None or b.shape is None):
+        return not is_const(a) and not is_const(b)
     if a.shape is None or b.shape is None or len(a.shape) != len(b.shape) or len(a.shape) < 2:
         return False
     if const_tensor(a) is not None or const_tensor(b) is not None:
@@ -274,9 +278,8 @@ class Rewriter:
             site.anchor.replace_input_with(site.beta_input, None)
 
     def fuse(self, site: Site) -> bool:
-        """Replace a decomposed weightless norm by onnxruntime's fused kernel:
-        SkipSimplifiedLayerNormalization when its input is a residual Add (the sum stays
-        available as output 3), else SimplifiedLayerNormalization / LayerNormalization."""
+        """Replace a decomposed weightless norm by onnxruntime's fused kernel with a unit gain
+        (`fuse_norm`; never SkipLayerNormalization, LayerNormalization only from opset 17)."""
         n = site.size
         if n is None or site.kind not in ("rms", "layer") or (site.kind == "layer" and self.edit.opset < 17):
             return False
@@ -284,22 +287,35 @@ class Rewriter:
         dtype = dtype_of(x)
         if dtype not in (F32, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             return False
-        ones = self.ones((n,), dtype)
-        add = x.producer()
-        if site.kind == "rms" and op(add, "Add", domain="") and _residual_pair(add.inputs[0], add.inputs[1]):
-            fused = self.edit.node("SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], ones],
-                                   {"epsilon": site.eps}, domain="com.microsoft", num_outputs=4,
-                                   hint="SkipRMSNorm")
-            self.redirect(x, fused.outputs[3])
-        elif site.kind == "rms":
-            fused = self.edit.node("SimplifiedLayerNormalization", [x, ones],
-                                   {"epsilon": site.eps, "axis": -1, "stash_type": 1}, hint="RMSNorm")
-        else:
-            fused = self.edit.node("LayerNormalization", [x, ones],
-                                   {"epsilon": site.eps, "axis": -1}, hint="LayerNorm")
-        set_dtype(fused.outputs[0], dtype)
-        self.redirect(site.output, self.edit.cast(fused.outputs[0], dtype_of(site.output)))
+        self.fuse_norm(x, site.output, site.kind, site.eps, self.ones((n,), dtype))
         return True
+
+    def fuse_norm(self, x: ir.Value, output: ir.Value, kind: str, eps: float, gain: ir.Value,
+                  beta: ir.Value | None = None, *, skip_layernorm: bool = False,
+                  trust_unknown_shapes: bool = False) -> str:
+        """Replace the norm x → `output` ("rms" or "layer"; x already in output's dtype) by
+        onnxruntime's fused op weighted by `gain` (and `beta`). When a residual Add makes x:
+        SkipSimplifiedLayerNormalization (SkipLayerNormalization only with `skip_layernorm`)
+        on the Add's operands, its output 3 replacing the sum; else SimplifiedLayerNormalization
+        / LayerNormalization (fp32 statistics). `trust_unknown_shapes`: see _residual_pair.
+        Returns the op type emitted."""
+        add = x.producer()
+        weights = [gain] if beta is None else [gain, beta]
+        if (kind == "rms" or skip_layernorm) and op(add, "Add", domain="") \
+                and _residual_pair(add.inputs[0], add.inputs[1], trust_unknown_shapes):
+            op_type = "SkipSimplifiedLayerNormalization" if kind == "rms" else "SkipLayerNormalization"
+            fused = self.edit.node(op_type, [add.inputs[0], add.inputs[1], *weights], {"epsilon": float(eps)},
+                                   domain="com.microsoft", num_outputs=4, hint=op_type)
+            for stat in fused.outputs[1:3]:
+                set_dtype(stat, F32)
+            self.redirect(x, fused.outputs[3])
+        else:
+            op_type = "SimplifiedLayerNormalization" if kind == "rms" else "LayerNormalization"
+            fused = self.edit.node(op_type, [x, *weights], {"epsilon": float(eps), "axis": -1, "stash_type": 1},
+                                   hint=op_type)
+        set_dtype(fused.outputs[0], dtype_of(x))
+        self.redirect(output, fused.outputs[0])
+        return op_type
 
     def meet_untouched_norm(self, site: Site) -> None:
         """A scale reaching this (not rewritten) norm's input is applied once before it, or

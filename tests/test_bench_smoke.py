@@ -87,3 +87,57 @@ def test_zero_loss_tiny_random_llama(tmp_path):
         assert rows[key]["top1_agreement"] == 1.0
         assert rows[key]["generation_identical_to_same_dtype_original"]
     assert "vs_same_dtype_original" in rows["fp16/defer"]
+
+
+def test_hand_fused_layernorm_keeps_gain_rewriter_unit_gain(tmp_path):
+    """bench.hand_fuse_ir and the rewriter's fold-fused emit through Rewriter.fuse_norm: the
+    baseline keeps γ/β and fuses the residual Add (SkipLayerNormalization, even without
+    inferred shapes), the rewriter a weightless LayerNormalization. The residual sum is also
+    a graph output: Skip*'s output 3 takes its place."""
+    import onnx
+
+    from builders import GraphBuilder
+    from rewriter.api import rewrite_file
+    from rewriter.bench import make_hand_fused, op_counts
+    from rewriter.verify import compare, make_inputs, run
+
+    g = GraphBuilder()
+    h = g.op("Add", [g.input("x", ["B", "S", 16]), g.input("r", ["B", "S", 16])])
+    h2 = g.op("Add", [h, g.op("MatMul", [g.layernorm(h, gain=g.gain(16), beta=g.gain(16) - 1), g.weight(16, 16)])])
+    g.output(h)
+    g.output(g.op("MatMul", [g.layernorm(h2, gain=g.gain(16), beta=g.gain(16) - 1), g.weight(16, 8)]))
+    src, hf, rw = tmp_path / "ln.onnx", tmp_path / "hf.onnx", tmp_path / "rw.onnx"
+    onnx.save(g.model(), src)
+
+    assert make_hand_fused(src, hf) == {"fused": {"SkipLayerNormalization": 2}, "kept": []}
+    rewrite_file(src, rw, strategy="fold-fused")
+    norms = {"LayerNormalization", "SkipLayerNormalization", "ReduceMean"}
+    assert {k: v for k, v in op_counts(hf).items() if k in norms} == {"SkipLayerNormalization": 2}
+    assert {k: v for k, v in op_counts(rw).items() if k in norms} == {"LayerNormalization": 2}
+    feeds = make_inputs(src, seq=8)
+    ref = run(src, feeds, "cpu")
+    assert all(d.ok for d in compare(ref, run(hf, feeds, "cpu"), tolerance=1e-5))
+    assert all(d.ok for d in compare(ref, run(rw, feeds, "cpu"), tolerance=1e-5))
+
+
+def test_norm_free_keeps_a_norm_output_that_is_a_graph_output(tmp_path):
+    """BERT's last_hidden_state is a LayerNormalization output: norm-free returns its input
+    under the same name."""
+    import onnx
+
+    from builders import GraphBuilder
+    from rewriter.bench import make_norm_free
+    from rewriter.verify import make_inputs, run
+
+    g = GraphBuilder(opset=17)
+    x = g.op("Add", [g.input("x", ["B", "S", 16]), g.input("r", ["B", "S", 16])])
+    g.op("LayerNormalization", [x, g.const(g.gain(16), "gamma"), g.const(g.gain(16) - 1, "beta")], axis=-1)
+    g.nodes[-1].output[0] = "last_hidden_state"
+    g.output("last_hidden_state")
+    g.output(g.op("MatMul", ["last_hidden_state", g.weight(16, 8)]))
+    src, nf = tmp_path / "ln.onnx", tmp_path / "nf.onnx"
+    onnx.save(g.model(), src)
+    assert make_norm_free(src, nf) == {"removed": 1, "kept": []}
+    feeds = make_inputs(src, seq=4)
+    out = run(nf, feeds, "cpu")
+    np.testing.assert_array_equal(out["last_hidden_state"], feeds["x"] + feeds["r"])
