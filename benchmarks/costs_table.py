@@ -26,7 +26,7 @@ def table(costs: CostTable, reference: str | None = None) -> str:
     rows = ["| probe | tokens | " + " | ".join(STRATEGIES) + " | pick |",
             "|---|---|" + "---|" * len(STRATEGIES) + "---|"]
     for p in costs.probes:
-        shape = SiteShape(p["kind"], p["form"], bool(p["residual"]), p["d"], tuple(p["outs"]), p["dtype"])
+        shape = SiteShape.of_probe(p)
         ref = reference or REFERENCE.get(p["ep"], "defer")
         single = CostTable([p])
         pick, _ = choose(single, p["ep"], shape, list(STRATEGIES), ref)

@@ -171,7 +171,6 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 def cmd_calibrate(args) -> int:
     from rewriter import bench
     from rewriter.calibrate import calibrate, model_shapes, parse_shapes
-    from rewriter.costs import CostTable
     if bool(args.model) == bool(args.shapes):
         raise UsageError("give a MODEL or --shapes (one of the two)")
     shapes = model_shapes(args.model) if args.model else parse_shapes(

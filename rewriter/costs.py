@@ -50,6 +50,11 @@ class SiteShape:
     outs: tuple[int, ...]     # output widths of the linears reading the norm
     dtype: str                # float32 | float16 | bfloat16
 
+    @classmethod
+    def of_probe(cls, probe: dict) -> "SiteShape":
+        return cls(probe["kind"], probe["form"], bool(probe["residual"]), probe["d"], tuple(probe["outs"]),
+                   probe["dtype"])
+
     def label(self) -> str:
         return f"{self.kind}/{self.form}{'+res' if self.residual else ''} {self.d}→{'+'.join(map(str, self.outs))} {self.dtype}"
 
@@ -184,6 +189,7 @@ def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, refer
     measured = sorted(probe["tokens"], key=int)
     if tokens:      # the nearest measured token count to each requested one
         measured = sorted({min(measured, key=lambda t: abs(math.log(int(t) / max(n, 1)))) for n in tokens}, key=int)
+
     def ms(t, c):
         return float(_cell(probe, t, c, shape.form)["ms"])
 
@@ -193,7 +199,7 @@ def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, refer
     usable = [c for c in candidates if all(_cell(probe, t, c, shape.form) is not None for t in measured)]
     ref = reference if reference in usable else None
     if ref is None:
-        return reference, f"{reference} not measured in probe {_label(probe)}: kept as the reference"
+        return reference, f"{reference} not measured in probe {SiteShape.of_probe(probe).label()}: kept as the reference"
     best, best_gain = ref, 1.0
     for c in usable:
         ratios = [ms(t, ref) / ms(t, c) for t in measured]
@@ -204,12 +210,7 @@ def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, refer
     cells = "; ".join(f"t{t}: " + " ".join(f"{c} {ms(t, c):.3g}" for c in usable) for t in measured)
     verdict = (f"{best} {best_gain:.2f}× {ref} (p90 vs median)" if best != ref
                else f"none beats {ref} by >{noise:.0%} beyond its spread at every size")
-    return best, f"{ep} {_label(probe)} ms/site {cells}; {verdict}"
-
-
-def _label(probe: dict) -> str:
-    return (f"{probe['kind']}/{probe['form']}{'+res' if probe['residual'] else ''} "
-            f"{probe['d']}→{'+'.join(map(str, probe['outs']))} {probe['dtype']}")
+    return best, f"{ep} {SiteShape.of_probe(probe).label()} ms/site {cells}; {verdict}"
 
 
 __all__ = ["CostTable", "FORMAT", "SiteShape", "choose", "site_shape"]

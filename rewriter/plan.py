@@ -77,9 +77,6 @@ class Options:
             return "fold-fused" if self.fuse_norms else "fold"
         return "defer"
 
-    @property
-    def fold_like(self) -> bool:
-        return self.default_strategy not in DEFERRING
 
 
 @dataclass

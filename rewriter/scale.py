@@ -12,6 +12,8 @@ the first op that does not — as late as the algebra allows:
                            Add/Sub of two tensors with the same s and degree
     stops                  everything else: Add of an unscaled tensor or a bias, SiLU/GELU's
                            Sigmoid/Tanh/Erf, Softmax, MatMul of two activations, norms, outputs
+    applied at x           x·f(x) activations (SiLU, GELU): the scale is applied once where x
+                           branches, so the pattern onnxruntime fuses (QuickGelu, FastGelu) stays
 
 RoPE's rotate-half (Slice, Neg, Concat, Mul by cos/sin, Add) and the GLU product are not
 special cases: they are these rules meeting the ops they are made of. A fused RotaryEmbedding
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, is_const, op, rank_of,
+from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, op, rank_of,
                               set_dtype, users)
 
 FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,

@@ -21,7 +21,6 @@ import pytest
 
 from parity import FP32_TOL, assert_exact, op_types, rewrite_and_run
 from rewriter import calibrate as calib
-from rewriter import rewrite_file
 from rewriter.costs import FORMAT, NOISE, CostTable, SiteShape, choose
 from rewriter.plan import STRATEGIES, TARGETS
 from rewriter.verify import compare, make_inputs, run
