@@ -42,7 +42,7 @@ SUBCOMMANDS = ("verify", "bench", "calibrate", "demo")
 
 def _rewrite_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rewriter", description="FlashNorm rewrite of an ONNX model "
-                                "(subcommands: verify, bench, demo — see --help of each)")
+                                "(subcommands: verify, bench, calibrate, demo — see --help of each)")
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
     p.add_argument("--mode", choices=("defer", "fold"), default="defer",
