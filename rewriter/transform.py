@@ -337,11 +337,10 @@ class Rewriter:
 
     def finish(self) -> None:
         self.scales.run()
-        self.graph.sort()
+        self.graph.sort()           # removing nodes keeps the order: one sort suffices
         # to a fixed point: the walker may have put Muls in front of replaced (dead) norms
         while RemoveUnusedNodesPass()(self.model).modified:
             pass
-        self.graph.sort()
 
 
 def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True,
