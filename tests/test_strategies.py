@@ -24,6 +24,7 @@ from rewriter import rewrite_file
 from rewriter.plan import DEFERRING, STRATEGIES
 from rewriter.verify import TOLERANCE, compare, run
 from test_api_cli import llama_like_block
+from test_fused_forms import fused      # one fused norm op feeding two linears
 
 N, K = 16, 12
 FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
@@ -51,25 +52,6 @@ def decomposed_layernorm():
     y = g.layernorm(x, gain=g.gain(N), beta=(0.3 * g.rng.standard_normal(N)).astype(np.float32))
     for _ in range(2):
         g.output(g.op("MatMul", [y, g.weight(N, K)]))
-    return g.model()
-
-
-def fused(op_type, *, opset=18, domain="", with_beta=False, residual_used=False):
-    g = GraphBuilder(opset)
-    x = g.input("x", [None, None, N])
-    inputs, n_out = [x], 1
-    if op_type.startswith("Skip"):
-        inputs.append(g.input("skip", [None, None, N]))
-        n_out = 4
-    inputs.append(g.const(g.gain(N), "gain"))
-    if with_beta:
-        inputs.append(g.const((0.2 * g.rng.standard_normal(N)).astype(np.float32), "beta"))
-    outs = g.op(op_type, inputs, n_out=n_out, domain=domain, epsilon=1e-5)
-    y = outs[0] if n_out > 1 else outs
-    for _ in range(2):
-        g.output(g.op("MatMul", [y, g.weight(N, K)]))
-    if residual_used:
-        g.output(g.op("Add", [outs[3], outs[3]]))
     return g.model()
 
 
