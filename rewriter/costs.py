@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from patterns import Site
-from rewriter.irtools import dtype_of, op, through_casts
+from rewriter.irtools import dtype_of, residual_add, through_casts
 
 FORMAT = "flashnorm-costs/1"
 DATA = Path(__file__).resolve().parent / "data"
@@ -63,11 +63,7 @@ def site_shape(site: Site) -> SiteShape | None:
     """The shape key of a matched site (None when its hidden size is unknown)."""
     if site.size is None:
         return None
-    residual = bool(site.skip_inputs)
-    if not residual and site.x is not None:
-        add = through_casts(site.x).producer()
-        residual = op(add, "Add", domain="") and all(
-            v is not None and v.const_value is None and not v.is_initializer() for v in add.inputs)
+    residual = bool(site.skip_inputs) or (site.x is not None and residual_add(through_casts(site.x).producer()))
     dtype = dtype_of(site.output)
     return SiteShape(kind=site.kind, form="decomposed" if site.form == "decomposed" else "fused",
                      residual=bool(residual), d=int(site.size),

@@ -94,6 +94,22 @@ def through_casts(value: ir.Value) -> ir.Value:
     return value
 
 
+def residual_add(node: ir.Node | None, trust_unknown_shapes: bool = False) -> bool:
+    """An Add of two activations (not constants) of the same rank and hidden size: a residual
+    sum. Leading dims are not compared (exporters name the same symbolic dim differently).
+    `trust_unknown_shapes`: two non-constant operands count when a shape is not known."""
+    if not op(node, "Add", domain="") or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    if a is None or b is None or is_const(a) or is_const(b):
+        return False
+    if a.shape is None or b.shape is None:
+        return trust_unknown_shapes
+    if len(a.shape) != len(b.shape) or len(a.shape) < 2:
+        return False
+    return isinstance(a.shape[-1], int) and a.shape[-1] == b.shape[-1]
+
+
 def same_source(a: ir.Value, b: ir.Value) -> bool:
     return a is b or through_casts(a) is through_casts(b)
 

@@ -12,8 +12,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from patterns import Linear, Site
 from patterns.linear import weight_dtype
-from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, is_const, op,
-                              set_dtype, users)
+from rewriter.irtools import GraphEditor, attr, const_array, dtype_of, op, residual_add, set_dtype, users
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight
@@ -21,19 +20,6 @@ from rewriter.weights import beta_through_weight, folded_weight
 F32 = ir.DataType.FLOAT
 WIDENING = {(ir.DataType.FLOAT16, F32), (ir.DataType.BFLOAT16, F32), (F32, ir.DataType.DOUBLE),
             (ir.DataType.FLOAT16, ir.DataType.DOUBLE), (ir.DataType.BFLOAT16, ir.DataType.DOUBLE)}
-
-
-def _residual_pair(a: ir.Value, b: ir.Value, trust_unknown_shapes: bool = False) -> bool:
-    """Two activations (not constants) of the same rank and hidden size: a residual Add.
-    Leading dims are not compared (exporters name the same symbolic dim differently).
-    `trust_unknown_shapes`: two non-constant values count when a shape is not known."""
-    if trust_unknown_shapes and (a.shape is None or b.shape is None):
-        return not is_const(a) and not is_const(b)
-    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape) or len(a.shape) < 2:
-        return False
-    if const_tensor(a) is not None or const_tensor(b) is not None:
-        return False
-    return isinstance(a.shape[-1], int) and a.shape[-1] == b.shape[-1]
 
 
 def _alpha(linear: Linear) -> float:
@@ -297,12 +283,11 @@ class Rewriter:
         onnxruntime's fused op weighted by `gain` (and `beta`). When a residual Add makes x:
         SkipSimplifiedLayerNormalization (SkipLayerNormalization only with `skip_layernorm`)
         on the Add's operands, its output 3 replacing the sum; else SimplifiedLayerNormalization
-        / LayerNormalization (fp32 statistics). `trust_unknown_shapes`: see _residual_pair.
+        / LayerNormalization (fp32 statistics). `trust_unknown_shapes`: see irtools.residual_add.
         Returns the op type emitted."""
         add = x.producer()
         weights = [gain] if beta is None else [gain, beta]
-        if (kind == "rms" or skip_layernorm) and op(add, "Add", domain="") \
-                and _residual_pair(add.inputs[0], add.inputs[1], trust_unknown_shapes):
+        if (kind == "rms" or skip_layernorm) and residual_add(add, trust_unknown_shapes):
             op_type = "SkipSimplifiedLayerNormalization" if kind == "rms" else "SkipLayerNormalization"
             fused = self.edit.node(op_type, [add.inputs[0], add.inputs[1], *weights], {"epsilon": float(eps)},
                                    domain="com.microsoft", num_outputs=4, hint=op_type)
