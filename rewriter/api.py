@@ -13,12 +13,15 @@ same kind (the argument is left unchanged).
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 import patterns
 from rewriter import io
-from rewriter.errors import NothingToRewrite
+from rewriter.errors import CannotRun, NothingToRewrite, RewriterError, VerificationFailed
 from rewriter.costs import CostTable, choose, site_shape
 from rewriter.plan import TARGETS, Options, applicable, make_plan
 from rewriter.report import Report
@@ -80,21 +83,81 @@ def rewrite(model, **options):
     return io.to_kind(loaded, kind), report
 
 
+def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance: float | None = None,
+                  provider: str | None = None, **shape) -> list:
+    """Run both models under onnxruntime on the same inputs and compare their outputs.
+    Returns the per-output diffs; raises VerificationFailed (with them) when any differs beyond
+    the tolerance, CannotRun when onnxruntime cannot load or run either model."""
+    from rewriter.verify import verify
+    try:
+        diffs = verify(original, rewritten, inputs=inputs, tolerance=tolerance, provider=provider, **shape)
+    except (RewriterError, KeyboardInterrupt):
+        raise
+    except Exception as exc:    # onnxruntime refuses a model, or the feeds: nothing was compared
+        raise CannotRun(f"could not run the models under onnxruntime: {io._first_line(exc)}") from exc
+    bad = [d for d in diffs if not d.ok]
+    if bad:
+        worst = max(bad, key=lambda d: math.inf if math.isnan(d.max_rel) else d.max_rel)
+        raise VerificationFailed(f"verification failed: {len(bad)} of {len(diffs)} output(s) differ, worst "
+                                 f"{worst.name!r} {worst.max_rel:.3e} relative (tolerance {worst.tolerance:.0e})",
+                                 diffs)
+    return diffs
+
+
+def failed_name(dst) -> Path:
+    """Where --keep-failed puts a model that failed verification: flash.onnx -> flash.failed.onnx."""
+    dst = Path(dst)
+    return dst.with_name(f"{dst.stem if dst.suffix else dst.name}.failed{dst.suffix or '.onnx'}")
+
+
+def _keep_failed(model: ir.Model, src, dst, exc: RewriterError) -> RewriterError:
+    """Write the refused model under its failed name (default external data name, so that no
+    file of a good output is touched); returns the error to raise, saying where it went."""
+    failed = failed_name(dst)
+    try:
+        io.save(model, failed, source=src, check=False)
+        note = f"the rewritten model was kept as {failed}"
+    except RewriterError as keep_exc:
+        note = f"could not keep the rewritten model ({keep_exc})"
+    kept = type(exc)(f"{exc}; {note}")
+    kept.diffs = getattr(exc, "diffs", [])
+    return kept
+
+
 def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None = None,
-                 require_norms: bool = True, progress=None, **options) -> Report:
+                 require_norms: bool = True, progress=None, verify=False, keep_failed: bool = False,
+                 also_writes: dict | None = None, **options) -> Report:
     """Rewrite the model at `src` into `dst` (atomic; `src` is never modified).
 
+    verify: True, or a callable(original, rewritten_path) that raises to refuse (check_outputs
+    with other settings, or printing): the rewritten model is checked in its temporary folder,
+    before anything is renamed into place, so a failure (VerificationFailed, CannotRun) writes
+    nothing — with keep_failed=True it is written as `failed_name(dst)` for inspection.
+    also_writes: {what: path} of files the caller writes afterwards (the report); they are
+    refused before anything is written if they are a file the input or the output uses.
     With approx=True the rewritten model is run against the original and the measured
     worst-case relative error is added to the report's notes."""
     opts = Options(**options)
+    io.check_target(Path(dst), "output")        # fail before a long rewrite, not after
     model, _ = io.load(src)
     report = rewrite_ir(model, opts)
     if require_norms and report.found == 0:
         raise NothingToRewrite(f"{src}: no normalization found (nothing to rewrite, nothing written)")
-    io.save(model, dst, external_data=external_data, overwrite=overwrite, source=src, progress=progress)
-    if opts.approx and report.rewritten:
-        from rewriter.verify import verify
-        worst = max(d.max_rel for d in verify(src, dst, provider="cpu"))
-        report.notes.append(f"--approx: measured worst-case error {worst:.3e} relative "
-                            "(max |Δ| / max |original| over outputs, random inputs, CPU)")
+    checker = check_outputs if verify is True else (verify or None)
+
+    def before_commit(tmp_model):
+        if checker is not None:
+            checker(src, tmp_model)
+        if opts.approx and report.rewritten:
+            from rewriter.verify import verify as measure
+            worst = max(d.max_rel for d in measure(src, tmp_model, provider="cpu"))
+            report.notes.append(f"--approx: measured worst-case error {worst:.3e} relative "
+                                "(max |Δ| / max |original| over outputs, random inputs, CPU)")
+    try:
+        io.save(model, dst, external_data=external_data, overwrite=overwrite, source=src, progress=progress,
+                before_commit=before_commit, also_writes=also_writes)
+    except (VerificationFailed, CannotRun) as exc:
+        if keep_failed:
+            raise _keep_failed(model, src, dst, exc) from exc
+        raise
     return report

@@ -43,6 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from rewriter.cli import ArgumentParser, positive_int
+from rewriter.errors import BadInput, UsageError
+
 METHOD = (
     "onnxruntime {ort} ({provider}), graph optimization level {opt}. Each variant is its own "
     "InferenceSession, all loaded together; inputs come from the model's signature "
@@ -1010,8 +1013,12 @@ def write_json(result: dict, path) -> None:
 # CLI
 # =============================================================================================
 
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in str(text).replace(" ", "").split(",") if t]
+def _ints(text: str, option: str = "--tokens", least: int = 1) -> list[int]:
+    """"1,128,512" -> [1, 128, 512] ("" -> []); UsageError naming `option` unless each is >= `least`."""
+    items = [t for t in str(text).replace(" ", "").split(",") if t]
+    if not all(t.isdigit() and int(t) >= least for t in items):
+        raise UsageError(f"{option} {text!r}: want integers >= {least} separated by commas")
+    return [int(t) for t in items]
 
 
 def add_timing_args(p: argparse.ArgumentParser) -> None:
@@ -1034,12 +1041,12 @@ def settings_from(args) -> Settings:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rewriter bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m rewriter bench", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("original")
     p.add_argument("rewritten", nargs="?", help="default: rewrite ORIGINAL on the fly (--mode)")
     p.add_argument("--tokens", default=DEFAULT_TOKENS, help=f"token counts (default {DEFAULT_TOKENS})")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--past", default="0", help="KV-cache lengths for graphs with past inputs (comma list)")
     p.add_argument("--mode", choices=("defer", "fold"), default="defer")
     p.add_argument("--baselines", action="store_true",
@@ -1059,12 +1066,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    tokens, past = _ints(args.tokens), _ints(args.past, "--past", least=0)
+    if not tokens or not past:
+        raise UsageError("--tokens and --past need at least one value each")
+    for path in (args.original, args.rewritten):
+        if path is not None and not Path(path).is_file():
+            raise BadInput(f"{path}: no such file")
     log = _quiet_log if args.quiet else log_to_stderr
     stacked = tuple(s for s in args.stacked.split(",") if s)
     if stacked and not args.baselines:
         args.baselines = True
-    result = run_bench(args.original, args.rewritten, tokens=_ints(args.tokens), batch=args.batch,
-                       past=_ints(args.past), provider=args.provider, settings=settings_from(args),
+    result = run_bench(args.original, args.rewritten, tokens=tokens, batch=args.batch,
+                       past=past, provider=args.provider, settings=settings_from(args),
                        mode=args.mode, baselines=args.baselines, stacked=stacked,
                        best_fused=args.best_fused, model_type=args.model_type,
                        fuse_opt_level=args.fuse_opt_level, workdir=args.workdir, log=log)

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from rewriter.costs import CostTable, SiteShape, site_shape
+from rewriter.errors import UsageError
 from rewriter.plan import STRATEGIES, applicable
 
 NUMPY = {"float32": np.float32, "float16": np.float16}
@@ -197,12 +198,21 @@ def calibrate(shapes: list[SiteShape], *, provider: str = "cpu", tokens=(1, 512)
 
 def parse_shapes(text: str, *, kind: str = "rms", form: str = "decomposed", residual: bool = True,
                  dtype: str = "float16") -> list[SiteShape]:
-    """"576x960,4096x4096x4096" → SiteShapes (d x n1 [x n2 ...])."""
+    """"576x960,4096x4096x4096" → SiteShapes (d x n1 [x n2 ...]); UsageError on anything else."""
     out = []
     for item in filter(None, (p.strip() for p in text.split(","))):
-        d, *outs = (int(v) for v in item.lower().split("x"))
+        d, *outs = _positive_sizes(item)
         out.append(SiteShape(kind, form, residual, d, tuple(sorted(outs or [d])), dtype))
+    if not out:
+        raise UsageError(f"--shapes {text!r}: give at least one DxN[xN2...] (e.g. 576x960)")
     return out
+
+
+def _positive_sizes(item: str) -> list[int]:
+    sizes = [v.strip() for v in item.lower().split("x")]
+    if not all(v.isdigit() and int(v) > 0 for v in sizes):
+        raise UsageError(f"--shapes {item!r}: want DxN[xN2...] with positive integers (e.g. 576x960)")
+    return [int(v) for v in sizes]
 
 
 __all__ = ["build_probe", "calibrate", "candidates_for", "model_shapes", "parse_shapes"]

@@ -8,18 +8,23 @@
 
 Exit codes (rewriter/errors.py):
     0  ok
-    1  verification failed (outputs differ, or the models could not be run)
-    2  usage (bad command line, bad --external-data name)
-    3  bad input: not ONNX, truncated, missing or short external data file
+    1  verification failed: outputs differ beyond the tolerance (with --verify nothing is written,
+       unless --keep-failed, which writes OUT's stem + .failed.onnx)
+    2  usage (bad command line, bad option value, bad --external-data name)
+    3  bad input: not ONNX, truncated, missing, short or unreadable external data file, bad cost file
     4  unsupported or invalid model: unknown opset or domain, dangling edge, cycle, a node or
        types/shapes that onnx.checker or strict shape inference reject
-    5  cannot write the output (or it would overwrite the input or its external data without
-       --overwrite); nothing is written
+    5  cannot write the output: it (or --report, or the external data) would replace the input
+       or its external data without --overwrite, a file another model references, or something
+       that is not a regular file (a device, FIFO, directory or symlink); nothing is written
     6  no normalization found (nothing written)
-    7  internal error: an exception nobody foresaw, i.e. a bug (rerun with --debug, report it)
+    7  internal error, i.e. a bug: an exception nobody foresaw, or a rewritten model that fails
+       its own checks (rerun with --debug, report it)
+    8  the models cannot be run: onnxruntime failed to load or run one (nothing was compared)
     130 interrupted (nothing written)
 Errors print one line on stderr ("error: ..."); --debug shows the traceback. The input is never
-modified; the output appears only once complete and checked (temporary folder + rename).
+modified; the output appears only once complete, checked and (--verify) verified (temporary
+folder + rename).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
+import os
 import signal
 import sys
 import threading
@@ -34,15 +41,43 @@ import traceback
 import warnings
 from pathlib import Path
 
-from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_VERIFY_FAILED,
-                             BadInput, OutputError, RewriterError, UsageError, VerificationFailed)
+from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, OutputError,
+                             RewriterError, UsageError, VerificationFailed)
 
 SUBCOMMANDS = ("verify", "bench", "calibrate", "demo")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UsageError: one `error: ...` line, exit 2, like
+    every other error (argparse itself prints the usage block and exits)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"want a positive integer, got {text!r}")
+    return value
+
+
+def tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"want a finite number >= 0, got {text!r}")
+    return value
+
+
 def _rewrite_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rewriter", description="FlashNorm rewrite of an ONNX model "
-                                "(subcommands: verify, bench, calibrate, demo — see --help of each)")
+    p = ArgumentParser(prog="python -m rewriter", description="FlashNorm rewrite of an ONNX model "
+                       "(subcommands: verify, bench, calibrate, demo — see --help of each)")
     p.add_argument("model", help="input .onnx (never modified)")
     p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
     p.add_argument("--mode", choices=("defer", "fold"), default="defer",
@@ -69,7 +104,11 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-clone", action="store_true",
                    help="skip sites whose weight is shared (tied lm_head) instead of cloning it")
     p.add_argument("--report", metavar="JSON", help="write the per-site report here")
-    p.add_argument("--verify", action="store_true", help="run both models and compare after writing")
+    p.add_argument("--verify", action="store_true",
+                   help="run both models and compare before the output is renamed into place: "
+                        "on a difference nothing is written (exit 1)")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="with --verify: write a model that fails it as OUT's stem + .failed.onnx")
     p.add_argument("--external-data", metavar="NAME",
                    help="write weights to this file (a name, beside the output); default: "
                         "OUTPUT.data when the input had external data or the model passes 2 GiB")
@@ -81,16 +120,16 @@ def _rewrite_parser() -> argparse.ArgumentParser:
 
 
 def _verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rewriter verify",
-                                description="compare two models' outputs under onnxruntime")
+    p = ArgumentParser(prog="python -m rewriter verify",
+                       description="compare two models' outputs under onnxruntime")
     p.add_argument("original")
     p.add_argument("rewritten")
     p.add_argument("--inputs", metavar="NPZ", help="inputs to use (default: made from the signature)")
-    p.add_argument("--tolerance", type=float, help="max relative error (default by dtype: fp32 1e-5, "
+    p.add_argument("--tolerance", type=tolerance, help="max relative error (default by dtype: fp32 1e-5, "
                    "fp16 1e-2, bf16 5e-2)")
     p.add_argument("--provider", choices=("cuda", "cpu"), help="default: CUDA when available")
-    p.add_argument("--seq", type=int, default=16)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=positive_int, default=16)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -100,6 +139,8 @@ def cmd_rewrite(args) -> int:
     progress = None if args.quiet else _progress
     if args.report:
         _check_report_path(Path(args.report), [args.model, args.output])
+    if args.keep_failed and not args.verify:
+        raise UsageError("--keep-failed keeps a model that fails --verify: give --verify too")
     if (args.costs or args.tokens) and (args.strategy or args.target not in ("ort-cpu", "ort-cuda")):
         raise UsageError("--costs/--tokens choose per site: give --target ort-cpu or ort-cuda (and no --strategy)")
     choice = {"target": args.target, "strategy": args.strategy, "costs": _costs(args.costs),
@@ -107,7 +148,10 @@ def cmd_rewrite(args) -> int:
     report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
                           push_scales=not args.no_push, approx=args.approx,
                           **{k: v for k, v in choice.items() if v is not None},
-                          overwrite=args.overwrite, external_data=args.external_data, progress=progress)
+                          overwrite=args.overwrite, external_data=args.external_data, progress=progress,
+                          verify=_printing_check(quiet=args.quiet) if args.verify else False,
+                          keep_failed=args.keep_failed,
+                          also_writes={"report": args.report} if args.report else None)
     if args.report:
         try:
             report.to_json(args.report)
@@ -115,10 +159,25 @@ def cmd_rewrite(args) -> int:
             raise OutputError(f"{args.report}: cannot write the report ({exc.strerror or exc})") from exc
     if not args.quiet:
         print(report.table())
-        print(f"wrote {args.output}")
-    if args.verify:
-        return _verify(args.model, args.output, None, None, None, quiet=args.quiet)
+        print(f"wrote {_printable(args.output)}")
     return EXIT_OK
+
+
+def _printing_check(quiet: bool, **settings):
+    """check_outputs that prints the comparison table (always when outputs differ)."""
+    from rewriter.api import check_outputs
+    from rewriter.verify import format_diffs
+
+    def check(original, rewritten):
+        try:
+            diffs = check_outputs(original, rewritten, **settings)
+        except VerificationFailed as exc:
+            print(format_diffs(exc.diffs))
+            raise
+        if not quiet:
+            print(format_diffs(diffs))
+        return diffs
+    return check
 
 
 def _costs(path):
@@ -146,9 +205,9 @@ def _tokens(text):
 
 
 def _calibrate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rewriter calibrate",
-                                description="measure every strategy per site shape on a provider and "
-                                            "write the cost file the chooser reads (--costs)")
+    p = ArgumentParser(prog="python -m rewriter calibrate",
+                       description="measure every strategy per site shape on a provider and "
+                                   "write the cost file the chooser reads (--costs)")
     p.add_argument("model", nargs="?", help="take the site shapes from this model")
     p.add_argument("--shapes", help="or give them: DxN[xN2...],... (e.g. 576x960,4096x4096)")
     p.add_argument("--kind", choices=("rms", "layer", "dyt"), default="rms", help="with --shapes")
@@ -195,11 +254,16 @@ def cmd_calibrate(args) -> int:
 
 
 def _check_report_path(report: Path, models) -> None:
+    """Before the rewrite: the report's folder exists and it would replace neither a model nor
+    anything but a regular file. Its collisions with external data files are io.save's
+    (`also_writes`): only it knows the output's data file name."""
+    from rewriter.io import check_target
     parent = report.parent if str(report.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{parent}: report directory does not exist")
-    if report.is_dir() or any(report.resolve() == Path(m).resolve() for m in models):
-        raise OutputError(f"{report}: the report would overwrite a model or a directory")
+    check_target(report, "report")
+    if any(report.resolve() == Path(m).resolve() for m in models):
+        raise OutputError(f"report {report}: is the input or the output model; refusing to write over it")
 
 
 def _progress(done: int, total: int, name: str) -> None:
@@ -207,30 +271,29 @@ def _progress(done: int, total: int, name: str) -> None:
         print(f"\r  saving weights {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
 
 
-def _verify(original, rewritten, inputs, tolerance, provider, quiet=False, **shape) -> int:
-    from rewriter.verify import format_diffs, load_npz, verify
-    for path in (original, rewritten, inputs):
+def cmd_verify(args) -> int:
+    from rewriter.verify import load_npz
+    for path in (args.original, args.rewritten, args.inputs):
         if path is not None and not Path(path).is_file():
             raise BadInput(f"{path}: no such file")
     try:
-        feeds = load_npz(inputs) if inputs else None
-        diffs = verify(original, rewritten, inputs=feeds, tolerance=tolerance, provider=provider, **shape)
-    except (RewriterError, KeyboardInterrupt):
-        raise
-    except Exception as exc:    # onnxruntime cannot load or run one of them
-        raise VerificationFailed(f"could not run the models: {_one_line(exc)}") from exc
-    if not quiet or not all(d.ok for d in diffs):
-        print(format_diffs(diffs))
-    return EXIT_OK if all(d.ok for d in diffs) else EXIT_VERIFY_FAILED
+        feeds = load_npz(args.inputs) if args.inputs else None
+    except Exception as exc:
+        raise BadInput(f"{args.inputs}: not a readable .npz of inputs ({_one_line(exc, 160)})") from exc
+    check = _printing_check(quiet=False, inputs=feeds, tolerance=args.tolerance, provider=args.provider,
+                            seq=args.seq, batch=args.batch)
+    check(args.original, args.rewritten)
+    return EXIT_OK
 
 
-def cmd_verify(args) -> int:
-    return _verify(args.original, args.rewritten, args.inputs, args.tolerance, args.provider,
-                   seq=args.seq, batch=args.batch)
+def _printable(text) -> str:
+    """`text` as any stream can print it: a path from non-UTF-8 bytes (os.fsdecode gives lone
+    surrogates) is shown with backslash escapes instead of failing to encode."""
+    return os.fspath(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
+    text = _printable(" ".join(str(exc).split()))
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -271,7 +334,7 @@ def main(argv=None) -> int:
     # completes (or --debug) shows each as one "warning: ..." line
     with _sigterm_interrupts(), _quiet_libraries(debug), warnings.catch_warnings(record=True) as caught:
         code = _main(argv, debug)
-    if code in (EXIT_OK, EXIT_VERIFY_FAILED) or debug:
+    if code == EXIT_OK or debug:
         shown = set()
         for w in caught:
             line = f"warning: {_one_line(w.message)}"

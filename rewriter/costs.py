@@ -33,6 +33,7 @@ import numpy as np
 
 from patterns import Site
 from rewriter.irtools import dtype_of, residual_add, through_casts
+from rewriter.plan import STRATEGIES
 
 FORMAT = "flashnorm-costs/1"
 DATA = Path(__file__).resolve().parent / "data"
@@ -132,25 +133,55 @@ def _positive(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
+# The schema of a probe: what each field must be, and the message naming it when it is not.
+KINDS = ("rms", "layer", "dyt")
+FORMS = ("decomposed", "fused")
+STRATEGY_NAMES = tuple(STRATEGIES)
+PROBE_FIELDS = {
+    "ep": (lambda v: isinstance(v, str) and bool(v), "a provider name"),
+    "dtype": (lambda v: isinstance(v, str) and bool(v), "a dtype name"),
+    "kind": (lambda v: v in KINDS, f"one of {', '.join(KINDS)}"),
+    "form": (lambda v: v in FORMS, f"one of {', '.join(FORMS)}"),
+    "residual": (lambda v: isinstance(v, bool), "true or false"),
+    "d": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+    "outs": (lambda v: isinstance(v, list) and bool(v)
+             and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v), "positive integers"),
+    "tokens": (lambda v: isinstance(v, dict) and bool(v), "a non-empty object"),
+}
+CELL_TIMES = ("ms", "p10", "p90")       # ms required, the spread optional
+
+
 def _probe_problem(probe) -> str | None:
+    """What is wrong with one probe of a cost file (naming the field), or None."""
     if not isinstance(probe, dict):
         return "not an object"
-    missing = [k for k in ("ep", "dtype", "kind", "form", "residual", "d", "outs", "tokens") if k not in probe]
+    missing = [k for k in PROBE_FIELDS if k not in probe]
     if missing:
         return f"missing {', '.join(missing)}"
-    if not isinstance(probe["d"], int) or probe["d"] <= 0:
-        return f"d = {probe['d']!r} (want a positive integer)"
-    outs = probe["outs"]
-    if not isinstance(outs, list) or not outs or not all(isinstance(n, int) and n > 0 for n in outs):
-        return f"outs = {outs!r} (want positive integers)"
-    if not isinstance(probe["tokens"], dict) or not probe["tokens"]:
-        return "tokens is not a non-empty object"
+    for key, (valid, want) in PROBE_FIELDS.items():
+        if not valid(probe[key]):
+            return f"{key} = {probe[key]!r} (want {want})"
     for t, cells in probe["tokens"].items():
         if not str(t).isdigit() or int(t) < 1 or not isinstance(cells, dict):
             return f"tokens[{t!r}] is not a token count with its cells"
         for strategy, cell in cells.items():
-            if not isinstance(cell, dict) or not _positive(cell.get("ms")):
-                return f"tokens[{t!r}][{strategy!r}] has no positive ms"
+            problem = _cell_problem(strategy, cell)
+            if problem:
+                return f"tokens[{t!r}][{strategy!r}]: {problem}"
+    failed = probe.get("failed", {})
+    if not isinstance(failed, dict) or not all(k in STRATEGY_NAMES for k in failed):
+        return f"failed = {failed!r} (want an object of strategy: reason)"
+    return None
+
+
+def _cell_problem(strategy, cell) -> str | None:
+    if strategy not in STRATEGY_NAMES:
+        return f"unknown strategy (want one of {', '.join(STRATEGY_NAMES)})"
+    if not isinstance(cell, dict) or "ms" not in cell:
+        return "no ms"
+    for key in CELL_TIMES:
+        if key in cell and not _positive(cell[key]):
+            return f"{key} = {cell[key]!r} (want a positive number of milliseconds)"
     return None
 
 

@@ -12,15 +12,19 @@ inference see the structure and the types without a byte of weight being read or
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
-from rewriter.errors import BadInput, OutputError, Unsupported, UsageError
+from rewriter.errors import BadInput, InternalError, OutputError, Unsupported, UsageError
 
 PROTOBUF_LIMIT = 2**31 - 2**26      # leave headroom under protobuf's 2 GiB message limit
 KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.ml", "pkg.onnxscript.torch_lib",
@@ -111,7 +115,11 @@ def load_path(path: Path) -> ir.Model:
                        f"{_first_line(exc, 120)})") from exc
     model = _deserialize(proto, path)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
-    files = check_external_data(model, path.parent)
+    try:
+        files = check_external_data(model, path.parent)
+    except BadInput as exc:
+        raise BadInput(f"{path}: {exc}") from exc
+    _read_through_links(model)
     model.meta[INPUT_FILES] = [str(path.resolve())] + sorted(files)
     return model
 
@@ -119,6 +127,39 @@ def load_path(path: Path) -> ir.Model:
 def _initializers(model: ir.Model):
     for graph in model.graphs():
         yield from graph.initializers.values()
+
+
+class _InputExternalTensor(ir.ExternalTensor):
+    """An external tensor of the model the user handed us, readable through symlinks and hard
+    links. onnx_ir refuses, when the weight is first read, a data file whose real path leaves
+    the model's folder or that has several hard links (a defence for servers loading untrusted
+    models); the Hugging Face cache is exactly that (snapshots/<rev>/model.onnx.data ->
+    ../../blobs/<sha>), and a hard link is an ordinary way to share weights. The location
+    itself was checked at load (relative, no '..'): the file read is the one the folder names."""
+
+    __slots__ = ()
+
+    def _check_path_containment(self) -> None:
+        return None
+
+
+def _read_through_links(model: ir.Model) -> None:
+    for value in _initializers(model):
+        tensor = value.const_value
+        if type(tensor) is ir.ExternalTensor:
+            value.const_value = _InputExternalTensor(
+                tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                name=tensor.name, doc_string=tensor.doc_string, metadata_props=tensor.metadata_props,
+                base_dir=tensor.base_dir)
+
+
+def _readable(path: Path) -> str | None:
+    """None when `path` opens for reading, else why not (stat alone does not say)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _external_location(tensor: ir.ExternalTensor, base: Path, name: str) -> Path:
@@ -130,9 +171,10 @@ def _external_location(tensor: ir.ExternalTensor, base: Path, name: str) -> Path
 
 
 def check_external_data(model: ir.Model, base: Path) -> set[str]:
-    """Every external tensor's file exists and is long enough (stat only, reads nothing).
+    """Every external tensor's file exists, opens for reading and is long enough (reads nothing).
     Returns the resolved paths of the external data files."""
     sizes: dict[str, int] = {}
+    unreadable: dict[str, str | None] = {}
     for value in _initializers(model):
         tensor = value.const_value
         if not isinstance(tensor, ir.ExternalTensor):
@@ -143,6 +185,10 @@ def check_external_data(model: ir.Model, base: Path) -> set[str]:
             sizes[key] = location.stat().st_size if location.is_file() else -1
         if sizes[key] < 0:
             raise BadInput(f"external data file {tensor.location!r} of tensor {value.name!r} is missing")
+        if key not in unreadable:
+            unreadable[key] = _readable(location)
+        if unreadable[key]:
+            raise BadInput(f"external data file {tensor.location!r} cannot be read ({unreadable[key]})")
         offset, length = tensor.offset or 0, tensor.length
         if offset < 0 or (length is not None and length < 0):
             raise BadInput(f"external data of tensor {value.name!r} has a negative offset or length")
@@ -379,21 +425,252 @@ def _check_external_name(name: str, path: Path) -> None:
         raise UsageError(f"--external-data {name!r}: give a file name (it is written beside the output)")
     if name == path.name:
         raise UsageError(f"--external-data {name!r}: must differ from the output file name")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:   # a name from os.fsdecode of non-UTF-8 bytes
+        raise UsageError(f"--external-data {name!r}: not UTF-8 (ONNX stores the name as UTF-8 text)") from exc
 
+
+# -- what may be written where ------------------------------------------------------------------
+
+_FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket"}
+
+
+def check_target(path: Path, what: str) -> None:
+    """Raise OutputError unless `path` is a new name or a regular file. Files are renamed into
+    place: that would turn a device (/dev/null), a FIFO or a directory into a regular file, and
+    replace a symlink while its target — the file the user meant — stays as it was. A symlink is
+    written through only when the user names its target."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"{what} {path}: cannot check it ({exc.strerror or exc})") from exc
+    if stat.S_ISLNK(mode):
+        raise OutputError(f"{what} {path}: is a symbolic link; refusing to replace it (to write to its "
+                          f"target, pass {os.path.realpath(path)})")
+    if not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+        raise OutputError(f"{what} {path}: is {kind}, not a regular file; refusing to replace it")
+
+
+def _proto_tensors(graph: onnx.GraphProto):
+    """Every TensorProto of `graph` and its subgraphs (initializers and tensor attributes)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _proto_tensors(sub)
+
+
+_LOCATION_ENTRY = b"\x0a\x08location"     # the serialized key of an external_data "location" entry
+
+
+def _mentions_external_data(model_path: Path) -> bool:
+    """False when the file cannot reference external data (no "location" key in its bytes):
+    a byte search, so that a large model with inline weights is not parsed for nothing."""
+    import mmap
+    try:
+        with open(model_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return data.find(_LOCATION_ENTRY) >= 0
+    except (OSError, ValueError):       # unreadable, or empty (mmap of 0 bytes)
+        return False
+
+
+def _data_files_of(model_path: Path) -> set[str]:
+    """Resolved paths of the external data files the model at `model_path` references (its
+    graph is parsed, no weight is read); nothing for a file that is not a model."""
+    if not _mentions_external_data(model_path):
+        return set()
+    try:
+        proto = onnx.load(str(model_path), format="protobuf", load_external_data=False)
+    except Exception:
+        return set()
+    return {str((model_path.parent / entry.value).resolve())
+            for tensor in _proto_tensors(proto.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
+
+
+class _Siblings:
+    """Which other models reference a file as external data: the *.onnx files of its folder,
+    scanned once per folder and only when a file we would replace exists. Replacing such a
+    file breaks the other model (it reads the new bytes at its old offsets)."""
+
+    def __init__(self, replaced: str):
+        self.replaced = replaced        # the model being written: what it referenced is ours
+        self.index: dict[str, dict[str, list[str]]] = {}
+
+    def users(self, path: Path) -> list[str]:
+        if not path.exists():
+            return []
+        folder = str(path.parent.resolve())
+        if folder not in self.index:
+            self.index[folder] = self._scan(Path(folder))
+        return self.index[folder].get(str(path.resolve()), [])
+
+    def _scan(self, folder: Path) -> dict[str, list[str]]:
+        users: dict[str, list[str]] = {}
+        try:
+            models = sorted(p for p in folder.iterdir() if p.name.lower().endswith(".onnx") and p.is_file())
+        except OSError:
+            return users
+        for model in models:
+            if str(model.resolve()) != self.replaced:
+                for data in _data_files_of(model):
+                    users.setdefault(data, []).append(model.name)
+        return users
+
+
+def _data_problem(target: Path, inputs: set[str], replacing_input: bool, siblings: _Siblings) -> str | None:
+    """Why the output's external data must not be written to `target`, or None."""
+    if str(target.resolve()) in inputs and not replacing_input:
+        return "is a file of the input model"
+    users = siblings.users(target)
+    if users:
+        return f"is also the external data of {', '.join(users)}"
+    return None
+
+
+def _utf8_name(name: str) -> str:
+    """`name` as ONNX can store it (UTF-8 text): bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def _default_data_names(model: ir.Model, path: Path, replacing_input: bool):
+    """OUTPUT.data, first the input's own data file when it is replaced, then OUTPUT.1.data, ..."""
+    first = []
+    if replacing_input:
+        locations = {str(v.const_value.location) for v in _initializers(model)
+                     if isinstance(v.const_value, ir.ExternalTensor)}
+        if len(locations) == 1 and len(Path(next(iter(locations))).parts) == 1:
+            first = list(locations)
+    base = _utf8_name(path.name)
+    yield from dict.fromkeys(first + [f"{base}.data"])
+    for n in range(1, 1000):
+        yield f"{base}.{n}.data"
+
+
+def _output_data_name(model: ir.Model, path: Path, requested, inputs: set[str], replacing_input: bool,
+                      siblings: _Siblings) -> str | None:
+    """The output's external data file name, or None to write the weights inline. A name the
+    user gave is refused when it is unusable; the default moves on to the next free name rather
+    than replace a file another model uses or one that is not a regular file."""
+    if requested is not None:
+        name = str(requested)
+        _check_external_name(name, path)
+        target = path.parent / name
+        check_target(target, "external data file")
+        problem = _data_problem(target, inputs, replacing_input, siblings)
+        if problem:
+            raise OutputError(f"{target}: {problem}; refusing to write over it (choose another "
+                              "--external-data name)")
+        return name
+    had_external = has_external_data(model) or len(model.meta.get(INPUT_FILES, ())) > 1
+    if not had_external and weight_bytes(model) <= PROTOBUF_LIMIT:
+        return None
+    for name in _default_data_names(model, path, replacing_input):
+        target = path.parent / name
+        try:
+            check_target(target, "external data file")
+        except OutputError:
+            continue
+        if _data_problem(target, inputs, replacing_input, siblings) is None:
+            return name
+    raise OutputError(f"{path}: no free name for its external data beside it (give --external-data)")
+
+
+def _check_also_written(also_writes: dict, inputs: set[str], written: set[str], siblings: _Siblings) -> None:
+    """Other files the caller writes after the model (the report) take none of the model's."""
+    for what, other in also_writes.items():
+        other = Path(other)
+        check_target(other, what)
+        key = str(other.resolve())
+        if key in inputs:
+            raise OutputError(f"{what} {other}: is a file of the input model; refusing to write over it")
+        if key in written:
+            raise OutputError(f"{what} {other}: is a file of the output model; refusing to write over it")
+        users = siblings.users(other)
+        if users:
+            raise OutputError(f"{what} {other}: is the external data of {', '.join(users)}; refusing "
+                              "to write over it")
+
+
+# -- temporaries --------------------------------------------------------------------------------
+
+# Temporary folders are named after this machine and the owning process, so that a later run
+# can tell the leftovers of a killed one (SIGKILL, power loss: no cleanup ran) from those of a
+# run still writing, here or on another machine sharing the folder.
+_HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_TEMPORARY = re.compile(r"\.flashnorm-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[a-z0-9_]+\.tmp")
+
+
+def temp_prefix(pid: int | None = None) -> str:
+    """Name prefix of the temporary folders of process `pid` (default: this one) on this machine."""
+    return f".flashnorm-{_HOST}-{os.getpid() if pid is None else pid}-"
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":         # os.kill(pid, 0) terminates the process on Windows: keep everything
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):     # another user's process (EPERM), or not a pid at all
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary folders that runs on this machine left in `folder` when they were
+    killed: ours by name, and only those whose process is gone."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if (match and match["host"] == _HOST and entry.is_dir(follow_symlinks=False)
+                and not _alive(int(match["pid"]))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _temporary_model_name(external_data: str | None) -> str:
+    """The model's name inside the temporary folder: ASCII, so that onnx.checker and
+    onnxruntime (which take str paths as UTF-8) read it whatever the output is called."""
+    return "model.onnx" if external_data != "model.onnx" else "graph.onnx"
+
+
+# -- save ---------------------------------------------------------------------------------------
 
 def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: bool = False,
-         source: str | os.PathLike | None = None, check: bool = True, progress=None) -> Path:
+         source: str | os.PathLike | None = None, check: bool = True, progress=None,
+         before_commit=None, also_writes: dict | None = None) -> Path:
     """Write `model` to `path` atomically: the graph is validated, everything goes to a
     temporary folder beside the target, is checked, then renamed into place (external data
     first, the model last); on any failure — an exception, Ctrl-C — nothing is left behind
     and a file that was there is restored. External data is used when asked for, when the
-    source had it, or when the weights pass protobuf's 2 GiB limit."""
+    source had it, or when the weights pass protobuf's 2 GiB limit.
+
+    Nothing is replaced that is not a regular file, that belongs to the input (except the input
+    itself with `overwrite`), or that another model in the folder references as external data.
+    `before_commit(temporary_model_path)` runs on the complete, checked files before the rename
+    (verification): when it raises, nothing is written. `also_writes` ({what: path}) names
+    files the caller writes afterwards (the report): refused if they are any of these files."""
     path = Path(path)
     target_dir = path.parent if str(path.parent) else Path(".")
     if not target_dir.is_dir():
         raise OutputError(f"{target_dir}: output directory does not exist")
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory")
+    check_target(path, "output")
     inputs = set(model.meta.get(INPUT_FILES, ())) | _referenced_files(model)
     source_path = str(Path(source).resolve()) if source is not None else None
     if source_path:
@@ -403,29 +680,28 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
         raise OutputError(f"{path}: refusing to write over the input (pass --overwrite to allow)")
     if out_model in inputs and out_model != source_path:
         raise OutputError(f"{path}: is one of the input's files (its external data); refusing to write over it")
-    if external_data is None and (has_external_data(model) or weight_bytes(model) > PROTOBUF_LIMIT):
-        external_data = path.name + ".data"
-        old = [Path(f) for f in inputs - {source_path}]
-        if out_model == source_path and len(old) == 1 and old[0].parent == Path(out_model).parent:
-            external_data = old[0].name     # overwriting: the weights replace the input's data file
-    if external_data is not None:
-        external_data = str(external_data)
-        _check_external_name(external_data, path)
-        out_data = str((target_dir / external_data).resolve())
-        if out_data in inputs and not (overwrite and out_model == source_path):
-            raise OutputError(f"{target_dir / external_data}: is a file of the input model; refusing to "
-                              "write over it (choose another --external-data name)")
+    siblings = _Siblings(replaced=out_model)
+    users = siblings.users(path)
+    if users:
+        raise OutputError(f"output {path}: is the external data of {', '.join(users)}; refusing to "
+                          "write over it")
+    replacing_input = out_model == source_path
+    external_data = _output_data_name(model, path, external_data, inputs, replacing_input, siblings)
+    written = {out_model} | ({str((target_dir / external_data).resolve())} if external_data else set())
+    _check_also_written(also_writes or {}, inputs, written, siblings)
     if check:
         try:
             check_graph(model)
         except Unsupported as exc:
-            raise OutputError(f"rewritten model is invalid, not written (a bug): {exc}") from exc
+            raise InternalError(f"rewritten model is invalid, not written (a bug: rerun with --debug and "
+                                f"report it): {exc}") from exc
+    remove_stale_temporaries(target_dir)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=target_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=target_dir))
     except OSError as exc:
         raise OutputError(f"{target_dir}: cannot write ({exc.strerror or exc})") from exc
     try:
-        tmp_model = tmp / path.name
+        tmp_model = tmp / _temporary_model_name(external_data)
         callback = None
         if progress is not None:
             def callback(tensor, info):
@@ -440,7 +716,12 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
             raise OutputError(f"{path}: cannot serialize the model ({type(exc).__name__}: "
                               f"{_first_line(exc)})") from exc
         if check:
-            check_structure(tmp_model)
+            try:
+                check_structure(tmp_model)
+            except OutputError as exc:
+                raise InternalError(f"{exc} (a bug: rerun with --debug and report it; nothing written)") from exc
+        if before_commit is not None:
+            before_commit(tmp_model)
         moves = []
         if external_data and (tmp / external_data).exists():
             moves.append((tmp / external_data, target_dir / external_data))

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from rewriter.errors import UsageError
+
 TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -153,10 +155,22 @@ def compare(reference: dict, candidate: dict, tolerance: float | None = None) ->
 def verify(original, rewritten, *, inputs: dict | None = None, provider: str | None = None,
            tolerance: float | None = None, seed: int = 0, **shape) -> list[OutputDiff]:
     """Compare the two models' outputs on the same inputs (made from the signature)."""
+    check_arguments(tolerance, **shape)
     a = session(original, provider)
     b = session(rewritten, provider)
     feeds = inputs if inputs is not None else make_inputs(original, seed=seed, sess=a, **shape)
     return compare(run(original, feeds, sess=a), run(rewritten, feeds, sess=b), tolerance)
+
+
+def check_arguments(tolerance: float | None = None, **shape) -> None:
+    """UsageError for a tolerance that is negative or not finite (NaN fails every output, ∞
+    passes any) and for a batch or sequence length below 1 (past may be 0)."""
+    if tolerance is not None and not (np.isfinite(tolerance) and tolerance >= 0):
+        raise UsageError(f"tolerance {tolerance!r}: want a finite number >= 0")
+    for name, value in shape.items():
+        least = 0 if name == "past" else 1
+        if not isinstance(value, (int, np.integer)) or value < least:
+            raise UsageError(f"{name} {value!r}: want an integer >= {least}")
 
 
 def load_npz(path) -> dict[str, np.ndarray]:

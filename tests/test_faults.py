@@ -22,8 +22,8 @@ import rewriter.io as rio
 from builders import GraphBuilder
 from parity import assert_exact, random_feeds
 from rewriter.cli import main
-from rewriter.errors import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_NOTHING, EXIT_OK, EXIT_OUTPUT,
-                             EXIT_UNSUPPORTED, EXIT_USAGE)
+from rewriter.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOTHING, EXIT_OK,
+                             EXIT_OUTPUT, EXIT_UNSUPPORTED, EXIT_USAGE)
 from rewriter.verify import compare, run, session
 from test_api_cli import llama_like_block
 
@@ -364,7 +364,8 @@ def test_failure_while_renaming_restores_what_was_there(dirs, monkeypatch):
 
 
 def test_an_invalid_rewrite_is_not_written(dirs, monkeypatch):
-    """If a rule ever produced an invalid graph, save() refuses before writing a byte."""
+    """If a rule ever produced an invalid graph, save() refuses before writing a byte: a bug,
+    exit 7 (not 5: nothing is wrong with where the output goes)."""
     src, out = dirs
     onnx.save(llama_like_block(), src / "model.onnx")
     import rewriter.api as api
@@ -378,7 +379,7 @@ def test_an_invalid_rewrite_is_not_written(dirs, monkeypatch):
     monkeypatch.setattr(api, "rewrite_ir", broken)
     before = digests(src)
     code, _, err = cli(src / "model.onnx", "-o", out / "flash.onnx")
-    assert_error(code, err, EXIT_OUTPUT, "rewritten model is invalid")
+    assert_error(code, err, EXIT_INTERNAL, "rewritten model is invalid")
     assert list(out.iterdir()) == [] and digests(src) == before
 
 
