@@ -12,7 +12,7 @@ import onnx_ir as ir
 from patterns.base import Linear, Miss, Site, WeightRef
 from patterns.fused import FUSED_NORMS, FusedNormRule
 from patterns.layernorm import DecomposedDyT, DecomposedLayerNorm
-from patterns.linear import match_linears
+from patterns.linear import defer_blocker, match_linears
 from patterns.rmsnorm import DecomposedRMSNorm
 
 RULES = (DecomposedRMSNorm(), DecomposedLayerNorm(), DecomposedDyT(), FusedNormRule())
@@ -33,11 +33,12 @@ def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
             if found is None:
                 continue
             if isinstance(found, Site):
-                consumers = match_linears(found.output, found.size)
+                consumers = match_linears(found.output, found.size, graph)
                 if isinstance(consumers, str):
                     found = Miss(node, found.kind, consumers, found.form, site=found)
                 else:
                     found.linears, found.shape_users = consumers
+                    found.defer_blocker = defer_blocker(found)
             (sites if isinstance(found, Site) else misses).append(found)
             break
     return sites, misses

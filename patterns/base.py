@@ -77,6 +77,7 @@ class Site:
     beta_input: int | None = None
     linears: list[Linear] = field(default_factory=list)
     shape_users: list[tuple[ir.Node, int]] = field(default_factory=list)
+    defer_blocker: str | None = None       # why deferring 1/RMS would not be exact (fold only)
 
     @property
     def name(self) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from patterns.base import Miss, Site
-from patterns.rmsnorm import DEFERRED
+from patterns.rmsnorm import DEFERRED, per_channel
 from rewriter.irtools import attr, const_array, is_used, rank_of
 
 
@@ -66,14 +66,15 @@ class FusedNormRule:
                 if not is_used(node.outputs[0]):    # only its inverse std: a deferred 1/RMS
                     return Miss(node, spec.kind, DEFERRED, form)
                 return Miss(node, spec.kind, f"statistics output {index} is used", form)
+        rank = rank_of(node.inputs[0])
         gain = const_array(_input(node, spec.gain))
-        if gain is None:
-            return Miss(node, spec.kind, "gain is not constant", form)
+        if not per_channel(gain, rank):
+            return Miss(node, spec.kind, "gain is not a constant along the normalized axis", form)
         beta = None
         if _input(node, spec.beta) is not None:
             beta = const_array(node.inputs[spec.beta])
-            if beta is None:
-                return Miss(node, spec.kind, "β is not constant", form)
+            if not per_channel(beta, rank):
+                return Miss(node, spec.kind, "β is not a constant along the normalized axis", form)
         skip_inputs: tuple = ()
         residual = None
         if spec.skip is not None:

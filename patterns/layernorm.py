@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from patterns.base import Miss, Site
 from patterns.rmsnorm import match_affine, match_decomposed
-from rewriter.irtools import const_scalar, op
+from rewriter.irtools import broadcast_scalar, op, rank_of
 
 
 class DecomposedLayerNorm:
@@ -35,7 +35,8 @@ class DecomposedDyT:
         scaled = tanh.inputs[0].producer()
         if not op(scaled, "Mul", domain=""):
             return None
-        alpha = [const_scalar(v) for v in scaled.inputs]
+        a, b = scaled.inputs
+        alpha = [broadcast_scalar(a, rank_of(b)), broadcast_scalar(b, rank_of(a))]
         if all(a is None for a in alpha):
             return None
         x = scaled.inputs[1] if alpha[0] is not None else scaled.inputs[0]

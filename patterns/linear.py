@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from patterns.base import Linear, WeightRef
-from rewriter.irtools import attr, const_array, const_tensor, dtype_of, op, users
+from patterns.base import Linear, Site, WeightRef
+from rewriter.irtools import attr, const_array, const_tensor, dtype_of, exact_source, holds, op, users
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
 TRANSPARENT = ("Cast", "Identity", "Reshape")
@@ -92,17 +92,22 @@ def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
     return False
 
 
-def match_linears(value: ir.Value, n: int | None):
-    """All linears reading `value` -> (linears, shape_users) or a reason string."""
+def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None):
+    """All linears reading `value` (a value of `graph`) -> (linears, shape_users) or a reason
+    string. A reader inside a subgraph (an If/Loop body reading the outer value) is refused:
+    the rewrite and the scale walker work on one graph."""
     if value.is_graph_output():
         return "norm output is a graph output"
     linears: list[Linear] = []
     shape_users: list[tuple[ir.Node, int]] = []
+    graph = graph or (value.producer().graph if value.producer() is not None else None)
 
     def walk(v: ir.Value, path: tuple[ir.Node, ...]) -> str | None:
         if v.is_graph_output():
             return "norm output reaches a graph output"
         for node, index in users(v):
+            if node.graph is not graph:
+                return f"{node.op_type} {node.name!r} inside a subgraph reads the normalized tensor"
             if op(node, "Shape", domain=""):
                 shape_users.append((node, index))     # reads only the shape, which is kept
             elif op(node, *TRANSPARENT, domain="") and index == 0:
@@ -129,6 +134,26 @@ def match_linears(value: ir.Value, n: int | None):
     return linears, shape_users
 
 
+def defer_blocker(site: Site) -> str | None:
+    """Why deferring would not be exact, or None. Deferring feeds the raw input x to the linears
+    in the types the normalized tensor had on its way to them: each must hold x exactly —
+    a narrowing Cast (fp32 → fp16/bf16, autocast graphs) would give the un-normalized x a wider
+    range than the original ever had in that type."""
+    x = site.skip_inputs[0] if site.skip_inputs else site.x
+    if x is None:
+        return "the norm's input is unknown"
+    source = dtype_of(exact_source(x))
+    steps = [("the norm's output", dtype_of(site.output))]
+    for linear in site.linears:
+        steps += [(f"Cast {node.name!r}", ir.DataType(attr(node, "to")))
+                  for node in linear.path if op(node, "Cast", domain="")]
+    for where, dtype in steps:
+        if not holds(dtype, source):
+            names = (getattr(source, "name", "?"), getattr(dtype, "name", "?"))
+            return f"{where} narrows the {names[0]} input to {names[1]} (the raw input would lose range)"
+    return None
+
+
 def _transposes(ref: WeightRef) -> bool:
     """Whether the Transpose steps swap the stored tensor's two axes."""
     flips = sum(1 for kind, perm in ref.steps if kind == "transpose" and tuple(perm) == (1, 0))
@@ -139,4 +164,4 @@ def weight_dtype(linear: Linear) -> ir.DataType:
     return dtype_of(linear.node.inputs[1]) or linear.weight.tensor.dtype
 
 
-__all__ = ["Linear", "WeightRef", "match_linears", "resolve_weight", "weight_dtype"]
+__all__ = ["Linear", "WeightRef", "defer_blocker", "match_linears", "resolve_weight", "weight_dtype"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from patterns.base import Miss, Site
-from rewriter.irtools import attr, const_array, const_scalar, op, rank_of, reduce_axes, same_source, users
+from rewriter.irtools import (attr, broadcast_scalar, const_array, is_float, op, rank_of, reduce_axes,
+                              same_source, users)
 
 
 DEFERRED = "1/RMS is not applied to its own input (a deferred scale: already rewritten)"
@@ -28,7 +29,7 @@ def _only_user(value: ir.Value, *op_types: str) -> ir.Node | None:
 
 def squared_input(node: ir.Node | None) -> ir.Value | None:
     """X for Pow(X, 2) or Mul(X, X)."""
-    if op(node, "Pow", domain="") and const_scalar(node.inputs[1]) == 2.0:
+    if op(node, "Pow", domain="") and broadcast_scalar(node.inputs[1], rank_of(node.inputs[0])) == 2.0:
         return node.inputs[0]
     if op(node, "Mul", domain="") and node.inputs[0] is node.inputs[1]:
         return node.inputs[0]
@@ -36,6 +37,7 @@ def squared_input(node: ir.Node | None) -> ir.Value | None:
 
 
 def is_last_axis_reduce(node: ir.Node, x: ir.Value) -> bool:
+    """A ReduceMean over the last axis only, keeping it (a per-row statistic)."""
     axes = reduce_axes(node)
     rank = rank_of(x)
     return attr(node, "keepdims", 1) == 1 and axes is not None and len(axes) == 1 and (
@@ -43,11 +45,13 @@ def is_last_axis_reduce(node: ir.Node, x: ir.Value) -> bool:
 
 
 def centered_input(x: ir.Value) -> ir.Value | None:
-    """y when x = Sub(y, ReduceMean(y)) (a LayerNorm, not an RMSNorm)."""
+    """y when x = Sub(y, ReduceMean(y)) with the mean a per-row one: a LayerNorm, not an RMSNorm.
+    A mean over other axes (all of them, or −2) is not a LayerNorm's centering."""
     sub = x.producer()
     if op(sub, "Sub", domain=""):
         mean = sub.inputs[1].producer()
-        if op(mean, "ReduceMean", domain="") and same_source(mean.inputs[0], sub.inputs[0]):
+        if op(mean, "ReduceMean", domain="") and same_source(mean.inputs[0], sub.inputs[0]) \
+                and is_last_axis_reduce(mean, sub.inputs[0]):
             return sub.inputs[0]
     return None
 
@@ -67,9 +71,9 @@ def match_inverse_rms(reduce: ir.Node):
     add = _only_user(value, "Add")
     if add is not None:
         eps_value = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
-        eps = const_scalar(eps_value)
+        eps = broadcast_scalar(eps_value, rank_of(value))
         if eps is None:
-            return "Add after the mean of squares is not a constant ε"
+            return "Add after the mean of squares is not a constant scalar ε (or it adds axes)"
         nodes.append(add)
         value = add.outputs[0]
     sqrt = _only_user(value, "Sqrt")
@@ -82,7 +86,7 @@ def match_inverse_rms(reduce: ir.Node):
         return "1/RMS has several consumers"
     node, index = uses[0]
     if op(node, "Div", domain="") and index == 1:
-        if const_scalar(node.inputs[0]) == 1.0:          # Div(1, sqrt) == Reciprocal
+        if broadcast_scalar(node.inputs[0], rank_of(root)) == 1.0:     # Div(1, sqrt) == Reciprocal
             inv = node
         elif same_source(node.inputs[0], x):              # Div(X, sqrt): normalized directly
             return x, eps, node.outputs[0], nodes + [node]
@@ -100,6 +104,12 @@ def match_inverse_rms(reduce: ir.Node):
     return x, eps, mul.outputs[0], nodes + [mul]
 
 
+def per_channel(c, rank: int | None) -> bool:
+    """A float constant that varies along the last axis only and adds no axis when broadcast."""
+    return c is not None and is_float(c.dtype) and (c.size == 1 or c.shape[-1] == c.size) \
+        and c.ndim <= (1 if rank is None else rank)
+
+
 def match_affine(value: ir.Value, nodes: list[ir.Node]):
     """Trailing [Cast] → [Mul(gain)] → [Cast] → [Add(β)] → [Cast] after the normalized value.
 
@@ -114,7 +124,7 @@ def match_affine(value: ir.Value, nodes: list[ir.Node]):
         if node.op_type in ("Mul", "Add"):
             other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]
             c = const_array(other)
-            if c is None or c.dtype.kind != "f" or (c.size > 1 and c.shape[-1] != c.size):
+            if not per_channel(c, rank_of(value)):
                 break       # not a constant along the last axis
             pre_affine = value if pre_affine is None else pre_affine
             if node.op_type == "Mul":

@@ -132,7 +132,8 @@ def build_probe(shape: SiteShape, path, layers: int = 4, seed: int = 0, eps: flo
 
 def candidates_for(shape: SiteShape) -> list[str]:
     """Strategies worth measuring for this shape (one representative per distinct graph)."""
-    site = SimpleNamespace(kind=shape.kind, form=shape.form, size=shape.d)   # what applicable() reads
+    site = SimpleNamespace(kind=shape.kind, form=shape.form, size=shape.d,
+                           defer_blocker=None)      # what applicable() reads
     return list(dict.fromkeys(applicable(site, s) for s in STRATEGIES))
 
 

@@ -81,6 +81,23 @@ def const_scalar(value: ir.Value | None) -> float | None:
     return float(arr.reshape(()))
 
 
+def broadcast_scalar(value: ir.Value | None, rank: int | None) -> float | None:
+    """The value of a one-element constant that broadcasts against a tensor of `rank` without
+    adding an axis (an ε of shape [1,1,1] on a rank-2 tensor would make the result rank 3)."""
+    arr = const_array(value)
+    if arr is None or arr.size != 1 or arr.ndim > (1 if rank is None else rank):
+        return None
+    return float(arr.reshape(()))
+
+
+def is_float(dtype) -> bool:
+    """A floating-point numpy dtype, bfloat16 and the float8s included (numpy calls those 'V')."""
+    try:
+        return ir.DataType.from_numpy(np.dtype(dtype)).is_floating_point()
+    except (TypeError, ValueError):
+        return False
+
+
 def is_const(value: ir.Value | None) -> bool:
     return value is not None and (const_tensor(value) is not None or const_array(value) is not None)
 
@@ -89,6 +106,27 @@ def through_casts(value: ir.Value) -> ir.Value:
     """Walk up through Cast/Identity nodes to the value they started from."""
     node = value.producer()
     while op(node, "Cast", "Identity", domain="") and node.inputs[0] is not None:
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
+# (from, to) float conversions that are exact for every value
+WIDENING = {(ir.DataType.FLOAT16, ir.DataType.FLOAT), (ir.DataType.BFLOAT16, ir.DataType.FLOAT),
+            (ir.DataType.FLOAT, ir.DataType.DOUBLE), (ir.DataType.FLOAT16, ir.DataType.DOUBLE),
+            (ir.DataType.BFLOAT16, ir.DataType.DOUBLE)}
+
+
+def holds(wide: ir.DataType | None, narrow: ir.DataType | None) -> bool:
+    """Every value of type `narrow` is exact in type `wide`."""
+    return wide is not None and (wide == narrow or (narrow, wide) in WIDENING)
+
+
+def exact_source(value: ir.Value) -> ir.Value:
+    """Follow widening Casts back to the narrowest exact copy of `value`."""
+    node = value.producer()
+    while op(node, "Cast", domain="") and holds(dtype_of(value), dtype_of(node.inputs[0])) \
+            and dtype_of(value) != dtype_of(node.inputs[0]):
         value = node.inputs[0]
         node = value.producer()
     return value

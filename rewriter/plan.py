@@ -131,6 +131,8 @@ def applicable(site: Site, strategy: str) -> str:
     is its own fused kernel."""
     if site.kind == "dyt" and strategy in DEFERRING + ("fold-fused",):
         return "fold"
+    if strategy in DEFERRING and site.defer_blocker:
+        return "fold"
     if strategy == "fold-fused" and site.form != "decomposed":
         return "fold"
     if strategy == "defer-normop" and site.kind == "layer" and site.form == "decomposed" and site.size is None:
@@ -139,7 +141,10 @@ def applicable(site: Site, strategy: str) -> str:
 
 
 def decide(site: Site, options: Options, strategy: str | None = None, evidence: str = "") -> Decision:
-    strategy = applicable(site, strategy or options.default_strategy)
+    asked = strategy or options.default_strategy
+    strategy = applicable(site, asked)
+    if asked in DEFERRING and strategy == "fold" and site.defer_blocker:
+        evidence = "; ".join(filter(None, [f"fold only: {site.defer_blocker}", evidence]))
     if strategy == "keep":
         return Decision(site, None, "skip", "kept as exported: measured fastest on the target"
                         + (f" ({evidence})" if evidence else ""), strategy=strategy, evidence=evidence)

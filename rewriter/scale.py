@@ -1,39 +1,36 @@
 """The scale algebra: a per-row scale s^p travelling through the graph.
 
-After a deferred norm, each linear's output is known to equal s ⊙ T (s = 1/RMS of the norm's
-input, one value per row). Instead of multiplying right away, the walker moves the factor
-downstream while the op it meets lets it through, and applies it (one Mul) on the edge into
-the first op that does not — as late as the algebra allows:
+After a deferred norm, each linear's output is known to equal s^p ⊙ T (s = 1/RMS of the norm's
+input, one value per row, always > 0). Instead of multiplying right away, the walker moves the
+factor downstream while the op it meets provably lets it through, and applies it (one Mul) on
+the edge into the first op that does not — as late as the algebra allows.
 
-    passes (degree kept)   Identity, Cast, Neg, Relu, LeakyRelu, Abs, Dropout, Mul by an unscaled
-                           tensor, MatMul by a constant, Slice/Split/Concat along a non-row axis,
-                           Transpose, Reshape that keeps the row axes as a prefix
-    degrees combine        Mul of two tensors scaled by the same s (p₁+p₂), Pow(·, e) (p·e),
-                           Add/Sub of two tensors with the same s and degree
-    stops                  everything else: Add of an unscaled tensor or a bias, SiLU/GELU's
-                           Sigmoid/Tanh/Erf, Softmax, MatMul of two activations, norms, outputs
-    applied at x           x·f(x) activations (SiLU, GELU): the scale is applied once where x
-                           branches, so the pattern onnxruntime fuses (QuickGelu, FastGelu) stays
+A state (`Scaled`) records the factor, its degree p, and `rows`: the value's axes along which
+the factor varies (the scale tensor has the value's rank, size 1 on every other axis). Each op
+kind has one rule in RULES: the condition under which the factor passes and the state of each
+output. An op without a rule, or whose condition cannot be proven from the graph (unknown
+rank, perm, axes or shapes), passes nothing: the factor is applied before it. Values read
+inside a subgraph (If/Loop/Scan bodies read outer values without listing them as inputs) get
+the factor applied where they leave the main graph. A factor never passes a narrowing Cast: the
+un-normalized tensor must not be moved into a type with less range or precision.
 
-RoPE's rotate-half (Slice, Neg, Concat, Mul by cos/sin, Add) and the GLU product are not
-special cases: they are these rules meeting the ops they are made of. A fused RotaryEmbedding
-op (ONNX opset 23, ORT contrib) is linear per position: the scale passes it whole. s > 0 always, which
-is what makes ReLU (and any positively homogeneous op) pass.
+RoPE's rotate-half (Slice, Neg, Concat, Mul by cos/sin, Add) and the GLU product are not special
+cases: they are these rules meeting the ops they are made of. x·f(x) activations (SiLU, GELU)
+get the factor once, at x, so the pattern onnxruntime fuses (QuickGelu, FastGelu) stays whole.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, op, rank_of,
+from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, holds, op, rank_of,
                               set_dtype, users)
 
-FLOAT_CASTS = {int(t) for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
-                                ir.DataType.DOUBLE)}
-UNARY_HOMOGENEOUS = ("Identity", "Neg", "Relu", "LeakyRelu", "Abs", "Dropout")
+D = ir.DataType
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
 NONLINEAR_GATES = ("Sigmoid", "Tanh", "Erf", "HardSigmoid", "Softplus")
 GATE_PATH = ("Mul", "Div", "Add", "Pow", "Cast", "Identity")   # the arithmetic around a gate
@@ -41,8 +38,8 @@ GATE_PATH = ("Mul", "Div", "Add", "Pow", "Cast", "Identity")   # the arithmetic 
 
 @dataclass(frozen=True)
 class Scaled:
-    """value = scale^degree ⊙ T, with `scale` (fp32) already laid out to broadcast against
-    the value; `rows` are the value's axes the scale varies along (None: rank unknown)."""
+    """value = scale^degree ⊙ T, with `scale` (fp32) laid out to broadcast against the value:
+    same rank, size 1 off `rows` (None: rank unknown, so no rule needing axes applies)."""
 
     scale: ir.Value
     degree: float
@@ -51,25 +48,226 @@ class Scaled:
     def same_factor(self, other: "Scaled | None") -> bool:
         return other is not None and other.scale is self.scale and other.degree == self.degree
 
+    def with_degree(self, degree: float) -> "Scaled | None":
+        return None if degree == 0 else Scaled(self.scale, degree, self.rows)
+
+
+Outs = "list[Scaled | None] | None"      # a state per output, or None: apply before the node
+Rule = Callable[["ScaleWalker", ir.Node, list], Outs]
+
+
+# -- conditions -----------------------------------------------------------------------------------
 
 def _axis(axis: int, rank: int | None) -> int | None:
-    if axis >= 0:
-        return axis
-    return None if rank is None else axis + rank
+    if rank is None:
+        return axis if axis >= 0 else None
+    return axis + rank if -rank <= axis < 0 else axis if 0 <= axis < rank else None
 
 
 def _off_rows(axes, state: Scaled, rank: int | None) -> bool:
-    """All `axes` are feature axes (the scale is constant along them)."""
+    """Every axis in `axes` is a feature axis: the factor is constant along it."""
     if state.rows is None:
         return False
     normalized = [_axis(int(a), rank) for a in axes]
     return all(a is not None and a not in state.rows for a in normalized)
 
 
+def _only(ins, *indices) -> bool:
+    """Only inputs at `indices` carry a factor."""
+    return all(s is None for i, s in enumerate(ins) if i not in indices)
+
+
+def _same_rank(node: ir.Node, index: int) -> bool:
+    """The output has the rank of input `index`: broadcasting adds no leading axis (which would
+    move the rows)."""
+    out_rank, in_rank = rank_of(node.outputs[0]), rank_of(node.inputs[index])
+    if out_rank is not None and in_rank is not None:
+        return out_rank == in_rank
+    if in_rank is None:
+        return False
+    for i, other in enumerate(node.inputs):
+        if i == index or other is None:
+            continue
+        other_rank = rank_of(other)
+        if other_rank is None:
+            tensor = const_tensor(other)
+            c = const_array(other) if tensor is None or tensor.size < 2**16 else None
+            other_rank = None if c is None else c.ndim
+        if other_rank is None or other_rank > in_rank:
+            return False
+    return True
+
+
 def _same_dim(a, b) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return a == b
     return a is not None and b is not None and a.value is not None and a.value == b.value
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    c = const_array(value)
+    return None if c is None or c.size != 1 else float(c.reshape(()))
+
+
+# -- the rules: one per op kind -------------------------------------------------------------------
+
+def unary(w, node, ins) -> Outs:
+    """f(s·t) = s·f(t) for positively homogeneous f (s > 0); extra outputs (a mask) unscaled."""
+    return [ins[0]] + [None] * (len(node.outputs) - 1) if ins[0] and _only(ins, 0) else None
+
+
+def cast(w, node, ins) -> Outs:
+    """Exact only when it widens (or keeps) the type: never a wider range in a narrower type."""
+    return [ins[0]] if ins[0] and holds(D(attr(node, "to", 0)), dtype_of(node.inputs[0])) else None
+
+
+def mul(w, node, ins) -> Outs:
+    """(s^a·t)(s^b·u) = s^(a+b)·tu; (s^a·t)·u = s^a·(tu) when u adds no leading axis."""
+    a, b = ins[0], ins[1]
+    if a and b:
+        return [a.with_degree(a.degree + b.degree)] if a.scale is b.scale else None
+    index = 0 if a else 1
+    return [a or b] if _same_rank(node, index) else None
+
+
+def div(w, node, ins) -> Outs:
+    """(s^a·t)/(s^b·u) = s^(a−b)·(t/u); either side may be unscaled."""
+    a, b = ins[0], ins[1]
+    if a and b:
+        return [a.with_degree(a.degree - b.degree)] if a.scale is b.scale else None
+    index = 0 if a else 1
+    if not _same_rank(node, index):
+        return None
+    return [a] if a else [b.with_degree(-b.degree)]
+
+
+def same_factor(w, node, ins) -> Outs:
+    """s^a·t + s^a·u = s^a·(t+u): every operand carries the same factor (an unscaled term or a
+    bias stops it), and no operand adds a leading axis."""
+    first = ins[0]
+    if first is None or not all(first.same_factor(s) for s in ins):
+        return None
+    return [first] if all(_same_rank(node, i) for i in range(len(ins))) else None
+
+
+def power(w, node, ins) -> Outs:
+    """(s^a·t)^e = s^(a·e)·t^e for a constant scalar e (s > 0)."""
+    e = _scalar(node.inputs[1])
+    if not ins[0] or not _only(ins, 0) or e is None or not _same_rank(node, 0):
+        return None
+    return [ins[0].with_degree(ins[0].degree * e)]
+
+
+def matmul(w, node, ins) -> Outs:
+    """(s·A)·W = s·(A·W) for a constant W when the contracted (last) axis of A is no row axis and
+    the rows keep their positions (no broadcast batch axes added)."""
+    state, rank = ins[0], rank_of(node.inputs[0])
+    if not state or not _only(ins, 0) or state.rows is None or rank is None or rank < 2:
+        return None
+    weight = const_tensor(node.inputs[1])
+    if weight is None or len(weight.shape) != 2 or rank - 1 in state.rows:
+        return None
+    return [state] if rank_of(node.outputs[0]) in (None, rank) else None
+
+
+def transpose(w, node, ins) -> Outs:
+    """The rows move with the permutation; the factor is transposed alike."""
+    state, rank = ins[0], rank_of(node.inputs[0])
+    if not state or state.rows is None:
+        return None
+    perm = attr(node, "perm")
+    perm = list(range(rank - 1, -1, -1)) if perm is None and rank is not None else perm
+    if perm is None or sorted(perm) != list(range(len(perm))) or (rank is not None and len(perm) != rank):
+        return None
+    scale = w.edit.op1("Transpose", state.scale, perm=list(perm), hint="scale_t")
+    return [Scaled(scale, state.degree, tuple(sorted(list(perm).index(r) for r in state.rows)))]
+
+
+def reshape(w, node, ins) -> Outs:
+    """Rows that are an unchanged prefix of the shape (same leading dims before and after) stay
+    rows: each row's elements stay together. Anything else (rows merged into features, a
+    moved or unknown axis) stops the factor."""
+    state = ins[0]
+    if not state or not _only(ins, 0) or state.rows is None:
+        return None
+    src, dst = node.inputs[0].shape, node.outputs[0].shape
+    k = len(state.rows)
+    if src is None or dst is None or state.rows != tuple(range(k)) or len(dst) <= k or len(src) <= k:
+        return None             # a row axis must not become the last (or only) axis
+    if not all(_same_dim(src[i], dst[i]) for i in range(k)):
+        return None
+    shape = w.edit.initializer(np.array([0] * k + [1] * (len(dst) - k), np.int64), "scale_shape")
+    scale = w.edit.op1("Reshape", state.scale, shape, hint="scale_r")
+    return [Scaled(scale, state.degree, state.rows)]
+
+
+def slice_(w, node, ins) -> Outs:
+    """Slicing feature axes keeps every row's factor."""
+    state = ins[0]
+    if not state or not _only(ins, 0):
+        return None
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        axes = const_array(node.inputs[3])
+    else:       # no axes: the starts cover the leading axes
+        starts = const_array(node.inputs[1])
+        axes = None if starts is None else np.arange(np.atleast_1d(starts).size)
+    ok = axes is not None and _off_rows(np.atleast_1d(axes), state, rank_of(node.inputs[0]))
+    return [state] if ok else None
+
+
+def split(w, node, ins) -> Outs:
+    """Splitting along a feature axis: every part keeps the factor."""
+    state = ins[0]
+    ok = state and _only(ins, 0) and _off_rows([attr(node, "axis", 0)], state, rank_of(node.inputs[0]))
+    return [state] * len(node.outputs) if ok else None
+
+
+def concat(w, node, ins) -> Outs:
+    """Joining parts with the same factor along a feature axis."""
+    first = ins[0]
+    if first is None or not all(first.same_factor(s) for s in ins):
+        return None
+    return [first] if _off_rows([attr(node, "axis", 0)], first, rank_of(node.inputs[0])) else None
+
+
+def rotary(w, node, ins) -> Outs:
+    """RotaryEmbedding (ONNX opset 23, ORT contrib) rotates pairs within the last axis, per
+    position: linear in x when the last axis is no row axis."""
+    state, rank = ins[0], rank_of(node.inputs[0])
+    if not state or not _only(ins, 0) or state.rows is None or rank is None or rank - 1 in state.rows:
+        return None
+    return [state] if rank_of(node.outputs[0]) == rank else None
+
+
+RULES: dict[str, Rule] = {
+    "Identity": unary,          # s·t
+    "Neg": unary,               # −(s·t) = s·(−t)
+    "Relu": unary,              # relu(s·t) = s·relu(t), s > 0
+    "LeakyRelu": unary,         # positively homogeneous
+    "Abs": unary,               # |s·t| = s·|t|, s > 0
+    "Dropout": unary,           # (s·t)⊙m/(1−p) = s·(t⊙m/(1−p))
+    "Cast": cast,               # exact widening only
+    "Mul": mul,                 # degrees add
+    "Div": div,                 # degrees subtract
+    "Add": same_factor,         # s·t + s·u = s·(t+u)
+    "Sub": same_factor,         # s·t − s·u = s·(t−u)
+    "Sum": same_factor,         # Σ s·tᵢ = s·Σ tᵢ
+    "Pow": power,               # (s·t)^e = s^e·t^e
+    "MatMul": matmul,           # (s·A)W = s·(AW), rows not contracted
+    "Transpose": transpose,     # rows permuted with the axes
+    "Reshape": reshape,         # rows an unchanged prefix
+    "Slice": slice_,            # feature axes only
+    "Split": split,             # feature axis only
+    "Concat": concat,           # same factor, feature axis
+    "RotaryEmbedding": rotary,  # per-position rotation of the last axis
+}
+CONTRIB_RULES = {"RotaryEmbedding"}      # ORT's com.microsoft ops with the ONNX op's algebra
+
+
+def rule_for(node: ir.Node) -> Rule | None:
+    if node.domain in ("", "ai.onnx") or (node.domain == "com.microsoft" and node.op_type in CONTRIB_RULES):
+        return RULES.get(node.op_type)
+    return None
 
 
 class ScaleWalker:
@@ -133,7 +331,10 @@ class ScaleWalker:
         self.graph.sort()
         if self.push:
             self.protect_activations()
-        for node in list(self.graph):
+        nodes = list(self.graph)        # the graph's own nodes: the walker's Muls are not walked
+        for value, state in list(self.states.items()):
+            self._apply_in_subgraphs(value, state)
+        for node in nodes:
             ins = [self.states.get(v) if v is not None else None for v in node.inputs]
             for index, (value, state) in enumerate(zip(node.inputs, ins)):
                 if state is not None and (node, value) in self.stop_edges:
@@ -152,10 +353,11 @@ class ScaleWalker:
                 for index, state in enumerate(ins):
                     if state is not None:
                         node.replace_input_with(index, self.apply(node.inputs[index], state))
-            else:
-                for value, state in zip(node.outputs, outs):
-                    if state is not None:
-                        self.states[value] = state
+                continue
+            for value, state in zip(node.outputs, outs):
+                if state is not None:
+                    self.states[value] = state
+                    self._apply_in_subgraphs(value, state)
         for value in list(self.graph.outputs):
             if value in self.states:
                 applied = self.apply(value, self.states[value])
@@ -165,82 +367,15 @@ class ScaleWalker:
         """Output states when the scale passes `node`, None when it must be applied before."""
         if not self.push or node in self.stops:
             return None
-        kind = node.op_type
-        first = ins[0]
-        rank = rank_of(node.inputs[0])
-        if kind == "RotaryEmbedding":     # ONNX (opset 23) and ORT: linear per position
-            return [first] if first and not any(ins[1:]) and rank == rank_of(node.outputs[0]) else None
-        if node.domain not in ("", "ai.onnx"):
-            return None
-        if kind in UNARY_HOMOGENEOUS or (kind == "Cast" and attr(node, "to") in FLOAT_CASTS):
-            return [first] + [None] * (len(node.outputs) - 1) if first else None
-        if kind == "Pow" and first and ins[1] is None:
-            e = const_array(node.inputs[1])
-            return [Scaled(first.scale, first.degree * float(e), first.rows)] if e is not None and e.size == 1 else None
-        if kind == "Mul":
-            return self._mul(node, ins)
-        if kind == "Div" and first and ins[1] is None and self._broadcast_ok(node, 0):
-            return [first]
-        if kind in ("Add", "Sub"):
-            return [first] if first and first.same_factor(ins[1]) else None
-        if kind == "MatMul" and first and ins[1] is None:
-            weight = const_tensor(node.inputs[1])
-            return [first] if weight is not None and len(weight.shape) == 2 else None
-        if kind == "Transpose" and first and first.rows is not None:
-            perm = list(attr(node, "perm", range(rank - 1, -1, -1) if rank else []))
-            if not perm:
-                return None
-            scale = self.edit.op1("Transpose", first.scale, perm=perm, hint="scale_t")
-            return [Scaled(scale, first.degree, tuple(sorted(perm.index(r) for r in first.rows)))]
-        if kind == "Reshape" and first and ins[1] is None:
-            return self._reshape(node, first)
-        if kind == "Slice" and first and not any(ins[1:]):
-            if len(node.inputs) > 3 and node.inputs[3] is not None:
-                axes = const_array(node.inputs[3])
-            else:       # no axes: the starts cover the leading axes
-                starts = const_array(node.inputs[1])
-                axes = None if starts is None else np.arange(np.atleast_1d(starts).size)
-            return [first] if axes is not None and _off_rows(np.atleast_1d(axes), first, rank) else None
-        if kind == "Split" and first and not any(ins[1:]):
-            return [first] * len(node.outputs) if _off_rows([attr(node, "axis", 0)], first, rank) else None
-        if kind == "Concat" and first and all(first.same_factor(s) for s in ins):
-            return [first] if _off_rows([attr(node, "axis", 0)], first, rank) else None
-        return None
+        found = rule_for(node)
+        return None if found is None else found(self, node, ins)
 
-    def _broadcast_ok(self, node: ir.Node, scaled_index: int) -> bool:
-        """The unscaled operand does not add leading axes (which would move the rows)."""
-        out_rank, in_rank = rank_of(node.outputs[0]), rank_of(node.inputs[scaled_index])
-        if out_rank is not None and in_rank is not None:
-            return out_rank == in_rank
-        other = node.inputs[1 - scaled_index]
-        other_rank = rank_of(other)
-        if other_rank is None:
-            c = const_array(other) if const_tensor(other) is None or const_tensor(other).size < 2**16 else None
-            other_rank = None if c is None else c.ndim
-        return other_rank is not None and in_rank is not None and other_rank <= in_rank
-
-    def _mul(self, node, ins):
-        a, b = ins[0], ins[1]
-        if a and b:
-            if a.scale is b.scale:
-                return [Scaled(a.scale, a.degree + b.degree, a.rows)]
-            return None
-        index = 0 if a else 1
-        return [a or b] if self._broadcast_ok(node, index) else None
-
-    def _reshape(self, node: ir.Node, state: Scaled):
-        """Keeps the scale when the row axes are an unchanged prefix of the shape."""
-        src, dst = node.inputs[0].shape, node.outputs[0].shape
-        if state.rows is None or src is None or dst is None:
-            return None
-        k = len(state.rows)
-        if state.rows != tuple(range(k)) or len(dst) < k or len(src) < k:
-            return None
-        if not all(_same_dim(src[i], dst[i]) for i in range(k)):
-            return None
-        shape = self.edit.initializer(np.array([0] * k + [1] * (len(dst) - k), np.int64), "scale_shape")
-        scale = self.edit.op1("Reshape", state.scale, shape, hint="scale_r")
-        return [Scaled(scale, state.degree, state.rows)]
+    def _apply_in_subgraphs(self, value: ir.Value, state: Scaled) -> None:
+        """A subgraph (If/Loop/Scan body) reading `value` from the outer scope gets it with its
+        factor applied: the walker never enters subgraphs."""
+        for node, index in users(value):
+            if node.graph is not self.graph:
+                node.replace_input_with(index, self.apply(value, state))
 
     # -- materialization ------------------------------------------------------------------
     def factor(self, state: Scaled, dtype: ir.DataType | None) -> ir.Value:
@@ -249,8 +384,11 @@ class ScaleWalker:
             f = state.scale
             if state.degree == 2:
                 f = self.edit.op1("Mul", f, f, hint="scale_sq")
+            elif state.degree == -1:
+                f = self.edit.op1("Reciprocal", f, hint="scale_inv")
             elif state.degree != 1:
-                f = self.edit.op1("Pow", f, self.edit.initializer(np.array(state.degree, np.float32), "degree"))
+                exponent = self.edit.initializer(np.array(state.degree, (dtype_of(f) or D.FLOAT).numpy()), "degree")
+                f = self.edit.op1("Pow", f, exponent)
             self._factor[key] = self.edit.cast(f, dtype) if dtype is not None else f
         return self._factor[key]
 

@@ -12,14 +12,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from patterns import Linear, Site
 from patterns.linear import weight_dtype
-from rewriter.irtools import GraphEditor, attr, const_array, dtype_of, op, residual_add, set_dtype, users
+from rewriter.irtools import (GraphEditor, attr, const_array, dtype_of, exact_source, holds, op, residual_add,
+                              set_dtype, users)
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight
 
 F32 = ir.DataType.FLOAT
-WIDENING = {(ir.DataType.FLOAT16, F32), (ir.DataType.BFLOAT16, F32), (F32, ir.DataType.DOUBLE),
-            (ir.DataType.FLOAT16, ir.DataType.DOUBLE), (ir.DataType.BFLOAT16, ir.DataType.DOUBLE)}
 
 
 def _alpha(linear: Linear) -> float:
@@ -81,7 +80,7 @@ class Rewriter:
         node = value.producer()
         if op(node, "Cast", domain="") and dtype is not None:
             source = node.inputs[0]
-            lossless = dtype_of(source) == dtype_of(value) or (dtype_of(source), dtype_of(value)) in WIDENING
+            lossless = holds(dtype_of(value), dtype_of(source))
             if lossless and dtype_of(source) in (dtype, dtype_of(value)):
                 return self.narrow_source(source, dtype)
         return self.edit.cast(value, dtype) if dtype is not None else value
@@ -183,13 +182,9 @@ class Rewriter:
             set_dtype(out, F32)
         return node.outputs[-1]
 
-    def lossless_source(self, value: ir.Value) -> ir.Value:
-        """Follow widening Casts back to the narrowest exact copy of `value`."""
-        node = value.producer()
-        while op(node, "Cast", domain="") and (dtype_of(node.inputs[0]), dtype_of(value)) in WIDENING:
-            value = node.inputs[0]
-            node = value.producer()
-        return value
+    @staticmethod
+    def lossless_source(value: ir.Value) -> ir.Value:
+        return exact_source(value)
 
     def scale_for(self, linear: Linear, scale: ir.Value) -> ir.Value:
         """The per-row scale (fp32) reshaped like the linear's input path."""
