@@ -336,7 +336,7 @@ def bench_preset(preset: str, args, caches_notes: list[str]) -> dict:
 
 def stage_profile(src: str, dst: str) -> int:
     """Rewrite through the API with every stage wrapped: one JSON line per stage end."""
-    import patterns
+    from rewriter import patterns
     import onnx_ir as ir
     from rewriter import api, io
     t0 = time.perf_counter()

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from patterns.base import Linear, Miss, Site, WeightRef
-from patterns.fused import FUSED_NORMS, FusedNormRule
-from patterns.layernorm import DecomposedDyT, DecomposedLayerNorm
-from patterns.linear import defer_blocker, match_linears
-from patterns.rmsnorm import DecomposedRMSNorm
+from .base import Linear, Miss, Site, WeightRef
+from .fused import FUSED_NORMS, FusedNormRule
+from .layernorm import DecomposedDyT, DecomposedLayerNorm
+from .linear import defer_blocker, match_linears
+from .rmsnorm import DecomposedRMSNorm
 
 RULES = (DecomposedRMSNorm(), DecomposedLayerNorm(), DecomposedDyT(), FusedNormRule())
 

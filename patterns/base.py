@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.irtools import last_dim
+from .graph import last_dim
 
 
 @dataclass

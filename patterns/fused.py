@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from patterns.base import Miss, Site
-from patterns.rmsnorm import DEFERRED, per_channel
-from rewriter.irtools import attr, const_array, is_used, rank_of
+from .base import Miss, Site
+from .rmsnorm import DEFERRED, per_channel
+from .graph import attr, const_array, is_used, rank_of
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from patterns.base import Miss, Site
-from patterns.rmsnorm import match_affine, match_decomposed
-from rewriter.irtools import broadcast_scalar, op, rank_of
+from .base import Miss, Site
+from .rmsnorm import match_affine, match_decomposed
+from .graph import broadcast_scalar, op, rank_of
 
 
 class DecomposedLayerNorm:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from patterns.base import Linear, Site, WeightRef
-from rewriter.irtools import attr, const_array, const_tensor, dtype_of, exact_source, holds, op, users
+from .base import Linear, Site, WeightRef
+from .graph import attr, const_array, const_tensor, dtype_of, exact_source, holds, op, users
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
 TRANSPARENT = ("Cast", "Identity", "Reshape")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from patterns.base import Miss, Site
-from rewriter.irtools import (attr, broadcast_scalar, const_array, is_float, op, rank_of, reduce_axes,
+from .base import Miss, Site
+from .graph import (attr, broadcast_scalar, const_array, is_float, op, rank_of, reduce_axes,
                               same_source, users)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-import patterns
+from rewriter import patterns
 from rewriter import io
 from rewriter.errors import CannotRun, NothingToRewrite, RewriterError, VerificationFailed
 from rewriter.costs import CostTable, choose, site_shape

@@ -175,7 +175,7 @@ def _as_dtype(editor, value, dtype):
 
 def _trailing_output(value):
     """After a normalized value: [Cast] [Mul(const)] [Cast] [Add(const)] [Cast] -> the end value."""
-    from rewriter.irtools import const_array, users
+    from rewriter.patterns.graph import const_array, users
     while True:
         uses = users(value)
         if len(uses) != 1 or value.is_graph_output():
@@ -191,7 +191,7 @@ def _trailing_output(value):
 
 
 def _fused_spec(node):
-    from patterns.fused import FUSED_NORMS
+    from rewriter.patterns.fused import FUSED_NORMS
     domain = "" if node.domain == "ai.onnx" else node.domain
     return FUSED_NORMS.get((domain, node.op_type))
 
@@ -210,9 +210,9 @@ def _skip_sum(editor, node, spec):
 def norm_free_ir(model) -> dict:
     """Replace every normalization in `model` (onnx_ir, in place) by identity. Returns
     {"removed": n, "kept": [[name, reason], ...]}."""
-    import patterns
-    from patterns.rmsnorm import match_inverse_rms
-    from rewriter.irtools import GraphEditor, is_used
+    from rewriter import patterns
+    from rewriter.patterns.rmsnorm import match_inverse_rms
+    from rewriter.patterns.graph import GraphEditor, is_used
 
     graph = model.graph
     editor = GraphEditor(graph, prefix="bench_nf")
@@ -260,9 +260,9 @@ def hand_fuse_ir(model) -> dict:
     input is a residual Add (SkipLayerNormalization too, and Adds of unknown shape count: the
     graph is not shape-inferred), else SimplifiedLayerNormalization / LayerNormalization.
     In place. Returns {"fused": {op: n}, "kept": [[name, reason], ...]}."""
-    import patterns
-    from patterns.rmsnorm import match_inverse_rms
-    from rewriter.irtools import const_array, last_dim, users
+    from rewriter import patterns
+    from rewriter.patterns.rmsnorm import match_inverse_rms
+    from rewriter.patterns.graph import const_array, last_dim, users
     from rewriter.transform import Rewriter
 
     graph = model.graph
@@ -364,7 +364,7 @@ def count_norms(path) -> dict:
     fused = {k: v for k, v in counts.items() if k in NORM_OPS}
     decomposed = 0
     try:
-        import patterns
+        from rewriter import patterns
         from rewriter import io
         model, _ = io.load(path)
         sites, misses = patterns.find_sites(model.graph)

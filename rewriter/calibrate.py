@@ -36,7 +36,7 @@ NUMPY = {"float32": np.float32, "float16": np.float16}
 
 def model_shapes(path) -> list[SiteShape]:
     """The distinct shapes of the sites the rewriter finds in a model."""
-    import patterns
+    from rewriter import patterns
     from rewriter import io
     from rewriter.api import infer_shapes
     model, _ = io.load(path)

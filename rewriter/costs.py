@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from patterns import Site
-from rewriter.irtools import dtype_of, residual_add, through_casts
+from rewriter.patterns import Site
+from rewriter.patterns.graph import dtype_of, residual_add, through_casts
 from rewriter.plan import STRATEGIES
 
 FORMAT = "flashnorm-costs/1"

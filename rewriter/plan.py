@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from patterns import Linear, Miss, Site
-from rewriter.irtools import op, users
+from rewriter.patterns import Linear, Miss, Site
+from rewriter.patterns.graph import op, users
 
 MODES = ("defer", "fold")
 

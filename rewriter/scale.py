@@ -27,8 +27,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.irtools import (GraphEditor, attr, const_array, const_tensor, dtype_of, holds, op, rank_of,
-                              set_dtype, users)
+from rewriter.patterns.graph import (GraphEditor, attr, const_array, const_tensor, dtype_of, holds, op,
+                                     rank_of, set_dtype, users)
 
 D = ir.DataType
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them

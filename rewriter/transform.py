@@ -10,10 +10,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from patterns import Linear, Site
-from patterns.linear import weight_dtype
-from rewriter.irtools import (GraphEditor, attr, const_array, dtype_of, exact_source, holds, op, residual_add,
-                              set_dtype, users)
+from rewriter.patterns import Linear, Site
+from rewriter.patterns.linear import weight_dtype
+from rewriter.patterns.graph import (GraphEditor, attr, const_array, dtype_of, exact_source, holds, op,
+                                     residual_add, set_dtype, users)
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight
@@ -278,7 +278,7 @@ class Rewriter:
         onnxruntime's fused op weighted by `gain` (and `beta`). When a residual Add makes x:
         SkipSimplifiedLayerNormalization (SkipLayerNormalization only with `skip_layernorm`)
         on the Add's operands, its output 3 replacing the sum; else SimplifiedLayerNormalization
-        / LayerNormalization (fp32 statistics). `trust_unknown_shapes`: see irtools.residual_add.
+        / LayerNormalization (fp32 statistics). `trust_unknown_shapes`: see patterns.graph.residual_add.
         Returns the op type emitted."""
         add = x.producer()
         weights = [gain] if beta is None else [gain, beta]

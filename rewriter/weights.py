@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from patterns.base import WeightRef
+from rewriter.patterns.base import WeightRef
 
 BLOCK_BYTES = 4 << 20       # float64 bytes per block: stays in cache, many blocks to share out
 WORKERS = min(4, os.cpu_count() or 1)   # numpy releases the GIL in the conversions and products

@@ -384,7 +384,7 @@ def test_calibrate_probe_builds_and_every_candidate_rewrites(tmp_path):
 def test_calibrate_takes_the_shapes_of_a_models_sites(tmp_path):
     """`calibrate MODEL`: one probe per distinct site shape, keyed so the chooser finds each
     site's own probe at distance 0, with the kernels ORT ran for every strategy."""
-    import patterns
+    from rewriter import patterns
     from rewriter import io
     from rewriter.api import infer_shapes
     from rewriter.bench import Settings

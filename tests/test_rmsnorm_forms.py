@@ -5,7 +5,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto
 
-import patterns
+from rewriter import patterns
 from builders import GraphBuilder
 from parity import assert_exact, op_types, rewrite_and_run
 

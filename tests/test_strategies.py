@@ -19,7 +19,7 @@ from onnx import TensorProto, numpy_helper
 
 from builders import GraphBuilder
 from parity import FP32_TOL, assert_exact, op_types, rewrite_and_run
-from patterns.rmsnorm import DEFERRED
+from rewriter.patterns.rmsnorm import DEFERRED
 from rewriter import rewrite_file
 from rewriter.plan import DEFERRING, STRATEGIES
 from rewriter.verify import TOLERANCE, compare, run

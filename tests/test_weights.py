@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from patterns.base import WeightRef
+from rewriter.patterns.base import WeightRef
 from rewriter import weights
 
 

@@ -1,4 +1,4 @@
-"""Small helpers over onnx_ir shared by patterns and passes.
+"""The graph-query vocabulary over onnx_ir: what the rules (and the passes above them) ask of a graph.
 
 Everything here reads the graph; only `GraphEditor` creates nodes. Constants are looked up
 lazily: `const_tensor` never materializes a weight, `const_array` does (use it for gains,
