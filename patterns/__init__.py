@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .base import Linear, Miss, Site, WeightRef
+from .base import Failure, Linear, Miss, Site, WeightRef, fail
 from .fused import FUSED_NORMS, FusedNormRule
 from .layernorm import DecomposedDyT, DecomposedLayerNorm
 from .linear import defer_blocker, match_linears
@@ -34,7 +34,7 @@ def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
                 continue
             if isinstance(found, Site):
                 consumers = match_linears(found.output, found.size, graph)
-                if isinstance(consumers, str):
+                if isinstance(consumers, Failure):
                     found = Miss(node, found.kind, consumers, found.form, site=found)
                 else:
                     found.linears, found.shape_users = consumers
@@ -44,4 +44,4 @@ def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
     return sites, misses
 
 
-__all__ = ["FUSED_NORMS", "Linear", "Miss", "RULES", "Site", "WeightRef", "find_sites"]
+__all__ = ["FUSED_NORMS", "Failure", "Linear", "Miss", "RULES", "Site", "WeightRef", "fail", "find_sites"]

@@ -1,5 +1,6 @@
 """What a rule returns: a `Site` (a norm and the linears that consume it) or a `Miss` (a
-candidate that was not matched, with the reason the report shows)."""
+candidate that was not matched, with the `Failure` the report shows: the condition that fails
+and the node or value at fault)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ class Site:
     beta_input: int | None = None
     linears: list[Linear] = field(default_factory=list)
     shape_users: list[tuple[ir.Node, int]] = field(default_factory=list)
-    defer_blocker: str | None = None       # why deferring 1/RMS would not be exact (fold only)
+    defer_blocker: "Failure | None" = None   # why deferring 1/RMS would not be exact (fold only)
 
     @property
     def name(self) -> str:
@@ -90,15 +91,43 @@ class Site:
         return last_dim(self.output) or (last_dim(self.x) if self.x is not None else None)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a pattern does not hold: the condition that fails, and the node or value at fault."""
+
+    reason: str
+    at: ir.Node | ir.Value | None = None
+
+    @property
+    def where(self) -> str:
+        """'MatMul node "name"' or 'value "name"' ('' when nothing in particular is at fault)."""
+        if isinstance(self.at, ir.Node):
+            return f'{self.at.op_type} node "{self.at.name}"'
+        if isinstance(self.at, ir.Value):
+            return f'value "{self.at.name}"'
+        return ""
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def fail(reason: str, at: ir.Node | ir.Value | None = None) -> Failure:
+    return Failure(reason, at)
+
+
 @dataclass
 class Miss:
     """A candidate normalization that no rule could rewrite, and why."""
 
     anchor: ir.Node
     kind: str
-    reason: str
+    failure: Failure
     form: str = ""
     site: Site | None = None     # the norm itself, when it matched but its consumers did not
+
+    @property
+    def reason(self) -> str:
+        return self.failure.reason
 
     @property
     def name(self) -> str:

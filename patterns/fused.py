@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from .base import Miss, Site
+from .base import Miss, Site, fail
 from .rmsnorm import DEFERRED, per_channel
 from .graph import attr, const_array, is_used, rank_of
 
@@ -60,21 +60,23 @@ class FusedNormRule:
             axis = attr(node, "axis", -1)
             rank = rank_of(node.inputs[0])
             if axis != -1 and (rank is None or axis != rank - 1):
-                return Miss(node, spec.kind, f"normalizes over axes {axis}.. (not only the last)", form)
+                return Miss(node, spec.kind, fail(f"normalizes over axes {axis}.. (not only the last)", node), form)
         for index in spec.extra_outputs:
             if index < len(node.outputs) and is_used(node.outputs[index]):
                 if not is_used(node.outputs[0]):    # only its inverse std: a deferred 1/RMS
-                    return Miss(node, spec.kind, DEFERRED, form)
-                return Miss(node, spec.kind, f"statistics output {index} is used", form)
+                    return Miss(node, spec.kind, fail(DEFERRED, node), form)
+                return Miss(node, spec.kind, fail(f"statistics output {index} is used", node.outputs[index]), form)
         rank = rank_of(node.inputs[0])
         gain = const_array(_input(node, spec.gain))
         if not per_channel(gain, rank):
-            return Miss(node, spec.kind, "gain is not a constant along the normalized axis", form)
+            return Miss(node, spec.kind, fail("gain is not a constant along the normalized axis",
+                                              _input(node, spec.gain) or node), form)
         beta = None
         if _input(node, spec.beta) is not None:
             beta = const_array(node.inputs[spec.beta])
             if not per_channel(beta, rank):
-                return Miss(node, spec.kind, "β is not a constant along the normalized axis", form)
+                return Miss(node, spec.kind, fail("β is not a constant along the normalized axis", node.inputs[spec.beta]),
+                            form)
         skip_inputs: tuple = ()
         residual = None
         if spec.skip is not None:

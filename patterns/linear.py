@@ -2,14 +2,14 @@
 
 A norm output may reach a MatMul/Gemm/FusedMatMul through Cast, Identity and Reshapes that
 keep the last axis; `Shape` consumers only read the shape and are redirected. Anything else
-is a reason not to rewrite, returned as a string.
+is a reason not to rewrite, returned as a `Failure` naming the node at fault.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
-from .base import Linear, Site, WeightRef
+from .base import Failure, Linear, Site, WeightRef, fail
 from .graph import attr, const_array, const_tensor, dtype_of, exact_source, holds, op, users
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
@@ -47,30 +47,30 @@ def _bias_after(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
     return None, None
 
 
-def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | str:
+def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Failure:
     if not op(node, "MatMul", "Gemm", domain="") and not op(node, "FusedMatMul", domain="com.microsoft"):
-        return f"consumer {node.op_type} is not a linear on the normalized axis"
+        return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
     if index != 0:
-        return f"{node.op_type} reads the normalized tensor as its weight"
+        return fail(f"{node.op_type} reads the normalized tensor as its weight", node)
     if op(node, "MatMul", domain=""):
         transposed = False
     elif op(node, "Gemm", domain=""):
         if attr(node, "transA", 0):
-            return "Gemm with transA=1 (normalized axis is not the contraction axis)"
+            return fail("Gemm with transA=1 (normalized axis is not the contraction axis)", node)
         transposed = bool(attr(node, "transB", 0))
     elif op(node, "FusedMatMul", domain="com.microsoft"):
         if attr(node, "transA", 0) or attr(node, "transBatchA", 0) or attr(node, "transBatchB", 0):
-            return "FusedMatMul with transposed A"
+            return fail("FusedMatMul with transposed A", node)
         transposed = bool(attr(node, "transB", 0))
     else:
-        return f"consumer {node.op_type} is not a linear on the normalized axis"
+        return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
     ref = resolve_weight(node.inputs[1], transposed)
     if ref is None:
-        return f"{node.op_type} weight is not a constant 2-D tensor"
+        return fail(f"{node.op_type} weight is not a constant 2-D tensor", node.inputs[1])
     if op(node, "Gemm", domain="") and len(node.inputs) > 2 and node.inputs[2] is not None:
         c = node.inputs[2]
         if const_array(c) is None:
-            return "Gemm bias is not constant"
+            return fail("Gemm bias is not constant", c)
         return Linear(node, ref, path, bias=c)
     bias, add = _bias_after(node)
     return Linear(node, ref, path, bias=bias, bias_add=add)
@@ -93,64 +93,65 @@ def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
 
 
 def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None):
-    """All linears reading `value` (a value of `graph`) -> (linears, shape_users) or a reason
-    string. A reader inside a subgraph (an If/Loop body reading the outer value) is refused:
+    """All linears reading `value` (a value of `graph`) -> (linears, shape_users) or the
+    Failure. A reader inside a subgraph (an If/Loop body reading the outer value) is refused:
     the rewrite and the scale walker work on one graph."""
     if value.is_graph_output():
-        return "norm output is a graph output"
+        return fail("norm output is a graph output", value)
     linears: list[Linear] = []
     shape_users: list[tuple[ir.Node, int]] = []
     graph = graph or (value.producer().graph if value.producer() is not None else None)
 
-    def walk(v: ir.Value, path: tuple[ir.Node, ...]) -> str | None:
+    def walk(v: ir.Value, path: tuple[ir.Node, ...]) -> Failure | None:
         if v.is_graph_output():
-            return "norm output reaches a graph output"
+            return fail("norm output reaches a graph output", v)
         for node, index in users(v):
             if node.graph is not graph:
-                return f"{node.op_type} {node.name!r} inside a subgraph reads the normalized tensor"
+                return fail(f"{node.op_type} inside a subgraph (If/Loop body) reads the normalized tensor", node)
             if op(node, "Shape", domain=""):
                 shape_users.append((node, index))     # reads only the shape, which is kept
             elif op(node, *TRANSPARENT, domain="") and index == 0:
                 if not _keeps_last_axis(node, n):
-                    return f"{node.op_type} changes the normalized axis or dtype"
-                reason = walk(node.outputs[0], path + (node,))
-                if reason:
-                    return reason
+                    return fail(f"{node.op_type} changes the normalized axis or dtype", node)
+                failure = walk(node.outputs[0], path + (node,))
+                if failure:
+                    return failure
             else:
                 found = _linear(node, index, path)
-                if isinstance(found, str):
+                if isinstance(found, Failure):
                     return found
                 if n is not None and found.weight.tensor.shape[
                         1 if found.weight.transposed ^ _transposes(found.weight) else 0] != n:
-                    return f"{node.op_type} weight does not contract the normalized axis"
+                    return fail(f"{node.op_type} weight does not contract the normalized axis", node)
                 linears.append(found)
         return None
 
-    reason = walk(value, ())
-    if reason:
-        return reason
+    failure = walk(value, ())
+    if failure:
+        return failure
     if not linears:
-        return "no linear consumer"
+        return fail("no linear consumer", value)
     return linears, shape_users
 
 
-def defer_blocker(site: Site) -> str | None:
+def defer_blocker(site: Site) -> Failure | None:
     """Why deferring would not be exact, or None. Deferring feeds the raw input x to the linears
     in the types the normalized tensor had on its way to them: each must hold x exactly —
     a narrowing Cast (fp32 → fp16/bf16, autocast graphs) would give the un-normalized x a wider
     range than the original ever had in that type."""
     x = site.skip_inputs[0] if site.skip_inputs else site.x
     if x is None:
-        return "the norm's input is unknown"
+        return fail("the norm's input is unknown", site.anchor)
     source = dtype_of(exact_source(x))
-    steps = [("the norm's output", dtype_of(site.output))]
+    steps: list[tuple[str, ir.DataType | None, ir.Node | ir.Value]] = [
+        ("the norm's output", dtype_of(site.output), site.output)]
     for linear in site.linears:
-        steps += [(f"Cast {node.name!r}", ir.DataType(attr(node, "to")))
+        steps += [("a Cast", ir.DataType(attr(node, "to")), node)
                   for node in linear.path if op(node, "Cast", domain="")]
-    for where, dtype in steps:
+    for where, dtype, at in steps:
         if not holds(dtype, source):
             names = (getattr(source, "name", "?"), getattr(dtype, "name", "?"))
-            return f"{where} narrows the {names[0]} input to {names[1]} (the raw input would lose range)"
+            return fail(f"{where} narrows the {names[0]} input to {names[1]} (the raw input would lose range)", at)
     return None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .base import Miss, Site
+from .base import Failure, Miss, Site, fail
 from .graph import (attr, broadcast_scalar, const_array, is_float, op, rank_of, reduce_axes,
                               same_source, users)
 
@@ -59,7 +59,7 @@ def centered_input(x: ir.Value) -> ir.Value | None:
 def match_inverse_rms(reduce: ir.Node):
     """From the ReduceMean of squares to the normalized value.
 
-    Returns (X, eps, normalized, nodes) or a reason string, or None when this is not a
+    Returns (X, eps, normalized, nodes) or a Failure, or None when this is not a
     mean-of-squares at all."""
     square = reduce.inputs[0].producer()
     x = squared_input(square)
@@ -73,17 +73,17 @@ def match_inverse_rms(reduce: ir.Node):
         eps_value = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
         eps = broadcast_scalar(eps_value, rank_of(value))
         if eps is None:
-            return "Add after the mean of squares is not a constant scalar ε (or it adds axes)"
+            return fail("Add after the mean of squares is not a constant scalar ε (or it adds axes)", add)
         nodes.append(add)
         value = add.outputs[0]
     sqrt = _only_user(value, "Sqrt")
     if sqrt is None:
-        return "mean of squares does not feed Sqrt"
+        return fail("mean of squares does not feed Sqrt", value)
     nodes.append(sqrt)
     root = sqrt.outputs[0]
     uses = users(root)
     if len(uses) != 1:
-        return "1/RMS has several consumers"
+        return fail("1/RMS has several consumers", root)
     node, index = uses[0]
     if op(node, "Div", domain="") and index == 1:
         if broadcast_scalar(node.inputs[0], rank_of(root)) == 1.0:     # Div(1, sqrt) == Reciprocal
@@ -91,16 +91,16 @@ def match_inverse_rms(reduce: ir.Node):
         elif same_source(node.inputs[0], x):              # Div(X, sqrt): normalized directly
             return x, eps, node.outputs[0], nodes + [node]
         else:
-            return "Div by the RMS of another tensor"
+            return fail("Div by the RMS of another tensor", node)
     elif op(node, "Reciprocal", domain=""):
         inv = node
     else:
-        return f"RMS feeds {node.op_type}"
+        return fail(f"RMS feeds {node.op_type}", node)
     nodes.append(inv)
     mul = _only_user(inv.outputs[0], "Mul")
     other = None if mul is None else mul.inputs[1] if mul.inputs[0] is inv.outputs[0] else mul.inputs[0]
     if other is None or not same_source(other, x):
-        return DEFERRED
+        return fail(DEFERRED, mul or inv)
     return x, eps, mul.outputs[0], nodes + [mul]
 
 
@@ -148,7 +148,7 @@ def match_decomposed(reduce: ir.Node, kind: str) -> Site | Miss | None:
     found = match_inverse_rms(reduce)
     if found is None:
         return None
-    if isinstance(found, str):
+    if isinstance(found, Failure):
         return Miss(reduce, kind, found, "decomposed")
     x, eps, normalized, nodes = found
     if kind == "layer":                               # also own the mean and the Sub
@@ -169,7 +169,7 @@ def match_sum_of_squares(reduce: ir.Node) -> Miss | None:
         if node.op_type in ("Div", "Reciprocal"):
             mul = _only_user(value, "Mul")
             applied = mul is not None and any(same_source(v, reduce.inputs[0]) for v in mul.inputs)
-            return Miss(reduce, "rms", "sum-of-squares RMSNorm form not supported" if applied else DEFERRED,
+            return Miss(reduce, "rms", fail("sum-of-squares RMSNorm form not supported" if applied else DEFERRED, node),
                         "decomposed")
     return None
 

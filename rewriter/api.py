@@ -17,59 +17,17 @@ import math
 from pathlib import Path
 
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
-from rewriter import patterns
 from rewriter import io
 from rewriter.errors import CannotRun, NothingToRewrite, RewriterError, VerificationFailed
-from rewriter.costs import CostTable, choose, site_shape
-from rewriter.plan import TARGETS, Options, applicable, make_plan
+from rewriter.passes import infer_shapes, run_pipeline  # noqa: F401 (infer_shapes: calibrate, tests)
+from rewriter.plan import Options
 from rewriter.report import Report
-from rewriter.transform import apply_plan
-
-
-def infer_shapes(model: ir.Model) -> None:
-    """Fill in missing shapes (TorchScript exports carry few): the scale walker reads them.
-    Weights are not serialized for this; on failure the model is left as it was."""
-    import logging
-    logging.getLogger("onnx_ir.passes.common.shape_inference").setLevel(logging.ERROR)
-    ShapeInferencePass(strict_mode=False, data_prop=True)(model)
-
-
-def site_chooser(options: Options):
-    """Per-site choice from measured costs, for a target with a provider; None otherwise."""
-    spec = TARGETS.get(options.target or "", {})
-    if options.strategy is not None or not spec.get("ep"):
-        return None
-    table = options.costs
-    if table is None:
-        table = CostTable.builtin(spec["ep"])
-    elif not isinstance(table, CostTable):
-        table = CostTable.load(table)
-
-    def chooser(site):
-        candidates = list(dict.fromkeys(applicable(site, c) for c in spec["candidates"]))
-        return choose(table, spec["ep"], site_shape(site), candidates,
-                      applicable(site, spec["reference"]), tokens=options.tokens)
-    return chooser
 
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
-    """Match, plan and rewrite `model` in place."""
-    infer_shapes(model)     # matching (Reshapes), the scale walker and the norm fusion read shapes
-    sites, misses = patterns.find_sites(model.graph)
-    plan = make_plan(sites, misses, options, chooser=site_chooser(options))
-    report_notes: list[str] = []
-    if any(d.rewritten for d in plan):
-        done = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx)
-        infer_shapes(model)
-        if options.approx:
-            cancelled = len(done.scales.cancelled)
-            report_notes.append(f"--approx: {cancelled} deferred scale(s) cancelled in a following norm "
-                                "(exact only for ε = 0; see the measured error below)")
-    report = Report.from_plan(options.target or options.default_strategy, plan)
-    report.notes += report_notes
-    return report
+    """Match, plan and rewrite `model` in place (the pipeline of rewriter.passes)."""
+    return run_pipeline(model, options)
 
 
 def rewrite(model, **options):

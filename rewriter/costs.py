@@ -33,7 +33,7 @@ import numpy as np
 
 from rewriter.patterns import Site
 from rewriter.patterns.graph import dtype_of, residual_add, through_casts
-from rewriter.plan import STRATEGIES
+from rewriter.plan import STRATEGIES, TARGETS, applicable
 
 FORMAT = "flashnorm-costs/1"
 DATA = Path(__file__).resolve().parent / "data"
@@ -241,3 +241,22 @@ def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, refer
 
 
 __all__ = ["CostTable", "FORMAT", "SiteShape", "choose", "site_shape"]
+
+
+def chooser_for(options):
+    """`site -> (strategy, evidence)` from measured costs, for a target with a provider (None
+    otherwise: every site takes the options' default strategy). `options`: rewriter.Options."""
+    spec = TARGETS.get(options.target or "", {})
+    if options.strategy is not None or not spec.get("ep"):
+        return None
+    table = options.costs
+    if table is None:
+        table = CostTable.builtin(spec["ep"])
+    elif not isinstance(table, CostTable):
+        table = CostTable.load(table)
+
+    def chooser(site):
+        candidates = list(dict.fromkeys(applicable(site, c) for c in spec["candidates"]))
+        return choose(table, spec["ep"], site_shape(site), candidates,
+                      applicable(site, spec["reference"]), tokens=options.tokens)
+    return chooser

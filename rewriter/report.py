@@ -22,6 +22,7 @@ class SiteReport:
     bytes_added: int = 0
     strategy: str = ""    # one of rewriter.plan.STRATEGIES ("" for a candidate no rule matched)
     evidence: str = ""    # the measured costs behind the strategy (--target with a cost table)
+    at: str = ""          # the node or value at fault when a condition failed ('MatMul node "name"')
 
 
 @dataclass
@@ -36,12 +37,13 @@ class Report:
         for d in plan:
             source = d.site or d.miss
             consumers = [f"{l.node.op_type}:{l.node.name}" for l in d.site.linears] if d.site else []
+            failure = d.miss.failure if d.miss else d.site.defer_blocker if d.site else None
             report.sites.append(SiteReport(
                 name=source.name, kind=source.kind, form=source.form, action=d.action,
                 reason=d.reason, consumers=consumers,
                 weights_changed=len(consumers) if d.rewritten else 0,
                 bytes_added=d.bytes_added if d.rewritten else 0,
-                strategy=d.strategy, evidence=d.evidence))
+                strategy=d.strategy, evidence=d.evidence, at=failure.where if failure else ""))
         return report
 
     # -- counts the tests and the table use -----------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rewriter.patterns import Linear, Site
 from rewriter.patterns.linear import weight_dtype
@@ -316,11 +315,10 @@ class Rewriter:
         return self._ones[key]
 
     def finish(self) -> None:
+        """Place the deferred scales and leave a sorted graph (dead nodes are removed by the
+        pipeline's unused-node pass, rewriter/passes.py)."""
         self.scales.run()
-        self.graph.sort()           # removing nodes keeps the order: one sort suffices
-        # to a fixed point: the walker may have put Muls in front of replaced (dead) norms
-        while RemoveUnusedNodesPass()(self.model).modified:
-            pass
+        self.graph.sort()
 
 
 def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True,

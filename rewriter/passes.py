@@ -1,0 +1,104 @@
+"""The rewrite in onnx_ir's pass protocol.
+
+`FlashNormPass` matches, plans and rewrites every norm → linear site of a model in place and
+returns a `FlashNormResult` (a `PassResult` whose `modified` says whether a site was rewritten,
+with the report attached). It leaves a valid, sorted graph; nodes it made dead stay until an
+unused-node removal. `pipeline()` is what the CLI and the API run:
+
+    shape inference → FlashNormPass → unused-node removal (to a fixed point) → shape inference
+
+Inside an export pipeline, compose it with other passes:
+
+    ir.passes.PassManager([FlashNormPass(mode="defer"), RemoveUnusedNodesPass(), ...])(model)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+from rewriter.costs import chooser_for
+from rewriter.errors import RewriterError
+from rewriter.patterns import find_sites
+from rewriter.plan import Options, make_plan
+from rewriter.report import Report
+from rewriter.transform import apply_plan
+
+
+@dataclass
+class FlashNormResult(ir.passes.PassResult):
+    report: Report | None = None
+
+
+class FlashNormPass(ir.passes.InPlacePass):
+    """FlashNorm (fold gains, defer 1/RMS) on every site the patterns prove; `options` are
+    rewriter.Options or its fields as keywords. The report of the last run is `self.report`."""
+
+    def __init__(self, options: Options | None = None, **fields):
+        super().__init__()
+        self.options = options if options is not None else Options(**fields)
+        self.report: Report | None = None
+
+    def call(self, model: ir.Model) -> FlashNormResult:
+        options = self.options
+        sites, misses = find_sites(model.graph)
+        plan = make_plan(sites, misses, options, chooser=chooser_for(options))
+        notes = []
+        if any(d.rewritten for d in plan):
+            rewriter = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx)
+            if options.approx:
+                notes.append(f"--approx: {len(rewriter.scales.cancelled)} deferred scale(s) cancelled in a "
+                             "following norm (exact only for ε = 0; see the measured error below)")
+        self.report = Report.from_plan(options.target or options.default_strategy, plan)
+        self.report.notes += notes
+        return FlashNormResult(model, self.report.rewritten > 0, self.report)
+
+
+def shape_inference() -> ShapeInferencePass:
+    """Fill in missing shapes (TorchScript exports carry few): the matcher and the scale walker
+    read them. Weights are not serialized for this; on failure the model is left as it was."""
+    return ShapeInferencePass(strict_mode=False, data_prop=True)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    shape_inference()(model)
+
+
+def pipeline(flash: FlashNormPass) -> ir.passes.PassManager:
+    return ir.passes.PassManager([
+        shape_inference(),
+        flash,
+        # the walker may leave a Mul in front of a replaced (dead) norm: remove to a fixed point
+        ir.passes.PassManager([RemoveUnusedNodesPass()], steps=8, early_stop=True),
+        shape_inference(),      # types and shapes of what the rewrite made, for the checks on save
+    ])
+
+
+def run_pipeline(model: ir.Model, options: Options) -> Report:
+    """Rewrite `model` in place; the errors a pass raises come out as themselves (onnx_ir wraps
+    them in PassError)."""
+    flash = FlashNormPass(options)
+    try:
+        pipeline(flash)(model)
+    except ir.passes.PassError as exc:
+        raise _original(exc) from exc
+    return flash.report
+
+
+def _original(exc: BaseException) -> BaseException:
+    """The first RewriterError in the chain of causes, else the innermost exception."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, RewriterError):
+            return exc
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            return exc
+        exc = inner
+    return exc
+
+
+__all__ = ["FlashNormPass", "FlashNormResult", "infer_shapes", "pipeline", "run_pipeline"]
