@@ -27,7 +27,7 @@ from rewriter.report import Report
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
     """Match, plan and rewrite `model` in place (the pipeline of rewriter.passes)."""
-    return run_pipeline(model, options)
+    return run_pipeline(model, options).report
 
 
 def rewrite(model, **options):
@@ -84,7 +84,7 @@ def _keep_failed(model: ir.Model, src, dst, exc: RewriterError) -> RewriterError
 
 def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None = None,
                  require_norms: bool = True, progress=None, verify=False, keep_failed: bool = False,
-                 also_writes: dict | None = None, **options) -> Report:
+                 also_writes: dict | None = None, options: Options | None = None, **fields) -> Report:
     """Rewrite the model at `src` into `dst` (atomic; `src` is never modified).
 
     verify: True, or a callable(original, rewritten_path) that raises to refuse (check_outputs
@@ -94,8 +94,9 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
     also_writes: {what: path} of files the caller writes afterwards (the report); they are
     refused before anything is written if they are a file the input or the output uses.
     With approx=True the rewritten model is run against the original and the measured
-    worst-case relative error is added to the report's notes."""
-    opts = Options(**options)
+    worst-case relative error is added to the report's notes. `options` (or its `fields` as
+    keywords) say how each site is rewritten."""
+    opts = options if options is not None else Options(**fields)
     io.check_target(Path(dst), "output")        # fail before a long rewrite, not after
     model, _ = io.load(src)
     report = rewrite_ir(model, opts)

@@ -43,8 +43,9 @@ from pathlib import Path
 
 from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, OutputError,
                              RewriterError, UsageError, VerificationFailed)
+from rewriter.plan import MODES, STRATEGIES, TARGETS, Options
 
-SUBCOMMANDS = ("verify", "bench", "calibrate", "demo")
+SUBCOMMANDS = ("verify", "explain", "bench", "calibrate", "demo")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -75,18 +76,15 @@ def tolerance(text: str) -> float:
     return value
 
 
-def _rewrite_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m rewriter", description="FlashNorm rewrite of an ONNX model "
-                       "(subcommands: verify, bench, calibrate, demo — see --help of each)")
-    p.add_argument("model", help="input .onnx (never modified)")
-    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
-    p.add_argument("--mode", choices=("defer", "fold"), default="defer",
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    """What decides each site's rewrite (shared by the rewrite and `explain`)."""
+    p.add_argument("--mode", choices=MODES, default="defer",
                    help="defer: fold gains and defer 1/RMS past the linears (FlashNorm, default); "
                         "fold: fold gains only, keep a weightless norm")
     p.add_argument("--no-push", action="store_true",
                    help="apply each deferred 1/RMS right after its linear instead of as late as "
                         "the scale algebra allows")
-    p.add_argument("--target", choices=("portable", "ort-cpu", "ort-cuda"),
+    p.add_argument("--target", choices=tuple(TARGETS),
                    help="choose each site's strategy for this runtime from measured costs "
                         "(built-in tables, or --costs): portable = the paper's form everywhere; "
                         "ort-cuda/ort-cpu = the fastest measured of keep, fold, fold-fused, defer, "
@@ -96,13 +94,22 @@ def _rewrite_parser() -> argparse.ArgumentParser:
                    "(default: the target's built-in table)")
     p.add_argument("--tokens", metavar="N,N", help="token counts the chooser optimizes for "
                    "(default: every measured count)")
-    p.add_argument("--strategy", choices=("keep", "fold", "fold-fused", "defer", "defer-normop"),
+    p.add_argument("--strategy", choices=tuple(STRATEGIES),
                    help="force one strategy at every site (overrides --mode and --target)")
     p.add_argument("--approx", action="store_true",
                    help="let a deferred scale cancel in a following norm (QK-norm, norm→linear→norm): "
                         "exact only for ε = 0; the measured error is reported")
     p.add_argument("--no-clone", action="store_true",
                    help="skip sites whose weight is shared (tied lm_head) instead of cloning it")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _rewrite_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m rewriter", description="FlashNorm rewrite of an ONNX model "
+                       f"(subcommands: {', '.join(SUBCOMMANDS)} — see --help of each)")
+    p.add_argument("model", help="input .onnx (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    _add_plan_options(p)
     p.add_argument("--report", metavar="JSON", help="write the per-site report here")
     p.add_argument("--verify", action="store_true",
                    help="run both models and compare before the output is renamed into place: "
@@ -115,8 +122,23 @@ def _rewrite_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="allow OUTPUT to be the input path (replaced atomically, with its external data)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _explain_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m rewriter explain",
+                       description="why the normalization that NAME belongs to was or was not rewritten, "
+                                   "step by step (nothing is written)")
+    p.add_argument("model", help="input .onnx")
+    p.add_argument("name", help="a node or value name of the norm, or of a linear it feeds")
+    _add_plan_options(p)
+    return p
+
+
+def cmd_explain(args) -> int:
+    from rewriter.explain import explain
+    print(explain(args.model, args.name, _options(args)))
+    return EXIT_OK
 
 
 def _verify_parser() -> argparse.ArgumentParser:
@@ -141,14 +163,7 @@ def cmd_rewrite(args) -> int:
         _check_report_path(Path(args.report), [args.model, args.output])
     if args.keep_failed and not args.verify:
         raise UsageError("--keep-failed keeps a model that fails --verify: give --verify too")
-    if (args.costs or args.tokens) and (args.strategy or args.target not in ("ort-cpu", "ort-cuda")):
-        raise UsageError("--costs/--tokens choose per site: give --target ort-cpu or ort-cuda (and no --strategy)")
-    choice = {"target": args.target, "strategy": args.strategy, "costs": _costs(args.costs),
-              "tokens": _tokens(args.tokens)}
-    report = rewrite_file(args.model, args.output, mode=args.mode, clone_shared=not args.no_clone,
-                          push_scales=not args.no_push, approx=args.approx,
-                          **{k: v for k, v in choice.items() if v is not None},
-                          overwrite=args.overwrite, external_data=args.external_data, progress=progress,
+    report = rewrite_file(args.model, args.output, options=_options(args), overwrite=args.overwrite, external_data=args.external_data, progress=progress,
                           verify=_printing_check(quiet=args.quiet) if args.verify else False,
                           keep_failed=args.keep_failed,
                           also_writes={"report": args.report} if args.report else None)
@@ -161,6 +176,18 @@ def cmd_rewrite(args) -> int:
         print(report.table())
         print(f"wrote {_printable(args.output)}")
     return EXIT_OK
+
+
+def _options(args) -> Options:
+    """The plan options of a rewrite or `explain` command line."""
+    measured = tuple(t for t, spec in TARGETS.items() if spec["ep"])
+    if (args.costs or args.tokens) and (args.strategy or args.target not in measured):
+        raise UsageError(f"--costs/--tokens choose per site: give --target {' or '.join(measured)} "
+                         "(and no --strategy)")
+    choice = {"target": args.target, "strategy": args.strategy, "costs": _costs(args.costs),
+              "tokens": _tokens(args.tokens)}
+    return Options(mode=args.mode, clone_shared=not args.no_clone, push_scales=not args.no_push,
+                   approx=args.approx, **{k: v for k, v in choice.items() if v is not None})
 
 
 def _printing_check(quiet: bool, **settings):
@@ -228,7 +255,7 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args) -> int:
-    from rewriter import bench
+    from rewriter.bench.timing import Settings, resolve_provider
     from rewriter.calibrate import calibrate, model_shapes, parse_shapes
     if bool(args.model) == bool(args.shapes):
         raise UsageError("give a MODEL or --shapes (one of the two)")
@@ -237,10 +264,10 @@ def cmd_calibrate(args) -> int:
     shapes = [s for s in shapes if s.dtype in ("float16", "float32")]
     if not shapes:
         raise UsageError("no site shape to measure (float16/float32 sites only)")
-    provider = bench.resolve_provider(args.provider)
+    provider = resolve_provider(args.provider)
     threads = args.threads if args.threads is not None else (1 if provider == "cpu" else 0)
-    settings = bench.Settings(warmup=3, min_rounds=5, max_rounds=max(5, args.rounds), budget_s=args.budget,
-                              threads=threads)
+    settings = Settings(warmup=3, min_rounds=5, max_rounds=max(5, args.rounds), budget_s=args.budget,
+                        threads=threads)
     table = calibrate(shapes, provider=provider, tokens=_tokens(args.tokens), layers=args.layers,
                       settings=settings, log=lambda m: print(m, file=sys.stderr))
     if args.merge and Path(args.output).exists():
@@ -348,8 +375,10 @@ def _main(argv: list[str], debug: bool) -> int:
     try:
         if argv and argv[0] == "verify":
             return cmd_verify(_verify_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "explain":
+            return cmd_explain(_explain_parser().parse_args(argv[1:]))
         if argv and argv[0] == "bench":
-            from rewriter.bench import main as bench_main
+            from rewriter.bench.cli import main as bench_main
             return bench_main(argv[1:])
         if argv and argv[0] == "calibrate":
             return cmd_calibrate(_calibrate_parser().parse_args(argv[1:]))

@@ -22,8 +22,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from rewriter.costs import chooser_for
 from rewriter.errors import RewriterError
 from rewriter.patterns import find_sites
-from rewriter.plan import Options, make_plan
+from rewriter.plan import Decision, Options, make_plan
 from rewriter.report import Report
+from rewriter.scale import Step
 from rewriter.transform import apply_plan
 
 
@@ -40,14 +41,17 @@ class FlashNormPass(ir.passes.InPlacePass):
         super().__init__()
         self.options = options if options is not None else Options(**fields)
         self.report: Report | None = None
+        self.plan: list[Decision] = []          # the last run's decisions (`explain` reads them)
+        self.trace: list[Step] = []             # and every op a deferred scale met
 
     def call(self, model: ir.Model) -> FlashNormResult:
         options = self.options
         sites, misses = find_sites(model.graph)
-        plan = make_plan(sites, misses, options, chooser=chooser_for(options))
+        self.plan = plan = make_plan(sites, misses, options, chooser=chooser_for(options))
         notes = []
         if any(d.rewritten for d in plan):
             rewriter = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx)
+            self.trace = rewriter.scales.trace
             if options.approx:
                 notes.append(f"--approx: {len(rewriter.scales.cancelled)} deferred scale(s) cancelled in a "
                              "following norm (exact only for ε = 0; see the measured error below)")
@@ -76,15 +80,15 @@ def pipeline(flash: FlashNormPass) -> ir.passes.PassManager:
     ])
 
 
-def run_pipeline(model: ir.Model, options: Options) -> Report:
-    """Rewrite `model` in place; the errors a pass raises come out as themselves (onnx_ir wraps
-    them in PassError)."""
+def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
+    """Rewrite `model` in place; returns the pass (its report, plan and trace). The errors a
+    pass raises come out as themselves (onnx_ir wraps them in PassError)."""
     flash = FlashNormPass(options)
     try:
         pipeline(flash)(model)
     except ir.passes.PassError as exc:
         raise _original(exc) from exc
-    return flash.report
+    return flash
 
 
 def _original(exc: BaseException) -> BaseException:

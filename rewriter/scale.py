@@ -270,6 +270,16 @@ def rule_for(node: ir.Node) -> Rule | None:
     return None
 
 
+@dataclass(frozen=True)
+class Step:
+    """One op a factor met: the scaled inputs it read and what the algebra did there."""
+
+    node: ir.Node | None            # None: a graph output
+    scaled: tuple[ir.Value, ...]
+    verdict: str
+    passed: bool
+
+
 class ScaleWalker:
     def __init__(self, graph: ir.Graph, edit: GraphEditor, take_output_slot, push: bool = True):
         self.graph = graph
@@ -286,6 +296,7 @@ class ScaleWalker:
         self._applied: dict[ir.Value, ir.Value] = {}
         self._factor: dict[tuple, ir.Value] = {}
         self.muls = 0
+        self.trace: list[Step] = []     # every op a factor met, in graph order (`explain` prints it)
 
     def stop_at(self, nodes) -> None:
         """Apply any scale before these nodes (a norm's readers: one Mul on its input)."""
@@ -336,8 +347,11 @@ class ScaleWalker:
             self._apply_in_subgraphs(value, state)
         for node in nodes:
             ins = [self.states.get(v) if v is not None else None for v in node.inputs]
+            scaled = tuple(v for v, st in zip(node.inputs, ins) if st is not None)
             for index, (value, state) in enumerate(zip(node.inputs, ins)):
                 if state is not None and (node, value) in self.stop_edges:
+                    self.trace.append(Step(node, (value,), "applied at x of an x·f(x) activation "
+                                           "(kept whole for onnxruntime's fusion)", False))
                     node.replace_input_with(index, self.apply(value, state))
                     ins[index] = None
             if not any(ins):
@@ -345,21 +359,25 @@ class ScaleWalker:
             if any((node, v) in self.cancels for v, st in zip(node.inputs, ins) if st is not None) \
                     and all(st is None or (node, v) in self.cancels for v, st in zip(node.inputs, ins)):
                 self.cancelled.update(v for v, st in zip(node.inputs, ins) if st is not None)
+                self.trace.append(Step(node, scaled, "cancels in this norm (--approx)", False))
                 continue            # the norm reads the raw tensor; its output is unscaled
             outs = self.rule(node, ins)
             if outs is not None and any(out in self.states for out in node.outputs):
                 outs = None         # a linear of another deferred norm: its own scale is seeded here
             if outs is None:
+                self.trace.append(Step(node, scaled, "applied before it: " + self.why_not(node), False))
                 for index, state in enumerate(ins):
                     if state is not None:
                         node.replace_input_with(index, self.apply(node.inputs[index], state))
                 continue
+            self.trace.append(Step(node, scaled, f"passes (rule {rule_for(node).__name__})", True))
             for value, state in zip(node.outputs, outs):
                 if state is not None:
                     self.states[value] = state
                     self._apply_in_subgraphs(value, state)
         for value in list(self.graph.outputs):
             if value in self.states:
+                self.trace.append(Step(None, (value,), "applied before the graph output", False))
                 applied = self.apply(value, self.states[value])
                 self.take_output_slot(value, applied)
 
@@ -370,11 +388,26 @@ class ScaleWalker:
         found = rule_for(node)
         return None if found is None else found(self, node, ins)
 
+    def why_not(self, node: ir.Node) -> str:
+        """Why the factor does not pass `node` (for the trace)."""
+        if not self.push:
+            return "--no-push"
+        if node in self.stops:
+            return "a norm reads it (applied once, before the norm)"
+        if any(out in self.states for out in node.outputs):
+            return "a linear of another deferred norm"
+        found = rule_for(node)
+        if found is None:
+            return f"no rule for {node.op_type}" + (f" ({node.domain})" if node.domain else "")
+        return f"rule {found.__name__} does not prove it: {found.__doc__.split(chr(10))[0].strip()}"
+
     def _apply_in_subgraphs(self, value: ir.Value, state: Scaled) -> None:
         """A subgraph (If/Loop/Scan body) reading `value` from the outer scope gets it with its
         factor applied: the walker never enters subgraphs."""
         for node, index in users(value):
             if node.graph is not self.graph:
+                self.trace.append(Step(node, (value,), "applied before it: it reads the value inside a "
+                                       "subgraph (If/Loop body)", False))
                 node.replace_input_with(index, self.apply(value, state))
 
     # -- materialization ------------------------------------------------------------------
