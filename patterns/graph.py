@@ -132,6 +132,20 @@ def exact_source(value: ir.Value) -> ir.Value:
     return value
 
 
+def initializers(model: ir.Model) -> Iterable[ir.Value]:
+    """Every initializer of every graph (subgraphs included)."""
+    for graph in model.graphs():
+        yield from graph.initializers.values()
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(int(v.const_value.nbytes) for v in initializers(model) if v.const_value is not None)
+
+
+def has_external_data(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in initializers(model))
+
+
 def residual_add(node: ir.Node | None, trust_unknown_shapes: bool = False) -> bool:
     """An Add of two activations (not constants) of the same rank and hidden size: a residual
     sum. Leading dims are not compared (exporters name the same symbolic dim differently).

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from rewriter import io
-from rewriter.errors import CannotRun, NothingToRewrite, RewriterError, VerificationFailed
+from rewriter.errors import CannotRun, NothingToRewrite, RewriterError, VerificationFailed, first_line
 from rewriter.passes import infer_shapes, run_pipeline  # noqa: F401 (infer_shapes: calibrate, tests)
 from rewriter.plan import Options
 from rewriter.report import Report
@@ -52,7 +52,7 @@ def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance:
     except (RewriterError, KeyboardInterrupt):
         raise
     except Exception as exc:    # onnxruntime refuses a model, or the feeds: nothing was compared
-        raise CannotRun(f"could not run the models under onnxruntime: {io._first_line(exc)}") from exc
+        raise CannotRun(f"could not run the models under onnxruntime: {first_line(exc)}") from exc
     bad = [d for d in diffs if not d.ok]
     if bad:
         worst = max(bad, key=lambda d: math.inf if math.isnan(d.max_rel) else d.max_rel)

@@ -25,6 +25,15 @@ DOCUMENTED_EXIT_CODES = (EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_BAD_INPUT
                          EXIT_OUTPUT, EXIT_NOTHING, EXIT_INTERNAL, EXIT_CANNOT_RUN, EXIT_INTERRUPTED)
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """One line out of a (multi-line, C++) exception message."""
+    text = " ".join(str(exc).split())
+    text = text.replace("==> Context: ", "").strip()
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class RewriterError(Exception):
     exit_code = EXIT_BAD_INPUT
 

@@ -1,0 +1,216 @@
+"""Is this a graph onnxruntime could run? Checks made before anything is rewritten (exit 4
+when not) and on what is written (a failure there is a bug: exit 7).
+
+Validation (`check_graph`) runs on a *skeleton* of the model: the graph with every large or
+external initializer replaced by a typed graph input, so that onnx.checker and strict shape
+inference see the structure and the types without a byte of weight being read or copied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from rewriter.errors import OutputError, Unsupported, first_line
+from rewriter.patterns.graph import initializers
+
+
+KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.ml", "pkg.onnxscript.torch_lib",
+                 "pkg.onnxscript.torch_lib.common", "pkg.torch.onnx", "ai.onnx.preview.training"}
+
+
+MAX_ONNX_OPSET = onnx.defs.onnx_opset_version()
+
+
+# ops onnxruntime registers in the ONNX domain although the ONNX standard has no such op (at
+# that opset): the checker would call them unknown, so they are checked as contrib ops
+ORT_ONNX_DOMAIN_CONTRIB = {"SimplifiedLayerNormalization": 10**9, "LayerNormalization": 17}  # op: first ONNX opset that has it
+
+
+SKELETON_MIN_BYTES = 1024           # initializers above this size become typed inputs
+
+
+def check_supported(model: ir.Model) -> None:
+    imports = model.graph.opset_imports
+    version = imports.get("", imports.get("ai.onnx"))
+    if version is None:
+        raise Unsupported("model imports no default ONNX opset")
+    if version > MAX_ONNX_OPSET:
+        raise Unsupported(f"opset {version} is newer than this onnx supports ({MAX_ONNX_OPSET})")
+    if version < 1:
+        raise Unsupported(f"invalid default opset version {version}")
+    local = {domain for domain, _, _ in model.functions}
+    for node in model.graph.all_nodes():
+        if node.domain not in KNOWN_DOMAINS and node.domain not in local:
+            raise Unsupported(f"node {node.name!r} uses unknown domain {node.domain!r}")
+
+
+def check_dangling(model: ir.Model) -> None:
+    """Every node input is produced by a node, an initializer or a graph input (any scope)."""
+    for node in model.graph.all_nodes():
+        for value in node.inputs:
+            if value is None or value.producer() is not None:
+                continue
+            if value.is_graph_input() or value.is_initializer() or value.graph is not None:
+                continue
+            raise Unsupported(f"invalid graph: input {value.name!r} of node {node.name!r} "
+                              f"({node.op_type}) is produced by no node, initializer or graph input")
+
+
+def _is_sorted(graph: ir.Graph) -> bool:
+    seen: set[int] = set()
+    for node in graph:
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is not None and producer.graph is graph and id(producer) not in seen:
+                return False
+        seen.add(id(node))
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH and not _is_sorted(attr.value):
+                return False
+            if attr.type == ir.AttributeType.GRAPHS and not all(_is_sorted(g) for g in attr.value):
+                return False
+    return True
+
+
+def check_order(model: ir.Model) -> None:
+    """Raise Unsupported on a cycle. An acyclic graph whose nodes are out of order (ONNX
+    requires topological order; some tools do not keep it) is sorted, nothing else moves."""
+    if _is_sorted(model.graph):
+        return
+    try:
+        model.graph.sort()
+    except ValueError as exc:
+        raise Unsupported("invalid graph: it contains a cycle (no topological order exists)") from exc
+
+
+def _tensors(model: ir.Model):
+    """(owner name, tensor) for every initializer and Constant/attribute tensor, all graphs."""
+    for value in initializers(model):
+        if value.const_value is not None:
+            yield value.name, value.const_value
+    for node in model.graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                yield f"{node.name}.{attr.name}", attr.value
+
+
+def check_tensors(model: ir.Model) -> None:
+    """Tensor data matches its dtype and shape (neither checker nor shape inference look):
+    raw bytes are compared by length only; small typed-field tensors are decoded."""
+    for name, tensor in _tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            continue
+        proto = getattr(tensor, "raw", None)
+        try:
+            if isinstance(proto, onnx.TensorProto) and proto.HasField("raw_data") \
+                    and tensor.dtype != ir.DataType.STRING:
+                if len(proto.raw_data) != tensor.nbytes:
+                    raise ValueError(f"{len(proto.raw_data)} bytes of data, {tensor.dtype.name} "
+                                     f"{list(tensor.shape)} needs {tensor.nbytes}")
+            elif isinstance(proto, onnx.TensorProto) and tensor.size <= 1 << 16:
+                tensor.numpy()
+        except Exception as exc:
+            raise Unsupported(f"invalid tensor {name!r}: data does not match its type and shape "
+                              f"({first_line(exc, 160)})") from exc
+
+
+def skeleton(model: ir.Model) -> onnx.ModelProto:
+    """The model as a ModelProto with every external or large initializer turned into a typed
+    main-graph input: no weight is read or copied, checker and shape inference still see
+    every type and shape. Small initializers (axes, shapes, epsilons) stay as they are."""
+    swapped: list[tuple[ir.Value, object]] = []
+    try:
+        for value in initializers(model):
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            if isinstance(tensor, ir.ExternalTensor) or tensor.nbytes > SKELETON_MIN_BYTES:
+                stub = ir.ExternalTensor("__skeleton__", 0, 0, tensor.dtype, shape=tensor.shape,
+                                         name=value.name)
+                swapped.append((value, tensor))
+                value.const_value = stub
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    graph_inputs = {i.name for i in proto.graph.input}
+    moved: list[onnx.ValueInfoProto] = []
+
+    def strip(graph: onnx.GraphProto) -> None:
+        keep = []
+        for init in graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                if init.name not in graph_inputs:
+                    graph_inputs.add(init.name)
+                    moved.append(onnx.helper.make_tensor_value_info(init.name, init.data_type,
+                                                                    list(init.dims)))
+            else:
+                keep.append(init)
+        if len(keep) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(keep)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        strip(sub)
+
+    strip(proto.graph)
+    proto.graph.input.extend(moved)
+    # ORT's contrib ops in the ONNX domain: check them as the contrib ops they are
+    default = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    contrib = False
+    for node in proto.graph.node:
+        since = ORT_ONNX_DOMAIN_CONTRIB.get(node.op_type)
+        if node.domain in ("", "ai.onnx") and since is not None and default < since:
+            node.domain, contrib = "com.microsoft", True
+    if contrib and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return proto
+
+
+def check_proto(proto: onnx.ModelProto) -> None:
+    """onnx.checker (structure, topological order, schemas) then strict shape inference
+    (types and shapes consistent with every declared value_info; unknown ops are skipped)."""
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise Unsupported(f"invalid graph: {first_line(exc)}") from exc
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise Unsupported(f"invalid graph (shape inference): {first_line(exc)}") from exc
+
+
+def check_graph(model: ir.Model) -> None:
+    """Raise Unsupported when the graph is invalid: a dangling input, a cycle, a node that
+    fails its schema, types or shapes that contradict each other."""
+    check_dangling(model)
+    check_order(model)
+    check_tensors(model)
+    try:
+        proto = skeleton(model)
+    except Unsupported:
+        raise
+    except Exception as exc:
+        raise Unsupported(f"invalid graph: cannot serialize ({type(exc).__name__}: "
+                          f"{first_line(exc)})") from exc
+    check_proto(proto)
+
+
+def check_structure(path: Path, op_types: set[str] | None = None) -> None:
+    """onnx.checker on the written file (it parses, external data files are where the model
+    says). The contrib ops ORT registers in the ONNX domain are tolerated."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        message = first_line(exc)
+        unknown = message.split("No Op registered for ", 1)
+        if len(unknown) == 2 and unknown[1].split()[0] in ORT_ONNX_DOMAIN_CONTRIB:
+            return
+        raise OutputError(f"rewritten model failed onnx.checker: {message}") from exc
