@@ -23,6 +23,7 @@ from rewriter.errors import CannotRun, NothingToRewrite, RewriterError, Verifica
 from rewriter.passes import infer_shapes, run_pipeline  # noqa: F401 (infer_shapes: calibrate, tests)
 from rewriter.plan import Options
 from rewriter.report import Report
+from rewriter.verify import verify as compare_outputs
 
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
@@ -46,9 +47,8 @@ def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance:
     """Run both models under onnxruntime on the same inputs and compare their outputs.
     Returns the per-output diffs; raises VerificationFailed (with them) when any differs beyond
     the tolerance, CannotRun when onnxruntime cannot load or run either model."""
-    from rewriter.verify import verify
     try:
-        diffs = verify(original, rewritten, inputs=inputs, tolerance=tolerance, provider=provider, **shape)
+        diffs = compare_outputs(original, rewritten, inputs=inputs, tolerance=tolerance, provider=provider, **shape)
     except (RewriterError, KeyboardInterrupt):
         raise
     except Exception as exc:    # onnxruntime refuses a model, or the feeds: nothing was compared
@@ -108,8 +108,7 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
         if checker is not None:
             checker(src, tmp_model)
         if opts.approx and report.rewritten:
-            from rewriter.verify import verify as measure
-            worst = max(d.max_rel for d in measure(src, tmp_model, provider="cpu"))
+            worst = max(d.max_rel for d in compare_outputs(src, tmp_model, provider="cpu"))
             report.notes.append(f"--approx: measured worst-case error {worst:.3e} relative "
                                 "(max |Δ| / max |original| over outputs, random inputs, CPU)")
     try:
