@@ -21,7 +21,7 @@ inputs, exported from a random-init transformers LlamaForCausalLM of the same sh
 models.export.export_decoder_with_past ("wrapper" exporter, else "transformers"); a model
 whose decode graph cannot be made gets a "not available" row with the reason.
 
-Variants per row (rewriter/bench.py): raw, best-fused, rewritten (defer), rewritten-fold,
+Variants per row (rewriter/bench/variants.py): raw, best-fused, rewritten (defer), rewritten-fold,
 ort-cuda (rewrite_file target="ort-cuda"), norm-free (+ fused+fold with --variants). Writes end_to_end.json, .png and .md into --out.
 """
 
@@ -39,7 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from rewriter import bench  # noqa: E402
+from rewriter.bench.cli import add_timing_args, int_list, settings_from  # noqa: E402
+from rewriter.bench.present import merge_cases, plot, table, variants_json, write_json  # noqa: E402
+from rewriter.bench.timing import Shape, log_to_stderr, measure, quiet_log, resolve_provider  # noqa: E402
+from rewriter.bench.variants import BEST_FUSED, prepare_variants  # noqa: E402
 
 DEFAULT_VARIANTS = "raw,best-fused,rewritten,rewritten-fold,ort-cuda,norm-free"
 PRESETS = {
@@ -159,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
-    p.add_argument("--best-fused", choices=("auto", "ort", "hand"), default="auto")
+    p.add_argument("--best-fused", choices=tuple(BEST_FUSED), default="auto")
     p.add_argument("--export-timeout", type=float, default=600, help="seconds for one decode-graph export")
     p.add_argument("--time-limit", type=float, default=0,
                    help="seconds; cases not started by then are skipped (0: none; --quick: 420)")
@@ -168,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="default benchmarks/results/end_to_end-<provider>")
     p.add_argument("--workdir", help="keep the models here (default: temporary, deleted per model)")
     p.add_argument("--quiet", action="store_true")
-    bench.add_timing_args(p)
+    add_timing_args(p)
     return p
 
 
@@ -193,35 +196,35 @@ def main(argv=None) -> int:
         if f"--{name}" in argv:
             p.set_defaults(**PRESETS[name])
     args = p.parse_args(argv)
-    log = bench._quiet_log if args.quiet else bench.log_to_stderr
-    provider = bench.resolve_provider(args.provider)
-    settings = bench.settings_from(args)
+    log = quiet_log if args.quiet else log_to_stderr
+    provider = resolve_provider(args.provider)
+    settings = settings_from(args)
     wanted = tuple(v for v in args.variants.split(",") if v)
     stacked = tuple(n.split("+", 1)[1] for n in wanted if n.startswith("fused+"))
     layers_map = _layers_map(args.layers)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"end_to_end-{provider}")
     out.mkdir(parents=True, exist_ok=True)
     workroot = Path(args.workdir or tempfile.mkdtemp(prefix="flashnorm-e2e-"))
-    prefill = bench._ints(args.prefill)
-    decode = bench._ints(args.decode)
+    prefill = int_list(args.prefill)
+    decode = int_list(args.decode)
     decode_models = None if args.decode_models == "all" else set(args.decode_models.split(","))
     from models.synth_llama import PRESETS as SP
     parts = []
     t_all = time.perf_counter()
 
     def run_case(case, src, shapes, info, work):
-        variants = bench.prepare_variants(src, workdir=work, baselines=True, stacked=stacked,
+        variants = prepare_variants(src, workdir=work, baselines=True, stacked=stacked,
                                           best_fused=args.best_fused, use_gpu=provider == "cuda",
                                           only=wanted, log=log)
         variants = {k: v for k, v in variants.items() if k in wanted}
-        res = bench.measure(variants, shapes, provider=provider, settings=settings, log=log)
-        vj = bench.variants_json(variants)
+        res = measure(variants, shapes, provider=provider, settings=settings, log=log)
+        vj = variants_json(variants)
         vj["raw"]["info"] = info
         parts.append((case, res, vj))
         gc.collect()
 
     def write(final: bool):
-        result = bench.merge_cases(parts, provider, settings)
+        result = merge_cases(parts, provider, settings)
         result["benchmark"] = "end_to_end"
         result["complete"] = final
         result["config"] = {"models": args.models,
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
         result["wall_s"] = round(time.perf_counter() - t_all, 1)
         missing = [f"{case}: {e['variants']['raw']['error']}" for case, e in result["cases"].items()
                    if e["variants"].get("raw", {}).get("error")]
-        bench.write_json(result, out / "end_to_end.json")
+        write_json(result, out / "end_to_end.json")
         md = [f"# End to end ({args.dtype}, batch {args.batch})", "",
               f"Device: {result['device']}, onnxruntime {result['onnxruntime']} ({provider})"
               + (", CUDA graph" if args.cuda_graph else "") + f". Wall time {result['wall_s']} s"
@@ -240,7 +243,7 @@ def main(argv=None) -> int:
               "Cells: median ms per forward [p10-p90]. Ratios: t(base) / t(variant), > 1 = variant faster. "
               "Prefill t1 = a 1-token forward without KV cache (decode proxy); decode rows: 1 new token, "
               "KV cache of `past` tokens. `L` = decoder layers in the graph (embedding and lm_head kept).",
-              "", bench.table(result, markdown=True), ""]
+              "", table(result, markdown=True), ""]
         md += [f"- {m}" for m in missing]
         for case, entry in result["cases"].items():
             for vname, v in entry["variants"].items():
@@ -249,7 +252,7 @@ def main(argv=None) -> int:
         md += ["", "Method: " + result["method"], ""]
         (out / "end_to_end.md").write_text("\n".join(md) + "\n")
         if final:
-            bench.plot(result, out / "end_to_end.png", title=f"end to end, {args.dtype}, batch {args.batch}")
+            plot(result, out / "end_to_end.png", title=f"end to end, {args.dtype}, batch {args.batch}")
         return result, missing
 
     def over_time(case) -> bool:
@@ -273,7 +276,7 @@ def main(argv=None) -> int:
                 try:
                     src = work / "model.onnx"
                     info = make_prefill(src, name, layers, args.dtype, log)
-                    run_case(case, src, [bench.Shape(t, args.batch) for t in prefill], info, work)
+                    run_case(case, src, [Shape(t, args.batch) for t in prefill], info, work)
                 except Exception as exc:
                     log(f"{case}: not available ({type(exc).__name__}: {exc})")
                     parts.append((case, None, {"raw": {"error": f"not available: {type(exc).__name__}: {exc}"}}))
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
                 case = f"{tag} decode"
                 try:
                     src, info = make_decode(work, name, layers, args.dtype, log, args.export_timeout)
-                    run_case(case, src, [bench.Shape(1, args.batch, p_) for p_ in decode], info, work)
+                    run_case(case, src, [Shape(1, args.batch, p_) for p_ in decode], info, work)
                 except Exception as exc:
                     msg = f"not available: {type(exc).__name__}: {str(exc)[:400]}"
                     log(f"{case}: {msg}")
@@ -298,7 +301,7 @@ def main(argv=None) -> int:
         if not args.workdir:
             shutil.rmtree(workroot, ignore_errors=True)
     result, missing = write(final=True)
-    print(bench.table(result))
+    print(table(result))
     for m in missing:
         print("# " + m)
     print("\nMethod: " + result["method"])

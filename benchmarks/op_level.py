@@ -5,8 +5,8 @@
     python benchmarks/op_level.py --smoke               # seconds on a CPU (CI)
     python benchmarks/op_level.py --shapes 576x960 --tokens 1,512 --dtype fp32 --provider cpu
 
-Graph per shape d -> d_out (built here with onnx.helper, L layers, default 8), input h0 of shape
-[batch, tokens, d]:
+Graph per shape d -> d_out (built here with rewriter.bench.graphs.GraphBuilder, L layers,
+default 8), input h0 of shape [batch, tokens, d]:
 
     h_{i+1} = h_i + MatMul(MatMul(RMSNorm_i(h_i), W_i), V_i)     W_i: [d, d_out], V_i: [d_out, d]
     h_{i+1} = h_i + MatMul(RMSNorm_i(h_i), W_i)                  when d_out == d (no V_i)
@@ -20,10 +20,11 @@ Mul(gain); gains are 1 + 0.1 N(0, 1) and differ per layer. Weights are N(0, 1/d)
 building fast the layers share the same random values (separate initializers, so nothing is
 shared in the graph).
 
-Variants (rewriter/bench.py): raw, best-fused (hand-built SkipSimplifiedLayerNormalization /
-SimplifiedLayerNormalization by default; `--best-fused auto` tries onnxruntime's transformers
-optimizer first), rewritten (defer), rewritten-fold, norm-free, fused+fold (the fold rewrite of
-best-fused). Writes op_level.json, op_level.png and op_level.md into --out.
+Variants (rewriter/bench/variants.py): raw, best-fused (SkipSimplifiedLayerNormalization /
+SimplifiedLayerNormalization from the rewriter's fused-norm emitter by default; `--best-fused
+auto` runs onnxscript's optimize_for_ort first), rewritten (defer), rewritten-fold, norm-free,
+fused+fold (the fold rewrite of best-fused); the peers onnxscript and ort-optimizer by name
+(--variants). Writes op_level.json, op_level.png and op_level.md into --out.
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from rewriter import bench  # noqa: E402
+from rewriter.bench.cli import add_timing_args, int_list, settings_from  # noqa: E402
+from rewriter.bench.graphs import GraphBuilder, tensor_type  # noqa: E402
+from rewriter.bench.present import merge_cases, plot, table, variants_json, write_json  # noqa: E402
+from rewriter.bench.timing import Shape, log_to_stderr, measure, quiet_log, resolve_provider  # noqa: E402
+from rewriter.bench.variants import BEST_FUSED, prepare_variants  # noqa: E402
 
 PAPER_SHAPES = "576x960,576x3072,4096x4096,4096x12288,4096x22016"
 FULL_TOKENS = "1,16,128,512,2048,8192"
@@ -52,70 +57,23 @@ DEFAULT_VARIANTS = "raw,best-fused,rewritten,rewritten-fold,ort-cuda,norm-free,f
 def build_chain(path, d: int, d_out: int, layers: int = 8, dtype: str = "fp16", seed: int = 0,
                 eps: float = 1e-5, opset: int = 18) -> dict:
     """Write the L-layer norm -> projection chain (see the module doc) to `path`."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     np_dt = {"fp16": np.float16, "fp32": np.float32}[dtype]
-    onnx_dt = {"fp16": TensorProto.FLOAT16, "fp32": TensorProto.FLOAT}[dtype]
-    rng = np.random.default_rng(seed)
-    w_up = (rng.standard_normal((d, d_out), dtype=np.float32) / np.sqrt(d)).astype(np_dt)
+    g = GraphBuilder(opset=opset, seed=seed, sep="_")
+    w_up = (g.rng.standard_normal((d, d_out), dtype=np.float32) / np.sqrt(d)).astype(np_dt)
     w_down = None
     if d_out != d:
-        w_down = (rng.standard_normal((d_out, d), dtype=np.float32) / np.sqrt(d_out)).astype(np_dt)
-    nodes, inits = [], []
-
-    def const(name, array):
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    two = const("two", np.array(2.0, np.float32))
-    eps_c = const("eps", np.array(eps, np.float32))
-    axes = const("axes", np.array([-1], np.int64))
-    h = "h0"
+        w_down = (g.rng.standard_normal((d_out, d), dtype=np.float32) / np.sqrt(d_out)).astype(np_dt)
+    h = g.input("h0", ["batch", "seq", d], np_dt)
     for i in range(layers):
-        p = f"l{i}."
-        x32 = h
-        if dtype != "fp32":
-            x32 = p + "x32"
-            nodes.append(helper.make_node("Cast", [h], [x32], to=TensorProto.FLOAT, name=p + "cast_in"))
-        nodes += [
-            helper.make_node("Pow", [x32, two], [p + "sq"], name=p + "pow"),
-            helper.make_node("ReduceMean", [p + "sq", axes], [p + "ms"], keepdims=1, name=p + "mean"),
-            helper.make_node("Add", [p + "ms", eps_c], [p + "mse"], name=p + "add_eps"),
-            helper.make_node("Sqrt", [p + "mse"], [p + "rms"], name=p + "sqrt"),
-            helper.make_node("Reciprocal", [p + "rms"], [p + "inv"], name=p + "recip"),
-            helper.make_node("Mul", [x32, p + "inv"], [p + "n32"], name=p + "scale"),
-        ]
-        normed = p + "n32"
-        if dtype != "fp32":
-            normed = p + "n"
-            nodes.append(helper.make_node("Cast", [p + "n32"], [normed], to=onnx_dt, name=p + "cast_out"))
-        gain = const(p + "norm.weight", (1.0 + 0.1 * rng.standard_normal(d)).astype(np_dt))
-        nodes.append(helper.make_node("Mul", [gain, normed], [p + "y"], name=p + "gain"))
-        wname = const(p + "up.weight", w_up)
-        nodes.append(helper.make_node("MatMul", [p + "y", wname], [p + "up"], name=p + "up"))
-        out = p + "up"
+        gain = (1.0 + 0.1 * g.rng.standard_normal(d)).astype(np_dt)
+        y = g.rms(h, eps=eps, gain=gain, cast=tensor_type(np_dt) if dtype != "fp32" else None)
+        out = g.op("MatMul", [y, g.const(w_up, f"l{i}.up.weight")])
         if w_down is not None:
-            vname = const(p + "down.weight", w_down)
-            nodes.append(helper.make_node("MatMul", [p + "up", vname], [p + "down"], name=p + "down"))
-            out = p + "down"
-        nxt = f"h{i + 1}"
-        nodes.append(helper.make_node("Add", [h, out], [nxt], name=p + "residual"))
-        h = nxt
-    graph = helper.make_graph(
-        nodes, f"chain_{d}x{d_out}",
-        [helper.make_tensor_value_info("h0", onnx_dt, ["batch", "seq", d])],
-        [helper.make_tensor_value_info(h, onnx_dt, ["batch", "seq", d])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10,
-                              producer_name="flashnorm-op-level")
-    nbytes = sum(t.ByteSize() for t in inits)
-    path = Path(path)
-    if nbytes > 1 << 30:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return {"d": d, "d_out": d_out, "layers": layers, "dtype": dtype, "weight_bytes": int(nbytes),
+            out = g.op("MatMul", [out, g.const(w_down, f"l{i}.down.weight")])
+        h = g.op("Add", [h, out], hint=f"h{i + 1}")
+    g.output(h, np_dt, ["batch", "seq", d])
+    nbytes = g.save(path, g.model(contrib=False, name=f"chain_{d}x{d_out}", producer_name="flashnorm-op-level"))
+    return {"d": d, "d_out": d_out, "layers": layers, "dtype": dtype, "weight_bytes": nbytes,
             "form": "h + MatMul(MatMul(RMSNorm(h), W[d,d_out]), V[d_out,d])" if w_down is not None
             else "h + MatMul(RMSNorm(h), W[d,d])"}
 
@@ -145,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
-    p.add_argument("--best-fused", choices=("hand", "auto", "ort"), default="hand")
+    p.add_argument("--best-fused", choices=tuple(BEST_FUSED), default="hand")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, seconds on a CPU (CI)")
     p.add_argument("--quick", action="store_true", help="3 token counts, short budget (GPU runs)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/op_level-<provider>)")
@@ -153,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=0,
                    help="seconds; shapes not started by then are skipped (0: none; --quick: 420)")
     p.add_argument("--quiet", action="store_true")
-    bench.add_timing_args(p)
+    add_timing_args(p)
     return p
 
 
@@ -164,20 +122,20 @@ def main(argv=None) -> int:
         if f"--{name}" in argv:
             p.set_defaults(**preset)
     args = p.parse_args(argv)
-    log = bench._quiet_log if args.quiet else bench.log_to_stderr
-    provider = bench.resolve_provider(args.provider)
-    settings = bench.settings_from(args)
+    log = quiet_log if args.quiet else log_to_stderr
+    provider = resolve_provider(args.provider)
+    settings = settings_from(args)
     wanted = tuple(v for v in args.variants.split(",") if v)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"op_level-{provider}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="flashnorm-oplevel-")
     workroot = Path(args.workdir or tmp)
-    tokens = bench._ints(args.tokens)
+    tokens = int_list(args.tokens)
     parts = []
     t_all = time.perf_counter()
 
     def write(final: bool):
-        result = bench.merge_cases(parts, provider, settings)
+        result = merge_cases(parts, provider, settings)
         result["benchmark"] = "op_level"
         result["complete"] = final
         result["config"] = {"shapes": args.shapes, "tokens": tokens, "layers": args.layers,
@@ -185,13 +143,13 @@ def main(argv=None) -> int:
                             "best_fused": args.best_fused, "time_limit_s": args.time_limit,
                             "graph": __doc__.split("Graph per shape", 1)[1].split("Variants", 1)[0].strip()}
         result["wall_s"] = round(time.perf_counter() - t_all, 1)
-        bench.write_json(result, out / "op_level.json")
+        write_json(result, out / "op_level.json")
         md = [f"# Op-level: norm -> projection chains ({args.dtype}, L={args.layers}, batch {args.batch})", "",
               f"Device: {result['device']}, onnxruntime {result['onnxruntime']} ({provider})"
               + (", CUDA graph" if args.cuda_graph else "") + f". Wall time {result['wall_s']} s"
               + ("" if final else " (INCOMPLETE: written after each shape)") + ".", "",
               "Cells: median ms per call [p10-p90]. Ratios: t(base) / t(variant), > 1 = variant faster.", "",
-              bench.table(result, markdown=True), "", "Graph: " + result["config"]["graph"], "",
+              table(result, markdown=True), "", "Graph: " + result["config"]["graph"], "",
               "Method: " + result["method"], ""]
         for case, entry in result["cases"].items():
             for name, v in entry["variants"].items():
@@ -199,7 +157,7 @@ def main(argv=None) -> int:
                     md.append(f"- {case} {name}: not measured: {v['error']}")
         (out / "op_level.md").write_text("\n".join(md) + "\n")
         if final:
-            bench.plot(result, out / "op_level.png", title=f"op level: L={args.layers} norm->projection "
+            plot(result, out / "op_level.png", title=f"op level: L={args.layers} norm->projection "
                        f"chains, {args.dtype}, batch {args.batch}")
         return result
 
@@ -222,14 +180,14 @@ def main(argv=None) -> int:
                 continue
             log(f"{case}: chain built in {time.perf_counter() - t0:.1f} s "
                 f"({info['weight_bytes'] / 2**20:.0f} MiB of weights)")
-            variants = bench.prepare_variants(
+            variants = prepare_variants(
                 src, workdir=work, baselines=True,
                 stacked=tuple(n.split("+", 1)[1] for n in wanted if n.startswith("fused+")),
                 best_fused=args.best_fused, use_gpu=provider == "cuda", only=wanted, log=log)
             variants = {k: v for k, v in variants.items() if k in wanted}
-            shapes = [bench.Shape(t, args.batch) for t in tokens]
-            res = bench.measure(variants, shapes, provider=provider, settings=settings, log=log)
-            vj = bench.variants_json(variants)
+            shapes = [Shape(t, args.batch) for t in tokens]
+            res = measure(variants, shapes, provider=provider, settings=settings, log=log)
+            vj = variants_json(variants)
             vj["raw"]["info"] = info
             parts.append((case, res, vj))
             if not args.workdir:
@@ -239,7 +197,7 @@ def main(argv=None) -> int:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result = write(final=True)
-    print(bench.table(result))
+    print(table(result))
     print("\nMethod: " + result["method"])
     print(f"wrote {out / 'op_level.json'}, op_level.png, op_level.md")
     return 0

@@ -256,10 +256,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from rewriter import bench
+    from rewriter.bench.timing import log_to_stderr, quiet_log
     from rewriter.api import rewrite_file
     args = parser().parse_args(argv)
-    log = bench._quiet_log if args.quiet else bench.log_to_stderr
+    log = quiet_log if args.quiet else log_to_stderr
     dtypes = [d for d in args.dtypes.split(",") if d]
     if "fp32" not in dtypes:
         dtypes.insert(0, "fp32")            # the reference

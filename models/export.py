@@ -26,8 +26,9 @@ import onnx
 import torch
 from torch import nn
 
-#: onnxruntime 1.32 accepts IR <= 11; we clamp to 10 to stay loadable on older ORT builds.
-MAX_IR_VERSION = 10
+from rewriter.bench.passes import fix_ir_version, ort_optimize as _ort_optimize
+from rewriter.verify import session as _session
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -95,15 +96,6 @@ class ExportResult:
                 f"in={self.inputs} out={self.outputs} {self.seconds:.1f}s  [{top}]")
 
 
-def fix_ir_version(path: str | os.PathLike, max_ir: int = MAX_IR_VERSION) -> int:
-    """Clamp the file's ir_version to ``max_ir`` in place (onnxruntime refuses newer IR)."""
-    m = onnx.load(str(path), load_external_data=False)
-    if m.ir_version > max_ir:
-        m.ir_version = max_ir
-        onnx.save(m, str(path))
-    return m.ir_version
-
-
 def op_counts(model: onnx.ModelProto) -> dict:
     counts: dict = {}
     for n in model.graph.node:
@@ -150,8 +142,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, exporter: str = "dyna
     batched_positions: None = auto (True for opset >= 23): decoders get position_ids =
     arange(seq) expanded to [batch, seq] inside the graph, so that ORT's RotaryEmbedding
     (opset 23) runs at batch > 1 (it rejects a batch-1 cos/sin cache otherwise).
-    The written file's ir_version is clamped to MAX_IR_VERSION; with ``check`` the file is
-    loaded in onnxruntime CPU and run once on random ids.
+    The written file's ir_version is clamped to rewriter.bench.passes.MAX_IR_VERSION; with
+    ``check`` the file is loaded in onnxruntime CPU and run once on random ids.
     """
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
@@ -194,20 +186,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, exporter: str = "dyna
                 dyn = {"input_ids": {0: B, 1: S}}
                 if with_attention_mask:
                     dyn["attention_mask"] = {0: B, 1: S}
-            try:
-                prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
+            def dynamo(shapes):
+                return torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
                                          input_names=input_names, output_names=output_names,
-                                         dynamic_shapes=dyn, optimize=optimize,
+                                         dynamic_shapes=shapes, optimize=optimize,
                                          external_data=False, verbose=verbose)
+            try:
+                prog = dynamo(dyn)
             except Exception:
                 if not dynamic:
                     raise
                 # retry letting torch.export infer the dims (Dim.AUTO)
-                dyn = {k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in dyn}
-                prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset,
-                                         input_names=input_names, output_names=output_names,
-                                         dynamic_shapes=dyn, optimize=optimize,
-                                         external_data=False, verbose=verbose)
+                prog = dynamo({k: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for k in dyn})
             _rename_io(prog.model, input_names, output_names)
             prog.save(str(path), external_data=False)
         else:
@@ -239,18 +229,9 @@ def _rename_io(ir_model, input_names, output_names):
             v.name = n
 
 
-def ort_session(path, providers=("CPUExecutionProvider",), opt_level=None):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if opt_level is not None:
-        so.graph_optimization_level = opt_level
-    return ort.InferenceSession(str(path), so, providers=list(providers))
-
-
 def run_ort(path, input_ids, attention_mask=None, session=None, **extra) -> np.ndarray:
     """Run the exported model once in onnxruntime CPU; returns the first output."""
-    sess = session or ort_session(path)
+    sess = session or _session(path, "cpu")
     names = {i.name for i in sess.get_inputs()}
     feed = {"input_ids": np.asarray(input_ids, dtype=np.int64)}
     if "attention_mask" in names:
@@ -287,29 +268,9 @@ def ort_optimize(in_path, out_path, model_type: str = "gpt2", num_heads: int = 0
     stays plain ONNX + com.microsoft fused ops. With ``fallback``, a failing "gpt2" run is
     retried as "bert". Returns out_path.
     """
-    from onnxruntime.transformers import optimizer
-    import logging
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            opt = optimizer.optimize_model(str(in_path), model_type=model_type,
-                                           num_heads=num_heads, hidden_size=hidden,
-                                           opt_level=opt_level, use_gpu=use_gpu)
-        except Exception:
-            if model_type != "gpt2" or not fallback:
-                raise
-            # gpt2's postprocess assumes every Gemm has a bias; "bert" fuses the same norms
-            opt = optimizer.optimize_model(str(in_path), model_type="bert",
-                                           num_heads=num_heads, hidden_size=hidden,
-                                           opt_level=opt_level, use_gpu=use_gpu)
-        if fp16:
-            opt.convert_float_to_float16(keep_io_types=True)
-    out_path = str(out_path)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    opt.save_model_to_file(out_path, use_external_data_format=False)
-    fix_ir_version(out_path)
-    return out_path
+    _ort_optimize(in_path, out_path, model_type=model_type, num_heads=num_heads, hidden=hidden,
+                  opt_level=opt_level, use_gpu=use_gpu, fp16=fp16, fallback=fallback, external_data=False)
+    return str(out_path)
 
 
 def ort_model_type(family: str) -> str:
@@ -395,7 +356,7 @@ def export_decoder_with_past(model: nn.Module, path, exporter: str = "wrapper",
             fix_ir_version(f)
         if check:
             for f in files:
-                ort_session(f)
+                _session(f, "cpu")
         print(f"transformers export: {files} in {time.perf_counter() - t0:.1f}s")
         return files
     if exporter != "wrapper":
@@ -430,7 +391,7 @@ def export_decoder_with_past(model: nn.Module, path, exporter: str = "wrapper",
     secs = time.perf_counter() - t0
     fix_ir_version(path)
     if check:
-        sess = ort_session(path)
+        sess = _session(path, "cpu")
         feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
                 "position_ids": pos.numpy()}
         for nm, t in zip(names[3:], past):

@@ -14,7 +14,10 @@ initializer when untied.
 Weights are random (HF init: normal std 0.02; RMSNorm gains 1 + 0.1 * N(0, 1) so that folding
 them is not a no-op), generated chunk by chunk from a seeded generator and streamed straight to
 ``<model file name>.data`` beside the model; the ``ModelProto`` only holds external-data
-references, so peak memory stays at a few chunks regardless of model size.
+references, so peak memory stays at a few chunks regardless of model size. The graph itself is
+built with rewriter.bench.graphs.GraphBuilder (the builder of the tests and the calibration
+probes); the weight store stays separate: it streams, the builder only collects the finished
+(external-data) TensorProtos.
 
 No torch is needed at generation time.
 
@@ -35,6 +38,8 @@ from collections import deque
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from rewriter.bench.graphs import GraphBuilder
 
 __all__ = ["PRESETS", "synthesize", "main"]
 
@@ -235,42 +240,35 @@ class _WeightStore:
 # Graph builder
 # ---------------------------------------------------------------------------------------------
 
-class _Graph:
+class _Graph(GraphBuilder):
+    """rewriter.bench.graphs.GraphBuilder named as the dynamo exporter names things ("mul_12",
+    nodes "node_mul_12", torch name scopes in the metadata), with shared small constants."""
+
     def __init__(self, opset: int):
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
+        super().__init__(opset, sep="_")
         self._consts: dict = {}
-        self._n = 0
         self.scope: list[str] = []
 
-    def fresh(self, hint: str) -> str:
-        self._n += 1
-        return f"{hint}_{self._n}"
+    def node_name(self, op_type: str, outputs: list[str]) -> str:
+        return f"node_{outputs[0]}"
 
-    def op(self, op_type: str, inputs, hint: str | None = None, n_out: int = 1, **attrs):
-        hint = hint or op_type.lower()
-        outs = [self.fresh(hint) for _ in range(n_out)]
-        node = helper.make_node(op_type, list(inputs), outs, name=f"node_{outs[0]}", **attrs)
+    def op(self, op_type: str, inputs, n_out: int = 1, domain: str = "", *, hint: str | None = None, **attrs):
+        outs = super().op(op_type, inputs, n_out, domain, hint=hint, **attrs)
         if self.scope:
+            node = self.nodes[-1]
             scopes = [""] + self.scope
             p = node.metadata_props.add()
-            p.key, p.value = "pkg.torch.onnx.name_scopes", repr(scopes + [outs[0]])
+            p.key, p.value = "pkg.torch.onnx.name_scopes", repr(scopes + [node.output[0]])
             p = node.metadata_props.add()
             p.key, p.value = "namespace", "".join(f"{s}/" for s in scopes)
-        self.nodes.append(node)
-        return outs[0] if n_out == 1 else outs
-
-    def add_init(self, t: TensorProto) -> str:
-        self.inits.append(t)
-        return t.name
+        return outs
 
     def const_i64(self, values, scalar: bool = False) -> str:
         key = ("i64", tuple(np.atleast_1d(values).tolist()), scalar)
         if key not in self._consts:
             arr = np.array(values, dtype=np.int64)
             arr = arr.reshape(()) if scalar else arr.reshape(-1)
-            name = self.fresh("val")
+            name = self.name("val")
             self.inits.append(onnx.numpy_helper.from_array(arr, name))
             self._consts[key] = name
         return self._consts[key]
@@ -279,7 +277,7 @@ class _Graph:
         """Scalar float constant in ``dtype`` (fp32/fp16/bf16)."""
         key = ("f", float(value), dtype)
         if key not in self._consts:
-            name = self.fresh("val")
+            name = self.name("val")
             self.inits.append(_tensor_from_f32(name, np.array(value, np.float32), dtype))
             self._consts[key] = name
         return self._consts[key]
@@ -295,34 +293,34 @@ class _Graph:
 
 def _rms_norm(g: _Graph, x: str, gain: str, cfg: dict, dtype: str) -> str:
     low = dtype != "fp32"
-    xf = g.op("Cast", [x], "_to_copy", to=TensorProto.FLOAT) if low else x
-    p = g.op("Pow", [xf, g.const_f(2.0, "fp32")], "pow")
+    xf = g.op("Cast", [x], hint="_to_copy", to=TensorProto.FLOAT) if low else x
+    p = g.op("Pow", [xf, g.const_f(2.0, "fp32")], hint="pow")
     if g.opset >= 18:
-        m = g.op("ReduceMean", [p, g.const_i64([-1])], "mean", keepdims=1,
+        m = g.op("ReduceMean", [p, g.const_i64([-1])], hint="mean", keepdims=1,
                  noop_with_empty_axes=0)
     else:
-        m = g.op("ReduceMean", [p], "mean", axes=[-1], keepdims=1)
-    a = g.op("Add", [m, g.const_f(cfg["eps"], "fp32")], "add")
-    s = g.op("Sqrt", [a], "val")
-    r = g.op("Reciprocal", [s], "rsqrt")
-    n = g.op("Mul", [xf, r], "mul")
+        m = g.op("ReduceMean", [p], hint="mean", axes=[-1], keepdims=1)
+    a = g.op("Add", [m, g.const_f(cfg["eps"], "fp32")], hint="add")
+    s = g.op("Sqrt", [a], hint="val")
+    r = g.op("Reciprocal", [s], hint="rsqrt")
+    n = g.op("Mul", [xf, r], hint="mul")
     if low:
-        n = g.op("Cast", [n], "_to_copy", to=_DTYPES[dtype][0])
-    return g.op("Mul", [gain, n], "mul")
+        n = g.op("Cast", [n], hint="_to_copy", to=_DTYPES[dtype][0])
+    return g.op("Mul", [gain, n], hint="mul")
 
 
 def _rotate_half_rope(g: _Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
     half = head_dim // 2
-    xc = g.op("Mul", [x, cos], "mul")
+    xc = g.op("Mul", [x, cos], hint="mul")
     ax = g.const_i64([3])
     one = g.const_i64([1])
-    x1 = g.op("Slice", [x, g.const_i64([0]), g.const_i64([half]), ax, one], "slice")
+    x1 = g.op("Slice", [x, g.const_i64([0]), g.const_i64([half]), ax, one], hint="slice")
     x2 = g.op("Slice", [x, g.const_i64([half]), g.const_i64([np.iinfo(np.int64).max]), ax, one],
-              "slice")
-    nx2 = g.op("Neg", [x2], "neg")
-    rot = g.op("Concat", [nx2, x1], "cat", axis=-1)
-    xs = g.op("Mul", [rot, sin], "mul")
-    return g.op("Add", [xc, xs], "add")
+              hint="slice")
+    nx2 = g.op("Neg", [x2], hint="neg")
+    rot = g.op("Concat", [nx2, x1], hint="cat", axis=-1)
+    xs = g.op("Mul", [rot, sin], hint="mul")
+    return g.op("Add", [xc, xs], hint="add")
 
 
 def _build(g: _Graph, ws: _WeightStore, cfg: dict, dtype: str, attention_mask: bool,
@@ -336,54 +334,54 @@ def _build(g: _Graph, ws: _WeightStore, cfg: dict, dtype: str, attention_mask: b
     wmap: dict[str, tuple[str, bool]] = {}   # HF parameter name -> (initializer, transposed)
 
     def linear_weight(hf_name: str, fan_in: int, fan_out: int) -> str:
-        name = g.fresh("val") if names == "dynamo" else hf_name + ".T"
+        name = g.name("val") if names == "dynamo" else hf_name + ".T"
         wmap[hf_name] = (name, True)
-        return g.add_init(ws.random(name, [fan_in, fan_out]))
+        return g.initializer(ws.random(name, [fan_in, fan_out]))
 
     def gain_weight(hf_name: str) -> str:
         wmap[hf_name] = (hf_name, False)
-        return g.add_init(ws.random(hf_name, [H], kind="gain"))
+        return g.initializer(ws.random(hf_name, [H], kind="gain"))
 
     # --- inputs / shapes -------------------------------------------------------------------
     emb_name = "lm_head.weight" if (cfg["tied"] and names == "dynamo") else \
         "model.embed_tokens.weight"
     wmap["model.embed_tokens.weight"] = (emb_name, False)
-    emb = g.add_init(ws.random(emb_name, [V, H]))
+    emb = g.initializer(ws.random(emb_name, [V, H]))
 
-    seq1 = g.op("Shape", ["input_ids"], "val", start=1, end=2)
-    seq = g.op("Squeeze", [seq1], "sym_size_int")
-    h = g.op("Gather", [emb, "input_ids"], "embedding", axis=0)
+    seq1 = g.op("Shape", ["input_ids"], hint="val", start=1, end=2)
+    seq = g.op("Squeeze", [seq1], hint="sym_size_int")
+    h = g.op("Gather", [emb, "input_ids"], hint="embedding", axis=0)
 
     zero = g.const_i64(0, scalar=True)
     one = g.const_i64(1, scalar=True)
-    arange = g.op("Range", [zero, seq, one], "arange")                       # [S]
-    pos = g.op("Unsqueeze", [arange, g.const_i64([0])], "unsqueeze")          # [1, S]
+    arange = g.op("Range", [zero, seq, one], hint="arange")                       # [S]
+    pos = g.op("Unsqueeze", [arange, g.const_i64([0])], hint="unsqueeze")          # [1, S]
 
     # --- causal (+ padding) mask as additive tensor ------------------------------------------
     g.scope = ["model", "model.rotary_emb"]
-    rows = g.op("Unsqueeze", [arange, g.const_i64([1])], "unsqueeze")        # [S, 1]
-    causal = g.op("LessOrEqual", [pos, rows], "le")                          # [S, S] j <= i
+    rows = g.op("Unsqueeze", [arange, g.const_i64([1])], hint="unsqueeze")        # [S, 1]
+    causal = g.op("LessOrEqual", [pos, rows], hint="le")                          # [S, S] j <= i
     if attention_mask:
-        am = g.op("Cast", ["attention_mask"], "_to_copy", to=TensorProto.BOOL)
-        am = g.op("Unsqueeze", [am, g.const_i64([1, 2])], "unsqueeze")       # [B, 1, 1, S]
-        causal = g.op("And", [causal, am], "bitwise_and")                    # [B, 1, S, S]
+        am = g.op("Cast", ["attention_mask"], hint="_to_copy", to=TensorProto.BOOL)
+        am = g.op("Unsqueeze", [am, g.const_i64([1, 2])], hint="unsqueeze")       # [B, 1, 1, S]
+        causal = g.op("And", [causal, am], hint="bitwise_and")                    # [B, 1, S, S]
     mask = g.op("Where", [causal, g.const_f(0.0, dtype), g.const_f(_dtype_min(dtype), dtype)],
-                "val")
+                hint="val")
 
     # --- rotary tables from positions --------------------------------------------------------
     inv = g.const_f_array(_inv_freq(hd, cfg["rope_theta"], cfg["rope_scaling"]),
                           "model.rotary_emb.inv_freq")
-    posf = g.op("Cast", [g.op("Unsqueeze", [pos, g.const_i64([2])], "unsqueeze")],
-                "_to_copy", to=TensorProto.FLOAT)                             # [1, S, 1]
-    freqs = g.op("Mul", [posf, inv], "mul")                                   # [1, S, hd/2]
-    emb_f = g.op("Concat", [freqs, freqs], "cat", axis=-1)                    # [1, S, hd]
-    cos = g.op("Cos", [emb_f], "cos")
-    sin = g.op("Sin", [emb_f], "sin")
+    posf = g.op("Cast", [g.op("Unsqueeze", [pos, g.const_i64([2])], hint="unsqueeze")],
+                hint="_to_copy", to=TensorProto.FLOAT)                             # [1, S, 1]
+    freqs = g.op("Mul", [posf, inv], hint="mul")                                   # [1, S, hd/2]
+    emb_f = g.op("Concat", [freqs, freqs], hint="cat", axis=-1)                    # [1, S, hd]
+    cos = g.op("Cos", [emb_f], hint="cos")
+    sin = g.op("Sin", [emb_f], hint="sin")
     if low:
-        cos = g.op("Cast", [cos], "_to_copy", to=onnx_dt)
-        sin = g.op("Cast", [sin], "_to_copy", to=onnx_dt)
-    cos = g.op("Unsqueeze", [cos, g.const_i64([1])], "unsqueeze")             # [1, 1, S, hd]
-    sin = g.op("Unsqueeze", [sin, g.const_i64([1])], "unsqueeze")
+        cos = g.op("Cast", [cos], hint="_to_copy", to=onnx_dt)
+        sin = g.op("Cast", [sin], hint="_to_copy", to=onnx_dt)
+    cos = g.op("Unsqueeze", [cos, g.const_i64([1])], hint="unsqueeze")             # [1, 1, S, hd]
+    sin = g.op("Unsqueeze", [sin, g.const_i64([1])], hint="unsqueeze")
 
     sqrt_scale = g.const_f(math.sqrt(1.0 / math.sqrt(hd)), dtype)
     q_shape = g.const_i64([0, 0, nh, hd])
@@ -402,35 +400,35 @@ def _build(g: _Graph, ws: _WeightStore, cfg: dict, dtype: str, attention_mask: b
         wq = linear_weight(f"{p}.self_attn.q_proj.weight", H, nh * hd)
         wk = linear_weight(f"{p}.self_attn.k_proj.weight", H, nkv * hd)
         wv = linear_weight(f"{p}.self_attn.v_proj.weight", H, nkv * hd)
-        q = g.op("MatMul", [x, wq], "linear")
-        q = g.op("Transpose", [g.op("Reshape", [q, q_shape], "view")], "transpose",
+        q = g.op("MatMul", [x, wq], hint="linear")
+        q = g.op("Transpose", [g.op("Reshape", [q, q_shape], hint="view")], hint="transpose",
                  perm=perm_heads)
-        k = g.op("MatMul", [x, wk], "linear")
-        k = g.op("Transpose", [g.op("Reshape", [k, kv_shape], "view")], "transpose",
+        k = g.op("MatMul", [x, wk], hint="linear")
+        k = g.op("Transpose", [g.op("Reshape", [k, kv_shape], hint="view")], hint="transpose",
                  perm=perm_heads)
-        v = g.op("MatMul", [x, wv], "linear")
-        v = g.op("Transpose", [g.op("Reshape", [v, kv_shape], "view")], "transpose",
+        v = g.op("MatMul", [x, wv], hint="linear")
+        v = g.op("Transpose", [g.op("Reshape", [v, kv_shape], hint="view")], hint="transpose",
                  perm=perm_heads)
         q = _rotate_half_rope(g, q, cos, sin, hd)
         k = _rotate_half_rope(g, k, cos, sin, hd)
         if rep > 1:
-            k = g.op("Unsqueeze", [k, g.const_i64([2])], "unsqueeze")
-            k = g.op("Reshape", [g.op("Expand", [k, gqa_expand], "expand"), gqa_shape],
-                     "_unsafe_view")
-            v = g.op("Unsqueeze", [v, g.const_i64([2])], "unsqueeze")
-            v = g.op("Reshape", [g.op("Expand", [v, gqa_expand], "expand"), gqa_shape],
-                     "_unsafe_view")
-        kt = g.op("Transpose", [k], "val", perm=[0, 1, 3, 2])
-        qs = g.op("Mul", [q, sqrt_scale], "val")
-        ks = g.op("Mul", [kt, sqrt_scale], "val")
-        sc = g.op("Add", [g.op("MatMul", [qs, ks], "val"), mask], "val")
-        pr = g.op("Softmax", [sc], "val", axis=-1)
-        pr = g.op("Where", [g.op("IsNaN", [pr], "val"), g.const_f(0.0, dtype), pr], "val")
-        att = g.op("MatMul", [pr, v], "scaled_dot_product_attention")
-        att = g.op("Transpose", [att], "transpose", perm=perm_heads)
-        att = g.op("Reshape", [att, o_shape], "view")
+            k = g.op("Unsqueeze", [k, g.const_i64([2])], hint="unsqueeze")
+            k = g.op("Reshape", [g.op("Expand", [k, gqa_expand], hint="expand"), gqa_shape],
+                     hint="_unsafe_view")
+            v = g.op("Unsqueeze", [v, g.const_i64([2])], hint="unsqueeze")
+            v = g.op("Reshape", [g.op("Expand", [v, gqa_expand], hint="expand"), gqa_shape],
+                     hint="_unsafe_view")
+        kt = g.op("Transpose", [k], hint="val", perm=[0, 1, 3, 2])
+        qs = g.op("Mul", [q, sqrt_scale], hint="val")
+        ks = g.op("Mul", [kt, sqrt_scale], hint="val")
+        sc = g.op("Add", [g.op("MatMul", [qs, ks], hint="val"), mask], hint="val")
+        pr = g.op("Softmax", [sc], hint="val", axis=-1)
+        pr = g.op("Where", [g.op("IsNaN", [pr], hint="val"), g.const_f(0.0, dtype), pr], hint="val")
+        att = g.op("MatMul", [pr, v], hint="scaled_dot_product_attention")
+        att = g.op("Transpose", [att], hint="transpose", perm=perm_heads)
+        att = g.op("Reshape", [att, o_shape], hint="view")
         wo = linear_weight(f"{p}.self_attn.o_proj.weight", nh * hd, H)
-        h = g.op("Add", [h, g.op("MatMul", [att, wo], "linear")], "add")
+        h = g.op("Add", [h, g.op("MatMul", [att, wo], hint="linear")], hint="add")
         # ---- MLP ----
         g.scope = ["model", p, f"{p}.post_attention_layernorm"]
         x = _rms_norm(g, h, gain_weight(f"{p}.post_attention_layernorm.weight"), cfg, dtype)
@@ -438,11 +436,11 @@ def _build(g: _Graph, ws: _WeightStore, cfg: dict, dtype: str, attention_mask: b
         wg = linear_weight(f"{p}.mlp.gate_proj.weight", H, inter)
         wu = linear_weight(f"{p}.mlp.up_proj.weight", H, inter)
         wd = linear_weight(f"{p}.mlp.down_proj.weight", inter, H)
-        gt = g.op("MatMul", [x, wg], "linear")
-        act = g.op("Mul", [gt, g.op("Sigmoid", [gt], "val")], "silu")
-        up = g.op("MatMul", [x, wu], "linear")
-        dn = g.op("MatMul", [g.op("Mul", [act, up], "mul"), wd], "linear")
-        h = g.op("Add", [h, dn], "add")
+        gt = g.op("MatMul", [x, wg], hint="linear")
+        act = g.op("Mul", [gt, g.op("Sigmoid", [gt], hint="val")], hint="silu")
+        up = g.op("MatMul", [x, wu], hint="linear")
+        dn = g.op("MatMul", [g.op("Mul", [act, up], hint="mul"), wd], hint="linear")
+        h = g.op("Add", [h, dn], hint="add")
         if log:
             log(f"  layer {i + 1}/{L} done: {ws.offset / 2**30:.2f} GiB, "
                 f"{time.time() - ws.t0:.1f} s")
@@ -452,10 +450,10 @@ def _build(g: _Graph, ws: _WeightStore, cfg: dict, dtype: str, attention_mask: b
     g.scope = ["lm_head"]
     if cfg["tied"]:
         wmap["lm_head.weight"] = (emb, False)
-        w_lm = g.op("Transpose", [emb], "val", perm=[1, 0])
+        w_lm = g.op("Transpose", [emb], hint="val", perm=[1, 0])
     else:
         w_lm = linear_weight("lm_head.weight", H, V)
-    g.op("MatMul", [x, w_lm], "linear")
+    g.op("MatMul", [x, w_lm], hint="linear")
     # rename the final output to "logits"
     g.nodes[-1].output[0] = "logits"
     g.scope = []

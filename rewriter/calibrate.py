@@ -11,7 +11,7 @@ of the site in a residual chain,
 with the norm in the site's own form (decomposed dynamo-style, or the fused op), its dtype and
 random gains (β for LayerNorm). Each strategy is applied to the probe by the rewriter itself,
 checked against the unrewritten probe on the target provider (tolerance by dtype, as `verify`),
-and the passing ones are timed together, interleaved, by the bench harness (rewriter/bench.py).
+and the passing ones are timed together, interleaved, by the bench harness (rewriter/bench/timing.py).
 A strategy that fails to load, run or match is recorded under "failed" with the reason and is
 never chosen. Costs are per site: the chain's median time divided by `layers`. "kernels"
 records, per strategy, the op types of the probe as onnxruntime runs it (after its own
@@ -26,19 +26,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime as ort
 
+from rewriter import io, patterns
+from rewriter.api import infer_shapes, rewrite_file
+from rewriter.bench.graphs import GraphBuilder, tensor_type
+from rewriter.bench.timing import Settings, Shape, Variant, device_name, error_text, measure, resolve_provider
 from rewriter.costs import CostTable, SiteShape, site_shape
 from rewriter.errors import UsageError
 from rewriter.plan import STRATEGIES, applicable
+from rewriter.verify import TOLERANCE, compare, make_inputs, ort_kernels, run
 
 NUMPY = {"float32": np.float32, "float16": np.float16}
 
 
 def model_shapes(path) -> list[SiteShape]:
     """The distinct shapes of the sites the rewriter finds in a model."""
-    from rewriter import patterns
-    from rewriter import io
-    from rewriter.api import infer_shapes
     model, _ = io.load(path)
     infer_shapes(model)
     sites, _ = patterns.find_sites(model.graph)
@@ -47,87 +50,56 @@ def model_shapes(path) -> list[SiteShape]:
 
 def build_probe(shape: SiteShape, path, layers: int = 4, seed: int = 0, eps: float = 1e-5) -> None:
     """Write the probe chain for `shape` (see the module doc) to `path`."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     if shape.dtype not in NUMPY:
         raise ValueError(f"no probe for dtype {shape.dtype}")
     np_dt = NUMPY[shape.dtype]
-    onnx_dt = helper.np_dtype_to_tensor_dtype(np.dtype(np_dt))
-    rng = np.random.default_rng(seed)
-    d = shape.d
-    nodes, inits = [], []
-    counter = iter(range(1 << 30))
+    low = tensor_type(np_dt) if shape.dtype != "float32" else None       # compute in fp32, cast back
+    g = GraphBuilder(opset=18, seed=seed, sep="_")
+    rng, d = g.rng, shape.d
 
-    def const(array, hint):
-        name = f"{hint}_{next(counter)}"
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
+    def gain():
+        return g.const((1 + 0.1 * rng.standard_normal(d)).astype(np_dt), "gain")
 
-    def node(op_type, inputs, n_out=1, domain="", **attrs):
-        k = next(counter)
-        outs = [f"{op_type.lower()}_{k}_{i}" for i in range(n_out)]
-        nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{k}", domain=domain, **attrs))
-        return outs if n_out > 1 else outs[0]
-
-    axes = const(np.array([-1], np.int64), "axes")
+    def beta():
+        return g.const((0.1 * rng.standard_normal(d)).astype(np_dt), "beta")
 
     def decomposed(x):
-        x32 = node("Cast", [x], to=TensorProto.FLOAT) if shape.dtype != "float32" else x
-        if shape.kind == "layer":
-            x32 = node("Sub", [x32, node("ReduceMean", [x32, axes], keepdims=1)])
-        ms = node("ReduceMean", [node("Pow", [x32, const(np.array(2.0, np.float32), "two")]), axes], keepdims=1)
-        root = node("Sqrt", [node("Add", [ms, const(np.array(eps, np.float32), "eps")])])
-        y = node("Mul", [x32, node("Reciprocal", [root])])
-        return node("Cast", [y], to=onnx_dt) if shape.dtype != "float32" else y
-
-    def affine(y):
         if shape.kind == "dyt":
-            y = node("Tanh", [node("Mul", [y, const(np.array(0.5, np_dt), "alpha")])])
-        y = node("Mul", [const((1 + 0.1 * rng.standard_normal(d)).astype(np_dt), "gain"), y])
-        if shape.kind in ("layer", "dyt"):
-            y = node("Add", [y, const((0.1 * rng.standard_normal(d)).astype(np_dt), "beta")])
-        return y
+            y = g.dyt(x, alpha=0.5, dtype=np_dt)
+        elif shape.kind == "layer":
+            y = g.layernorm(x, eps=eps, inverse="reciprocal", cast=low)
+        else:
+            y = g.rms(x, eps=eps, cast=low)
+        y = g.op("Mul", [gain(), y])
+        return g.op("Add", [y, beta()]) if shape.kind in ("layer", "dyt") else y
 
     def norm(h, delta):
         """(normalized, the residual sum it normalized)."""
-        x = h if delta is None else node("Add", [h, delta])
-        if shape.form == "decomposed" or shape.kind == "dyt":
-            return affine(decomposed(x) if shape.kind != "dyt" else x), x
-        gain = const((1 + 0.1 * rng.standard_normal(d)).astype(np_dt), "gain")
-        beta = [const((0.1 * rng.standard_normal(d)).astype(np_dt), "beta")] if shape.kind == "layer" else []
-        if delta is not None:       # one Skip* kernel: residual add + norm
-            op_type = "SkipSimplifiedLayerNormalization" if shape.kind == "rms" else "SkipLayerNormalization"
-            nodes.pop()             # the Add above
-            y, _, _, total = node(op_type, [h, delta, gain] + beta, n_out=4, domain="com.microsoft", epsilon=eps)
-            return y, total
-        op_type = "SimplifiedLayerNormalization" if shape.kind == "rms" else "LayerNormalization"
-        return node(op_type, [x, gain] + beta, axis=-1, epsilon=eps, stash_type=1), x
+        if shape.form == "fused" and shape.kind != "dyt":
+            weights = [gain()] + ([beta()] if shape.kind == "layer" else [])
+            if delta is not None:       # one Skip* kernel: residual add + norm
+                op_type = "SkipSimplifiedLayerNormalization" if shape.kind == "rms" else "SkipLayerNormalization"
+                y, _, _, total = g.op(op_type, [h, delta, *weights], n_out=4, domain="com.microsoft", epsilon=eps)
+                return y, total
+            op_type = "SimplifiedLayerNormalization" if shape.kind == "rms" else "LayerNormalization"
+            return g.op(op_type, [h, *weights], axis=-1, epsilon=eps, stash_type=1), h
+        x = h if delta is None else g.op("Add", [h, delta])
+        return decomposed(x), x
 
-    h, delta = "h0", None
+    h, delta = g.input("h0", [1, "tokens", d], np_dt), None
     for _ in range(layers):
         y, x = norm(h, delta if shape.residual else None)
         h = x if shape.residual else h
-        parts = []
-        for n in shape.outs:
-            w = (rng.standard_normal((d, n), dtype=np.float32) / np.sqrt(d)).astype(np_dt)
-            v = (rng.standard_normal((n, d), dtype=np.float32) / np.sqrt(n)).astype(np_dt)
-            parts.append(node("MatMul", [node("MatMul", [y, const(w, "w")]), const(v, "v")]))
-        summed = parts[0] if len(parts) == 1 else node("Sum", parts)
+        parts = [g.op("MatMul", [g.op("MatMul", [y, g.weight(d, n, np_dt)]), g.weight(n, d, np_dt)])
+                 for n in shape.outs]
+        summed = parts[0] if len(parts) == 1 else g.op("Sum", parts)
         if shape.residual:
             delta = summed
         else:
             h = summed
-    out = node("Add", [h, delta]) if shape.residual else h
-    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("h0", onnx_dt, [1, "tokens", d])],
-                              [helper.make_tensor_value_info(out, onnx_dt, [1, "tokens", d])], inits)
-    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid("com.microsoft", 1)]
-                                              if shape.form == "fused" else [])
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=10)
-    if sum(t.ByteSize() for t in inits) > 1 << 30:      # past protobuf's 2 GiB: weights beside it
-        onnx.save(model, str(path), save_as_external_data=True, location=Path(path).name + ".data")
-    else:
-        onnx.save(model, str(path))
+    out = g.op("Add", [h, delta]) if shape.residual else h
+    g.output(out, np_dt, [1, "tokens", d])
+    g.save(path, g.model(contrib=shape.form == "fused", name="probe"))
 
 
 def candidates_for(shape: SiteShape) -> list[str]:
@@ -140,21 +112,16 @@ def candidates_for(shape: SiteShape) -> list[str]:
 def calibrate(shapes: list[SiteShape], *, provider: str = "cpu", tokens=(1, 512), layers: int = 4,
               settings=None, workdir=None, log=print) -> CostTable:
     """Measure every strategy on every shape; returns the probes as a CostTable."""
-    from rewriter import bench
-    from rewriter.api import rewrite_file
-    from rewriter.verify import TOLERANCE, compare, make_inputs, ort_kernels, run
-
-    provider = bench.resolve_provider(provider)
-    settings = settings or bench.Settings(warmup=3, min_rounds=5, max_rounds=15, budget_s=1.5)
-    device = bench.device_name(provider)
-    import onnxruntime as ort
+    provider = resolve_provider(provider)
+    settings = settings or Settings(warmup=3, min_rounds=5, max_rounds=15, budget_s=1.5)
+    device = device_name(provider)
     probes = []
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for shape in shapes:
             t0 = time.perf_counter()
             base = Path(tmp) / f"probe_{len(probes)}.onnx"
             build_probe(shape, base, layers=layers)
-            variants, failed = {"keep": bench.Variant("keep", str(base))}, {}
+            variants, failed = {"keep": Variant("keep", str(base))}, {}
             kernels = {"keep": ort_kernels(base, provider)}
             feeds = make_inputs(base, batch=1, seq=8)
             reference = run(base, feeds, provider=provider)
@@ -169,12 +136,12 @@ def calibrate(shapes: list[SiteShape], *, provider: str = "cpu", tokens=(1, 512)
                     diffs = compare(reference, run(dst, feeds, provider=provider), TOLERANCE.get(shape.dtype))
                     if not all(d.ok for d in diffs):
                         raise RuntimeError(f"outputs differ on {provider}: max rel {max(d.max_rel for d in diffs):.2e}")
-                    variants[strategy] = bench.Variant(strategy, str(dst))
+                    variants[strategy] = Variant(strategy, str(dst))
                     kernels[strategy] = ort_kernels(dst, provider)
                 except Exception as exc:        # recorded, never chosen
-                    failed[strategy] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    failed[strategy] = error_text(exc, 200)
                     log(f"  {shape.label()} {strategy}: FAILED {failed[strategy]}")
-            result = bench.measure(variants, [bench.Shape(tokens=t) for t in tokens], provider=provider,
+            result = measure(variants, [Shape(tokens=t) for t in tokens], provider=provider,
                                    settings=settings)
             cells = {}
             for row in result["shapes"]:

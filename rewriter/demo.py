@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from rewriter.errors import EXIT_OK, EXIT_VERIFY_FAILED
+from rewriter.api import rewrite_file
+from rewriter.bench.cli import main as bench_main
+from rewriter.errors import EXIT_OK, EXIT_VERIFY_FAILED, UsageError
+from rewriter.verify import format_diffs, verify
 
 
 def main(argv=None) -> int:
@@ -26,10 +29,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-bench", action="store_true")
     args = p.parse_args(argv)
 
-    from models.export import export_onnx
-    from models.zoo import build
-    from rewriter.api import rewrite_file
-    from rewriter.verify import format_diffs, verify
+    try:    # repo tooling (torch exporters): not installed with the package
+        from models.export import export_onnx
+        from models.zoo import build
+    except ImportError as exc:
+        raise UsageError("the demo exports its model with the repo's models/ tooling: run it from a checkout "
+                         f"with the models extra installed ({exc})") from exc
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -57,7 +62,6 @@ def main(argv=None) -> int:
 
     if not args.no_bench:
         step("4/4 benchmark original vs rewritten")
-        from rewriter.bench import main as bench_main
         bench_main([str(src), str(dst), "--baselines", "--tokens", args.tokens, "--json", str(work / "bench.json"),
                     "--plot", str(work / "bench.png")])
     print(f"\ndemo {'passed' if ok else 'FAILED verification'}; files in {work}/")

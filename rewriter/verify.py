@@ -32,14 +32,29 @@ def providers(preferred: str | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session(path, provider: str | None = None, optimize: bool = True):
+OPT_LEVELS = ("all", "extended", "basic", "disable")     # onnxruntime graph optimization levels
+
+
+def session(path, provider: str | None = None, optimize: bool = True, *, opt_level: str | None = None,
+            threads: int = 0, cuda_options: dict | None = None):
+    """The onnxruntime session every caller opens (verify, bench, benchmarks): `path` is a file
+    or serialized model bytes; `opt_level` one of OPT_LEVELS (default "all", "disable" when not
+    `optimize`); `threads` intra-op threads (0: ORT's default); `cuda_options` the CUDA
+    provider's options."""
     import onnxruntime as ort
+    level = opt_level or ("all" if optimize else "disable")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
+    if threads:
+        options.intra_op_num_threads = threads
+    names = [(name, cuda_options) if name == "CUDAExecutionProvider" and cuda_options else name
+             for name in providers(provider)]
     model = path if isinstance(path, bytes) else str(path)     # a path or serialized model bytes
-    return ort.InferenceSession(model, options, providers=providers(provider))
+    return ort.InferenceSession(model, options, providers=names)
 
 
 def ort_kernels(path, provider: str | None = None) -> dict[str, int]:

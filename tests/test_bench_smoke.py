@@ -40,10 +40,10 @@ def test_bench_cli_writes_json_and_plot(tiny, tmp_path):
 
 def test_bench_with_given_rewritten(tiny, tmp_path):
     from rewriter.api import rewrite_file
-    from rewriter.bench import run_bench
+    from rewriter.bench.cli import run_bench
     flash = tmp_path / "flash.onnx"
     rewrite_file(tiny, flash)
-    from rewriter.bench import Settings
+    from rewriter.bench.timing import Settings
     result = run_bench(tiny, flash, tokens=(4,), provider="cpu",
                        settings=Settings(warmup=1, min_rounds=1, max_rounds=2, budget_s=0, min_sample_ms=0.1))
     assert result["variants"]["rewritten"]["info"] == {"source": "as given"}
@@ -51,7 +51,8 @@ def test_bench_with_given_rewritten(tiny, tmp_path):
 
 
 def test_norm_free_and_hand_fused_graphs(tiny, tmp_path):
-    from rewriter.bench import count_norms, make_hand_fused, make_norm_free
+    from rewriter.bench.passes import count_norms
+    from rewriter.bench.variants import make_hand_fused, make_norm_free
     from rewriter.verify import compare, make_inputs, run
     nf, hf = tmp_path / "nf.onnx", tmp_path / "hf.onnx"
     assert make_norm_free(tiny, nf)["removed"] == 5
@@ -90,7 +91,7 @@ def test_zero_loss_tiny_random_llama(tmp_path):
 
 
 def test_hand_fused_layernorm_keeps_gain_rewriter_unit_gain(tmp_path):
-    """bench.hand_fuse_ir and the rewriter's fold-fused emit through Rewriter.fuse_norm: the
+    """bench's FuseNorms pass and the rewriter's fold-fused emit through Rewriter.fuse_norm: the
     baseline keeps γ/β and fuses the residual Add (SkipLayerNormalization, even without
     inferred shapes), the rewriter a weightless LayerNormalization. The residual sum is also
     a graph output: Skip*'s output 3 takes its place."""
@@ -98,7 +99,8 @@ def test_hand_fused_layernorm_keeps_gain_rewriter_unit_gain(tmp_path):
 
     from builders import GraphBuilder
     from rewriter.api import rewrite_file
-    from rewriter.bench import make_hand_fused, op_counts
+    from rewriter.bench.passes import op_counts
+    from rewriter.bench.variants import make_hand_fused
     from rewriter.verify import compare, make_inputs, run
 
     g = GraphBuilder()
@@ -126,7 +128,7 @@ def test_norm_free_keeps_a_norm_output_that_is_a_graph_output(tmp_path):
     import onnx
 
     from builders import GraphBuilder
-    from rewriter.bench import make_norm_free
+    from rewriter.bench.variants import make_norm_free
     from rewriter.verify import make_inputs, run
 
     g = GraphBuilder(opset=17)
@@ -141,3 +143,52 @@ def test_norm_free_keeps_a_norm_output_that_is_a_graph_output(tmp_path):
     feeds = make_inputs(src, seq=4)
     out = run(nf, feeds, "cpu")
     np.testing.assert_array_equal(out["last_hidden_state"], feeds["x"] + feeds["r"])
+
+
+def test_bench_run_has_the_peers(tiny):
+    """--baselines times both peers as they come (onnxscript's optimize_for_ort, onnxruntime's
+    transformers optimizer) and builds best-fused from optimize_for_ort plus the rewriter's own
+    emitter: every norm fused, no second matcher."""
+    from rewriter.bench.cli import run_bench
+    from rewriter.bench.timing import Settings
+    result = run_bench(tiny, tokens=(4,), provider="cpu", baselines=True,
+                       settings=Settings(warmup=1, min_rounds=1, max_rounds=2, budget_s=0, min_sample_ms=0.1))
+    variants = result["variants"]
+    for peer in ("onnxscript", "ort-optimizer"):
+        assert variants[peer]["error"] is None, variants[peer]["error"]
+        assert variants[peer]["info"]["norms_after"]["decomposed"] == 0
+        assert "median_ms" in result["shapes"][0]["variants"][peer]
+        assert f"raw/{peer}" in result["shapes"][0]["ratios"]
+    assert variants["onnxscript"]["info"]["onnxscript"]["fusions"]
+    assert variants["ort-optimizer"]["info"]["ort_optimizer"]["fused_operator_statistics"]
+    best = variants["best-fused"]["info"]
+    assert best["method"] == "auto" and best["onnxscript"]["ok"] and "hand_fusion" in best
+    assert best["norms_after"] == {"fused": {"SimplifiedLayerNormalization": 3, "SkipSimplifiedLayerNormalization": 2},
+                                   "decomposed": 0}
+
+
+def test_variant_builders_are_passes_in_a_pass_manager(tiny):
+    """FuseNorms and NormFree are onnx_ir in-place passes: they run in a PassManager with
+    onnx_ir's own passes and report through PassResult.modified and `info`."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+    from rewriter.bench.passes import FuseNorms, NormFree, count_norms
+    from rewriter.verify import compare, make_inputs, run
+
+    feeds = make_inputs(tiny, seq=8)
+    ref = run(tiny, feeds, "cpu")
+    fuse, free = FuseNorms(), NormFree()
+    fused = ir.load(str(tiny))
+    result = ir.passes.PassManager([fuse, RemoveUnusedNodesPass(), TopologicalSortPass()])(fused)
+    assert result.modified and fuse.info == {"fused": {"SimplifiedLayerNormalization": 1,
+                                                       "SkipSimplifiedLayerNormalization": 4}, "kept": []}
+    assert count_norms(fused)["decomposed"] == 0
+    assert all(d.ok for d in compare(ref, run(ir.to_proto(fused).SerializeToString(), feeds, "cpu"), tolerance=1e-4))
+    again = FuseNorms()
+    assert not again(fused).modified and again.info == {"fused": {}, "kept": []}     # nothing left to fuse
+
+    freed = ir.load(str(tiny))
+    assert ir.passes.PassManager([free, RemoveUnusedNodesPass(), TopologicalSortPass()])(freed).modified
+    assert free.info == {"removed": 5, "kept": []}
+    assert count_norms(freed) == {"fused": {}, "decomposed": 0}

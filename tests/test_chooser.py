@@ -387,7 +387,7 @@ def test_calibrate_takes_the_shapes_of_a_models_sites(tmp_path):
     from rewriter import patterns
     from rewriter import io
     from rewriter.api import infer_shapes
-    from rewriter.bench import Settings
+    from rewriter.bench.timing import Settings
     from rewriter.costs import site_shape
     src = tmp_path / "m.onnx"
     onnx.save(llama_like_block(), src)
