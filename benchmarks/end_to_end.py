@@ -22,7 +22,8 @@ models.export.export_decoder_with_past ("wrapper" exporter, else "transformers")
 whose decode graph cannot be made gets a "not available" row with the reason.
 
 Variants per row (rewriter/bench/variants.py): raw, best-fused, rewritten (defer), rewritten-fold,
-ort-cuda (rewrite_file target="ort-cuda"), norm-free (+ fused+fold with --variants). Writes end_to_end.json, .png and .md into --out.
+ort-cuda (rewrite_file target="ort-cuda"), norm-free (+ fused+fold and the peers onnxscript and
+ort-optimizer with --variants). Writes end_to_end.json, .png and .md into --out.
 """
 
 from __future__ import annotations
