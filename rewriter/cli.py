@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
-import os
 import signal
 import sys
 import threading
@@ -41,39 +39,20 @@ import traceback
 import warnings
 from pathlib import Path
 
+from rewriter.api import check_outputs, rewrite_file
+from rewriter.args import ArgumentParser, int_list, one_line, positive_int, printable, tolerance
+from rewriter.bench.cli import main as bench_main
+from rewriter.bench.timing import Settings, resolve_provider
+from rewriter.calibrate import calibrate, model_shapes, parse_shapes
+from rewriter.costs import CostTable
 from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, OutputError,
                              RewriterError, UsageError, VerificationFailed)
+from rewriter.explain import explain
+from rewriter.io import check_target
 from rewriter.plan import MODES, STRATEGIES, TARGETS, Options
+from rewriter.verify import format_diffs, load_npz
 
 SUBCOMMANDS = ("verify", "explain", "bench", "calibrate", "demo")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is a UsageError: one `error: ...` line, exit 2, like
-    every other error (argparse itself prints the usage block and exits)."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"want a positive integer, got {text!r}")
-    return value
-
-
-def tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"want a finite number >= 0, got {text!r}")
-    return value
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -136,7 +115,6 @@ def _explain_parser() -> argparse.ArgumentParser:
 
 
 def cmd_explain(args) -> int:
-    from rewriter.explain import explain
     print(explain(args.model, args.name, _options(args)))
     return EXIT_OK
 
@@ -157,7 +135,6 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 
 def cmd_rewrite(args) -> int:
-    from rewriter.api import rewrite_file
     progress = None if args.quiet else _progress
     if args.report:
         _check_report_path(Path(args.report), [args.model, args.output])
@@ -174,7 +151,7 @@ def cmd_rewrite(args) -> int:
             raise OutputError(f"{args.report}: cannot write the report ({exc.strerror or exc})") from exc
     if not args.quiet:
         print(report.table())
-        print(f"wrote {_printable(args.output)}")
+        print(f"wrote {printable(args.output)}")
     return EXIT_OK
 
 
@@ -192,8 +169,6 @@ def _options(args) -> Options:
 
 def _printing_check(quiet: bool, **settings):
     """check_outputs that prints the comparison table (always when outputs differ)."""
-    from rewriter.api import check_outputs
-    from rewriter.verify import format_diffs
 
     def check(original, rewritten):
         try:
@@ -210,23 +185,19 @@ def _printing_check(quiet: bool, **settings):
 def _costs(path):
     if path is None:
         return None
-    from rewriter.costs import CostTable
     try:
         return CostTable.load(path)
     except OSError as exc:
         raise BadInput(f"{path}: cannot read the cost file ({exc.strerror or exc})") from exc
     except ValueError as exc:        # json.JSONDecodeError included
-        raise BadInput(f"{path}: not a usable cost file ({_one_line(exc, 160)})") from exc
+        raise BadInput(f"{path}: not a usable cost file ({one_line(exc, 160)})") from exc
 
 
 def _tokens(text):
     if text is None:
         return None
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
+    values = tuple(int_list(text))
+    if not values:
         raise UsageError(f"--tokens {text!r}: want positive integers separated by commas")
     return values
 
@@ -255,8 +226,6 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args) -> int:
-    from rewriter.bench.timing import Settings, resolve_provider
-    from rewriter.calibrate import calibrate, model_shapes, parse_shapes
     if bool(args.model) == bool(args.shapes):
         raise UsageError("give a MODEL or --shapes (one of the two)")
     shapes = model_shapes(args.model) if args.model else parse_shapes(
@@ -284,7 +253,6 @@ def _check_report_path(report: Path, models) -> None:
     """Before the rewrite: the report's folder exists and it would replace neither a model nor
     anything but a regular file. Its collisions with external data files are io.save's
     (`also_writes`): only it knows the output's data file name."""
-    from rewriter.io import check_target
     parent = report.parent if str(report.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{parent}: report directory does not exist")
@@ -299,29 +267,17 @@ def _progress(done: int, total: int, name: str) -> None:
 
 
 def cmd_verify(args) -> int:
-    from rewriter.verify import load_npz
     for path in (args.original, args.rewritten, args.inputs):
         if path is not None and not Path(path).is_file():
             raise BadInput(f"{path}: no such file")
     try:
         feeds = load_npz(args.inputs) if args.inputs else None
     except Exception as exc:
-        raise BadInput(f"{args.inputs}: not a readable .npz of inputs ({_one_line(exc, 160)})") from exc
+        raise BadInput(f"{args.inputs}: not a readable .npz of inputs ({one_line(exc, 160)})") from exc
     check = _printing_check(quiet=False, inputs=feeds, tolerance=args.tolerance, provider=args.provider,
                             seq=args.seq, batch=args.batch)
     check(args.original, args.rewritten)
     return EXIT_OK
-
-
-def _printable(text) -> str:
-    """`text` as any stream can print it: a path from non-UTF-8 bytes (os.fsdecode gives lone
-    surrogates) is shown with backslash escapes instead of failing to encode."""
-    return os.fspath(text).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = _printable(" ".join(str(exc).split()))
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -364,7 +320,7 @@ def main(argv=None) -> int:
     if code == EXIT_OK or debug:
         shown = set()
         for w in caught:
-            line = f"warning: {_one_line(w.message)}"
+            line = f"warning: {one_line(w.message)}"
             if line not in shown:
                 shown.add(line)
                 print(line, file=sys.stderr)
@@ -378,18 +334,17 @@ def _main(argv: list[str], debug: bool) -> int:
         if argv and argv[0] == "explain":
             return cmd_explain(_explain_parser().parse_args(argv[1:]))
         if argv and argv[0] == "bench":
-            from rewriter.bench.cli import main as bench_main
             return bench_main(argv[1:])
         if argv and argv[0] == "calibrate":
             return cmd_calibrate(_calibrate_parser().parse_args(argv[1:]))
         if argv and argv[0] == "demo":
-            from rewriter.demo import main as demo_main
+            from rewriter.demo import main as demo_main     # needs the repo's models/ (and torch)
             return demo_main(argv[1:])
         return cmd_rewrite(_rewrite_parser().parse_args(argv))
     except RewriterError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if debug:
@@ -399,6 +354,6 @@ def _main(argv: list[str], debug: bool) -> int:
     except Exception as exc:    # a bug or an input we did not foresee: still one line
         if debug:
             traceback.print_exc()
-        print(f"error: internal error, {type(exc).__name__}: {_one_line(exc, 200)} "
+        print(f"error: internal error, {type(exc).__name__}: {one_line(exc, 200)} "
               "(a bug: rerun with --debug and report the traceback)", file=sys.stderr)
         return EXIT_INTERNAL

@@ -38,7 +38,7 @@ from rewriter.bench.present import add_ratios, plot, table, variants_json, write
 from rewriter.bench.timing import (Settings, Shape, device_name, log_to_stderr, measure, method_text, quiet_log,
                                    resolve_provider)
 from rewriter.bench.variants import BEST_FUSED, prepare_variants
-from rewriter.cli import ArgumentParser, positive_int
+from rewriter.args import ArgumentParser, int_list, positive_int
 from rewriter.errors import BadInput, UsageError
 from rewriter.verify import OPT_LEVELS
 
@@ -71,14 +71,6 @@ def run_bench(original, rewritten=None, *, tokens=(1, 128, 512, 2048, 4096), bat
     add_ratios(result)
     result["method"] = method_text(result)
     return result
-
-
-def int_list(text: str, option: str = "--tokens", least: int = 1) -> list[int]:
-    """"1,128,512" -> [1, 128, 512] ("" -> []); UsageError naming `option` unless each is >= `least`."""
-    items = [t for t in str(text).replace(" ", "").split(",") if t]
-    if not all(t.isdigit() and int(t) >= least for t in items):
-        raise UsageError(f"{option} {text!r}: want integers >= {least} separated by commas")
-    return [int(t) for t in items]
 
 
 def add_timing_args(p: argparse.ArgumentParser) -> None:
