@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -22,10 +23,11 @@ from rewriter.errors import BadInput, InternalError, OutputError, Unsupported, f
 from rewriter.files import (Siblings, check_also_written, check_target, commit, output_data_name,
                             remove_stale_temporaries, temp_prefix, temporary_model_name)
 from rewriter.patterns.graph import has_external_data, initializers, weight_bytes
-from rewriter.validate import check_graph, check_structure, check_supported
+from rewriter.validate import check_graph, check_structure, check_supported, drop_stale
 
 PROTOBUF_LIMIT = 2**31 - 2**26      # leave headroom under protobuf's 2 GiB message limit
 INPUT_FILES = "rewriter.input_files"  # model.meta key: files the loaded model came from
+DECLARED = "rewriter.value_info"      # model.meta key: names with a value_info in the loaded proto
 
 
 
@@ -63,7 +65,8 @@ def load(source) -> tuple[ir.Model, str]:
             raise Unsupported(f"invalid graph: graphsurgeon export failed ({first_line(exc)})") from exc
         model = _deserialize(proto, "model")
     check_supported(model)
-    check_graph(model)
+    for note in drop_stale(model, check_graph(model)):
+        warnings.warn(note, stacklevel=2)
     return model, kind
 
 
@@ -71,7 +74,9 @@ def _deserialize(proto: onnx.ModelProto, what) -> ir.Model:
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise BadInput(f"{what}: not an ONNX model (no graph or no ir_version)")
     try:
-        return ir.serde.deserialize_model(proto)
+        model = ir.serde.deserialize_model(proto)
+        model.meta[DECLARED] = _value_info_names(proto.graph)
+        return model
     except Exception as exc:    # a parsable protobuf whose content is not a valid model
         root, seen = exc, set()     # onnx_ir wraps the real complaint in SerdeErrors: the
         while id(root) not in seen:    # deepest exception of the chain says what is wrong
@@ -81,6 +86,16 @@ def _deserialize(proto: onnx.ModelProto, what) -> ir.Model:
                 break
             root = inner
         raise Unsupported(f"{what}: invalid model ({type(root).__name__}: {first_line(root)})") from exc
+
+
+def _value_info_names(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names the producer declared a value_info for, in `graph` and its subgraphs."""
+    names = {info.name for info in graph.value_info}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                names |= _value_info_names(sub)
+    return frozenset(names)
 
 
 def load_path(path: Path) -> ir.Model:

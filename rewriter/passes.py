@@ -3,9 +3,15 @@
 `FlashNormPass` matches, plans and rewrites every norm → linear site of a model in place and
 returns a `FlashNormResult` (a `PassResult` whose `modified` says whether a site was rewritten,
 with the report attached). It leaves a valid, sorted graph; nodes it made dead stay until an
-unused-node removal. `pipeline()` is what the CLI and the API run:
+unused-node removal. `run_pipeline()` is what the CLI and the API run:
 
-    shape inference → FlashNormPass → unused-node removal (to a fixed point) → shape inference
+    shape inference → FlashNormPass → [if modified: unused-node removal (to a fixed point) →
+    shape inference] → the producer's declarations restored
+
+The matcher and the scale walker need inferred shapes; the output does not get them: it keeps
+the value_info its producer declared (where the value still exists) and adds none, so a run
+that rewrites nothing writes the graph it read, and onnxruntime fuses the output as it would
+have fused the input.
 
 Inside an export pipeline, compose it with other passes:
 
@@ -21,7 +27,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from rewriter.costs import chooser_for
 from rewriter.errors import RewriterError
+from rewriter.io import DECLARED
 from rewriter.patterns import find_sites
+from rewriter.patterns.graph import initializers
 from rewriter.plan import Decision, Options, make_plan
 from rewriter.report import Report
 from rewriter.scale import Step
@@ -70,24 +78,52 @@ def infer_shapes(model: ir.Model) -> None:
     shape_inference()(model)
 
 
-def pipeline(flash: FlashNormPass) -> ir.passes.PassManager:
+def cleanup() -> ir.passes.PassManager:
     return ir.passes.PassManager([
-        shape_inference(),
-        flash,
         # the walker may leave a Mul in front of a replaced (dead) norm: remove to a fixed point
         ir.passes.PassManager([RemoveUnusedNodesPass()], steps=8, early_stop=True),
         shape_inference(),      # types and shapes of what the rewrite made, for the checks on save
     ])
 
 
+def _declarations(model: ir.Model) -> tuple[dict[ir.Value, tuple], list[tuple]]:
+    """(shape, type) the producer declared for each intermediate value (its value_info), and
+    for each output of the main graph, by position."""
+    values = {value: (value.shape, value.type) for graph in model.graphs() for node in graph
+              for value in node.outputs if not value.is_graph_output()}
+    return values, [(value.shape, value.type) for value in model.graph.outputs]
+
+
+def _restore(model: ir.Model, declared: tuple[dict[ir.Value, tuple], list[tuple]]) -> None:
+    """Values get back what their producer declared; new intermediate ones declare nothing,
+    nor do initializers the producer gave no value_info (when the loader knows which)."""
+    values, outputs = declared
+    for graph in model.graphs():
+        for node in graph:
+            for value in node.outputs:
+                if not value.is_graph_output():
+                    value.shape, value.type = values.get(value, (None, None))
+    names = model.meta.get(DECLARED)
+    if names is not None:
+        for value in initializers(model):
+            if value.name not in names and not value.is_graph_input() and not value.is_graph_output():
+                value.shape, value.type = None, None
+    for value, (shape, type_) in zip(model.graph.outputs, outputs):
+        value.shape, value.type = shape, type_
+
+
 def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
     """Rewrite `model` in place; returns the pass (its report, plan and trace). The errors a
     pass raises come out as themselves (onnx_ir wraps them in PassError)."""
     flash = FlashNormPass(options)
+    declared = _declarations(model)
     try:
-        pipeline(flash)(model)
+        if ir.passes.PassManager([shape_inference(), flash])(model).modified and flash.report.rewritten:
+            cleanup()(model)
     except ir.passes.PassError as exc:
         raise _original(exc) from exc
+    finally:
+        _restore(model, declared)
     return flash
 
 
@@ -105,4 +141,4 @@ def _original(exc: BaseException) -> BaseException:
     return exc
 
 
-__all__ = ["FlashNormPass", "FlashNormResult", "infer_shapes", "pipeline", "run_pipeline"]
+__all__ = ["FlashNormPass", "FlashNormResult", "infer_shapes", "run_pipeline"]

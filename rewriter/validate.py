@@ -174,22 +174,64 @@ def skeleton(model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def check_proto(proto: onnx.ModelProto) -> None:
-    """onnx.checker (structure, topological order, schemas) then strict shape inference
-    (types and shapes consistent with every declared value_info; unknown ops are skipped)."""
+def _undeclared(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` without its value_info and with its outputs' shapes unset (types kept): what is
+    left to check is what the graph itself says."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(proto)
+    del bare.graph.value_info[:]
+    for output in bare.graph.output:
+        if output.type.HasField("tensor_type"):
+            output.type.tensor_type.ClearField("shape")
+    return bare
+
+
+def _shape_of(info: onnx.ValueInfoProto):
+    tensor = info.type.tensor_type
+    dims = None if not tensor.HasField("shape") else [d.dim_value if d.HasField("dim_value") else None
+                                                      for d in tensor.shape.dim]
+    return tensor.elem_type, dims
+
+
+def stale_declarations(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> dict[str, str]:
+    """Declared value_info and output shapes that contradict what the graph infers:
+    name -> 'declared …, inferred …'. onnxruntime merges such declarations leniently."""
+    found = {}
+    known = {i.name: i for i in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    for info in list(proto.graph.value_info) + list(proto.graph.output):
+        other = known.get(info.name)
+        if other is None or not info.type.HasField("tensor_type"):
+            continue
+        (t1, d1), (t2, d2) = _shape_of(info), _shape_of(other)
+        clash = (t1 and t2 and t1 != t2) or (d1 is not None and d2 is not None and (
+            len(d1) != len(d2) or any(a and b and a != b for a, b in zip(d1, d2))))
+        if clash:
+            found[info.name] = f"declared {onnx.TensorProto.DataType.Name(t1)}{d1}, inferred " \
+                               f"{onnx.TensorProto.DataType.Name(t2)}{d2}"
+    return found
+
+
+def check_proto(proto: onnx.ModelProto) -> dict[str, str]:
+    """onnx.checker (structure, topological order, schemas), then strict shape inference on
+    what the graph itself says (types consistent, every op's inputs acceptable; unknown ops
+    are skipped). Declarations that contradict it are not errors — onnxruntime merges them
+    leniently — they are returned (name -> what clashes) to be repaired and reported."""
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise Unsupported(f"invalid graph: {first_line(exc)}") from exc
+    bare = _undeclared(proto)
     try:
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(bare, check_type=True, strict_mode=True)
     except Exception as exc:
         raise Unsupported(f"invalid graph (shape inference): {first_line(exc)}") from exc
+    return stale_declarations(proto, inferred)
 
 
-def check_graph(model: ir.Model) -> None:
+def check_graph(model: ir.Model) -> dict[str, str]:
     """Raise Unsupported when the graph is invalid: a dangling input, a cycle, a node that
-    fails its schema, types or shapes that contradict each other."""
+    fails its schema, types that contradict each other. Returns the declared shapes and types
+    (value_info, outputs) that contradict the graph: name -> what clashes."""
     check_dangling(model)
     check_order(model)
     check_tensors(model)
@@ -200,7 +242,28 @@ def check_graph(model: ir.Model) -> None:
     except Exception as exc:
         raise Unsupported(f"invalid graph: cannot serialize ({type(exc).__name__}: "
                           f"{first_line(exc)})") from exc
-    check_proto(proto)
+    return check_proto(proto)
+
+
+def drop_stale(model: ir.Model, stale: dict[str, str]) -> list[str]:
+    """Forget the stale shape (and type) declared for intermediate values, so they are inferred
+    anew; a graph output keeps the producer's declaration (its interface). Returns warnings."""
+    notes = []
+    outputs = {v.name for v in model.graph.outputs}
+    for graph in model.graphs():
+        for node in graph:
+            for value in node.outputs:
+                if value.name in stale and value.name not in outputs:
+                    value.shape, value.type = None, None
+    dropped = sorted(set(stale) - outputs)
+    if dropped:
+        notes.append(f"dropped {len(dropped)} stale value_info declaration(s) that contradict the graph "
+                     f"(re-inferred), e.g. {dropped[0]!r}: {stale[dropped[0]]}")
+    kept = sorted(set(stale) & outputs)
+    if kept:
+        notes.append(f"declared shape of output {kept[0]!r} contradicts the graph ({stale[kept[0]]}); "
+                     "kept as declared (onnxruntime merges it leniently)")
+    return notes
 
 
 def check_structure(path: Path, op_types: set[str] | None = None) -> None:

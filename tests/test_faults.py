@@ -175,7 +175,6 @@ FAULTS = [
     ("cycle", EXIT_UNSUPPORTED, "contains a cycle"),
     ("wrong_dtype", EXIT_UNSUPPORTED, "inconsistent type tensor(int32)"),
     ("data_size", EXIT_UNSUPPORTED, "data does not match its type and shape"),
-    ("shape_conflict", EXIT_UNSUPPORTED, "Inferred shape and existing shape differ"),
     ("duplicate_output", EXIT_UNSUPPORTED, "invalid model (ValueError: Output 'sqrt10' is redeclared"),
 ]
 
