@@ -62,9 +62,9 @@ def const_array(value: ir.Value | None, follow: bool = True) -> np.ndarray | Non
         return None
     if op(node, "Identity", domain=""):
         return const_array(node.inputs[0])
-    if op(node, "Cast", domain=""):
-        arr = const_array(node.inputs[0])
-        return None if arr is None else arr.astype(ir.DataType(node.attributes["to"].value).numpy())
+    if is_cast(node):
+        arr, to = const_array(node.inputs[0]), cast_to(node)
+        return None if arr is None or to is None else arr.astype(to.numpy())
     if op(node, "Add", "Sub", "Mul", "Div", domain="") and len(node.inputs) == 2:
         a, b = const_array(node.inputs[0]), const_array(node.inputs[1])
         if a is None or b is None:
@@ -102,10 +102,23 @@ def is_const(value: ir.Value | None) -> bool:
     return value is not None and (const_tensor(value) is not None or const_array(value) is not None)
 
 
+def is_cast(node: ir.Node | None) -> bool:
+    """Cast, or CastLike (its type from a second input: dynamo exports write ε, gains and
+    activations' conversions that way)."""
+    return op(node, "Cast", "CastLike", domain="")
+
+
+def cast_to(node: ir.Node) -> ir.DataType | None:
+    """The type a Cast or CastLike converts to (None when a CastLike's target is unknown)."""
+    if node.op_type == "Cast":
+        return ir.DataType(attr(node, "to"))
+    return dtype_of(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+
+
 def through_casts(value: ir.Value) -> ir.Value:
-    """Walk up through Cast/Identity nodes to the value they started from."""
+    """Walk up through Cast/CastLike/Identity nodes to the value they started from."""
     node = value.producer()
-    while op(node, "Cast", "Identity", domain="") and node.inputs[0] is not None:
+    while (is_cast(node) or op(node, "Identity", domain="")) and node.inputs[0] is not None:
         value = node.inputs[0]
         node = value.producer()
     return value
@@ -125,7 +138,7 @@ def holds(wide: ir.DataType | None, narrow: ir.DataType | None) -> bool:
 def exact_source(value: ir.Value) -> ir.Value:
     """Follow widening Casts back to the narrowest exact copy of `value`."""
     node = value.producer()
-    while op(node, "Cast", domain="") and holds(dtype_of(value), dtype_of(node.inputs[0])) \
+    while is_cast(node) and holds(dtype_of(value), dtype_of(node.inputs[0])) \
             and dtype_of(value) != dtype_of(node.inputs[0]):
         value = node.inputs[0]
         node = value.producer()
@@ -184,6 +197,8 @@ def dtype_of(value: ir.Value, _depth: int = 0) -> ir.DataType | None:
     node = value.producer()
     if op(node, "Cast", domain=""):
         return ir.DataType(node.attributes["to"].value)
+    if _depth < 64 and op(node, "CastLike", domain="") and node.inputs[1] is not None:
+        return dtype_of(node.inputs[1], _depth + 1)
     if _depth < 64 and node is not None and node.op_type in _SAME_DTYPE:
         source = node.inputs[0]      # Gather: the table, not the indices
         if source is not None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .base import Failure, Linear, Site, WeightRef, fail
-from .graph import attr, const_array, const_tensor, dtype_of, exact_source, holds, op, users
+from .graph import attr, cast_to, const_array, const_tensor, dtype_of, exact_source, holds, is_cast, op, users
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
-TRANSPARENT = ("Cast", "Identity", "Reshape")
+TRANSPARENT = ("Cast", "CastLike", "Identity", "Reshape")
 
 
 def resolve_weight(value: ir.Value, transposed: bool) -> WeightRef | None:
@@ -28,8 +28,8 @@ def resolve_weight(value: ir.Value, transposed: bool) -> WeightRef | None:
         node = value.producer()
         if op(node, "Transpose", domain=""):
             steps.append(("transpose", tuple(attr(node, "perm", (1, 0)))))
-        elif op(node, "Cast", domain=""):
-            steps.append(("cast", ir.DataType(attr(node, "to")).numpy()))
+        elif is_cast(node) and cast_to(node) is not None:
+            steps.append(("cast", cast_to(node).numpy()))
         elif not op(node, "Identity", domain=""):
             return None
         value = node.inputs[0]
@@ -77,9 +77,9 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
 
 
 def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
-    if op(node, "Cast", domain=""):
-        return ir.DataType(attr(node, "to")) in (ir.DataType.FLOAT, ir.DataType.FLOAT16,
-                                                  ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+    if is_cast(node):
+        return cast_to(node) in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
+                                 ir.DataType.DOUBLE)
     if op(node, "Identity", domain=""):
         return True
     if op(node, "Reshape", domain="") and n is not None:
@@ -146,8 +146,7 @@ def defer_blocker(site: Site) -> Failure | None:
     steps: list[tuple[str, ir.DataType | None, ir.Node | ir.Value]] = [
         ("the norm's output", dtype_of(site.output), site.output)]
     for linear in site.linears:
-        steps += [("a Cast", ir.DataType(attr(node, "to")), node)
-                  for node in linear.path if op(node, "Cast", domain="")]
+        steps += [(f"a {node.op_type}", cast_to(node), node) for node in linear.path if is_cast(node)]
     for where, dtype, at in steps:
         if not holds(dtype, source):
             names = (getattr(source, "name", "?"), getattr(dtype, "name", "?"))

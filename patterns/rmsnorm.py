@@ -117,7 +117,7 @@ def match_affine(value: ir.Value, nodes: list[ir.Node]):
     before the first affine op (None when there is none)."""
     gain = beta = pre_affine = None
     while True:
-        node = _only_user(value, "Cast", "Mul", "Add")
+        node = _only_user(value, "Cast", "CastLike", "Mul", "Add")
         if node is None or (node.op_type == "Mul" and (gain is not None or beta is not None)) \
                 or (node.op_type == "Add" and beta is not None):
             break

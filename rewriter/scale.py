@@ -27,8 +27,8 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.patterns.graph import (GraphEditor, attr, const_array, const_tensor, dtype_of, holds, op,
-                                     rank_of, set_dtype, users)
+from rewriter.patterns.graph import (GraphEditor, attr, cast_to, const_array, const_tensor, dtype_of, holds,
+                                     op, rank_of, set_dtype, users)
 
 D = ir.DataType
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
@@ -118,7 +118,7 @@ def unary(w, node, ins) -> Outs:
 
 def cast(w, node, ins) -> Outs:
     """Exact only when it widens (or keeps) the type: never a wider range in a narrower type."""
-    return [ins[0]] if ins[0] and holds(D(attr(node, "to", 0)), dtype_of(node.inputs[0])) else None
+    return [ins[0]] if ins[0] and _only(ins, 0) and holds(cast_to(node), dtype_of(node.inputs[0])) else None
 
 
 def mul(w, node, ins) -> Outs:
@@ -247,6 +247,7 @@ RULES: dict[str, Rule] = {
     "Abs": unary,               # |s·t| = s·|t|, s > 0
     "Dropout": unary,           # (s·t)⊙m/(1−p) = s·(t⊙m/(1−p))
     "Cast": cast,               # exact widening only
+    "CastLike": cast,           # the same, its type from a second input
     "Mul": mul,                 # degrees add
     "Div": div,                 # degrees subtract
     "Add": same_factor,         # s·t + s·u = s·(t+u)

@@ -81,3 +81,22 @@ def test_a_type_error_is_still_refused(dirs):
     src, out = dirs
     code, _, err = cli(make_fault("wrong_dtype", src), "-o", out / "m.onnx")
     assert code == 4 and "inconsistent type" in err
+
+
+def test_castlike_constants_are_constants(tmp_path):
+    """Dynamo exports of the torch 2.5/2.6 era: ε, the exponent and the gain arrive as
+    CastLike(Constant, x), and the activation meets the weight through CastLike."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 5, N])
+
+    def like(array):
+        return g.op("CastLike", [g.const(np.asarray(array, np.float64), "c", as_node=True), x])
+    ms = g.reduce_mean(g.op("Pow", [x, like(2.0)]))
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, like(1e-6)])])])
+    y = g.op("Mul", [like(g.gain(N)), g.op("Mul", [x, inv])])
+    w = g.weight(N, H)
+    h = g.op("MatMul", [g.op("CastLike", [y, w]), w])
+    g.output(h, shape=[2, 5, H])
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    assert report.found == 1 and report.rewritten == 1, report.table()
+    assert_exact(diffs)

@@ -42,6 +42,11 @@ def _const(array):
     return lambda g, h: g.const(c(array))
 
 
+def _typed(array):
+    """A constant of exactly this dtype (a CastLike target)."""
+    return lambda g, h: g.const(array)
+
+
 def _with(op_type, *extra, **attrs):
     def chain(g, h):
         p = g.op(op_type, [h, *[e(g, h) if callable(e) else e for e in extra]], **attrs)
@@ -87,7 +92,9 @@ CASES = {
               ("LeakyRelu", True, _unary("LeakyRelu", alpha=0.1)), ("Identity", True, _unary("Identity")),
               ("Sigmoid (no rule)", False, _unary("Sigmoid")), ("Exp (no rule)", False, _unary("Exp"))],
     "cast": [("to fp64 (widening)", True, _unary("Cast", to=TensorProto.DOUBLE)),
-             ("to fp16 (narrowing)", False, _unary("Cast", to=TensorProto.FLOAT16))],
+             ("to fp16 (narrowing)", False, _unary("Cast", to=TensorProto.FLOAT16)),
+             ("CastLike fp64 (widening)", True, _with("CastLike", _typed(np.zeros(1, np.float64)))),
+             ("CastLike fp16 (narrowing)", False, _with("CastLike", _typed(np.zeros(1, np.float16))))],
     "mul": [("by a constant row", True, _binary("Mul", _const(np.linspace(-1, 1, H)))),
             ("h·h (degree 2)", True, lambda g, h: (lambda p: (p, p))(g.op("Mul", [h, h]))),
             ("constant adds a leading axis", False, _binary("Mul", _const(np.ones((1, 1, 1, H)))))],
