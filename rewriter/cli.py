@@ -1,6 +1,6 @@
 """Command line: `python -m rewriter model.onnx -o model_flash.onnx` and subcommands.
 
-    python -m rewriter MODEL -o OUT [--mode defer|fold] [--no-clone] [--report R.json] [--verify]
+    python -m rewriter MODEL -o OUT [--mode defer|fold] [--clone-shared] [--report R.json] [--verify]
     python -m rewriter verify ORIGINAL REWRITTEN [--inputs X.npz] [--tolerance T]
     python -m rewriter bench ORIGINAL [REWRITTEN] [--tokens 1,128,...]
     python -m rewriter calibrate [MODEL] --provider cpu|cuda -o COSTS.json   measure the strategies
@@ -78,8 +78,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--approx", action="store_true",
                    help="let a deferred scale cancel in a following norm (QK-norm, norm→linear→norm): "
                         "exact only for ε = 0; the measured error is reported")
-    p.add_argument("--no-clone", action="store_true",
-                   help="skip sites whose weight is shared (tied lm_head) instead of cloning it")
+    p.add_argument("--clone-shared", action="store_true",
+                   help="fold into a copy of a weight something else also reads (tied lm_head: + its "
+                        "size); default: keep the weight, the gain stays one Mul on that linear's input")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -163,7 +164,7 @@ def _options(args) -> Options:
                          "(and no --strategy)")
     choice = {"target": args.target, "strategy": args.strategy, "costs": _costs(args.costs),
               "tokens": _tokens(args.tokens)}
-    return Options(mode=args.mode, clone_shared=not args.no_clone, push_scales=not args.no_push,
+    return Options(mode=args.mode, clone_shared=args.clone_shared, push_scales=not args.no_push,
                    approx=args.approx, **{k: v for k, v in choice.items() if v is not None})
 
 

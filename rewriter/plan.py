@@ -42,7 +42,8 @@ TARGETS = {
 @dataclass
 class Options:
     mode: str = "defer"          # "defer": fold + defer 1/RMS past the linears; "fold": fold only
-    clone_shared: bool = True    # clone a weight that something else also reads (tied lm_head)
+    clone_shared: bool = False   # fold into a copy of a weight something else also reads (tied lm_head);
+                                 # default: keep it, the gain stays one Mul on that linear's input
     push_scales: bool = True     # defer: move each 1/RMS as far downstream as the algebra allows
     approx: bool = False         # let a deferred scale cancel in a following norm (exact only for ε=0)
     fuse_norms: bool = False     # fold: emit onnxruntime's fused norm kernels for decomposed norms
@@ -85,7 +86,8 @@ class Decision:
     miss: Miss | None
     action: str                  # "defer" | "fold" | "skip"
     reason: str = ""
-    cloned: list[Linear] = field(default_factory=list)   # linears whose weight is shared
+    cloned: list[Linear] = field(default_factory=list)   # shared weights folded into a copy
+    gain_kept: list[Linear] = field(default_factory=list)   # shared weights kept: gain on the input
     strategy: str = ""           # one of STRATEGIES ("" for a miss)
     evidence: str = ""           # the measured costs behind a chosen strategy
 
@@ -153,10 +155,6 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
         return Decision(site, None, "skip", "nothing to fold: unit gain and no β (already folded?)",
                         strategy=strategy, evidence=evidence)
     shared = [linear for linear in site.linears if not owns_weight(linear)]
-    if shared and not options.clone_shared:
-        return Decision(site, None, "skip",
-                        f"weight of {shared[0].node.op_type} {shared[0].node.name!r} is shared "
-                        "(tied embedding or reused weight) and --no-clone was given", strategy=strategy)
     reason = "fold gain into weights" if action == "fold" else "fold gain, defer 1/RMS past the linears"
     if site.kind == "layer":
         reason = ("fold γ, β into weights/bias" if action == "fold"
@@ -165,11 +163,16 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
         reason += "; norm fused into one onnxruntime kernel"
     if strategy == "defer-normop":
         reason += " (1/RMS from one onnxruntime norm kernel)"
-    if shared:
-        reason += f"; cloned {len(shared)} shared weight(s)"
+    if shared and options.clone_shared:
+        reason += f"; folded into a copy of {len(shared)} shared weight(s)"
+    elif shared:
+        reason += (f"; {len(shared)} shared weight(s) kept (tied embedding): the gain stays one Mul "
+                   "on that linear's input")
     if evidence:
         reason += f" [{evidence}]"
-    return Decision(site, None, action, reason, cloned=shared, strategy=strategy, evidence=evidence)
+    cloned, kept = (shared, []) if options.clone_shared else ([], shared)
+    return Decision(site, None, action, reason, cloned=cloned, gain_kept=kept, strategy=strategy,
+                    evidence=evidence)
 
 
 def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=None) -> list[Decision]:

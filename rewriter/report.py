@@ -93,6 +93,6 @@ class Report:
             lines.append(f"    {n:>4} × {reason}")
         lines += [f"  weights changed  {self.weights_changed:>6}",
                   f"  bytes added      {self.bytes_added:>6}   ({self.bytes_added / 2**20:.1f} MiB, "
-                  "clones of shared weights)"]
+                  "copies of shared weights, --clone-shared)"]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)

@@ -85,10 +85,14 @@ class Rewriter:
         return self.edit.cast(value, dtype) if dtype is not None else value
 
     # -- weights --------------------------------------------------------------------------
-    def fold_linear(self, site: Site, linear: Linear, center: bool) -> np.ndarray | None:
+    def fold_linear(self, site: Site, linear: Linear, center: bool, keep_weight: bool = False
+                    ) -> np.ndarray | None:
         """Replace the linear's weight by diag(gain)·W (centered over the input axis for a
-        deferred LayerNorm). Returns the bias delta α·β·W, or None when β is absent."""
+        deferred LayerNorm) — unless `keep_weight` (a shared weight: `gain_before` applies the
+        gain to its input instead). Returns the bias delta α·β·W, or None when β is absent."""
         ref = linear.weight
+        if keep_weight:
+            return self.beta_delta(site, linear)
         dtype = weight_dtype(linear)
         gain = None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
         if gain is None and not center and (site.beta is None or not np.any(site.beta)):
@@ -106,9 +110,28 @@ class Rewriter:
         else:
             linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_weight"))
 
+        return self.beta_delta(site, linear)
+
+    @staticmethod
+    def beta_delta(site: Site, linear: Linear) -> np.ndarray | None:
+        """α·β·W: what β adds after the linear (None when β is absent)."""
         if site.beta is None or not np.any(site.beta):
             return None
-        return _alpha(linear) * beta_through_weight(ref, site.beta.astype(np.float64))
+        return _alpha(linear) * beta_through_weight(linear.weight, site.beta.astype(np.float64))
+
+    def gain_before(self, site: Site, linear: Linear, center: bool) -> None:
+        """A shared weight stays as it is: its linear reads (x − mean)·gain (centering only for
+        a deferred LayerNorm) — exact, no byte of weight added."""
+        value = linear.node.inputs[0]
+        dtype = dtype_of(value)
+        if center:
+            value = self.edit.op1("Sub", value, self.edit.reduce_mean_last(value), hint="centered")
+            set_dtype(value, dtype)
+        if site.gain is not None and not np.all(site.gain == 1):
+            gain = self.edit.initializer(site.gain.astype(dtype.numpy() if dtype else np.float32), "shared_gain")
+            value = self.edit.op1("Mul", value, gain, hint="shared_gain")
+            set_dtype(value, dtype)
+        linear.node.replace_input_with(0, value)
 
     def add_bias(self, linear: Linear, after: ir.Value, delta: np.ndarray | None, detach_gemm_bias: bool):
         """Apply the linear's bias (+ β·W delta) after `after`: in place when the bias stays
@@ -208,7 +231,9 @@ class Rewriter:
     def apply(self, decision: Decision) -> None:
         site = decision.site
         defer = decision.action == "defer" and site.kind in ("rms", "layer")
-        deltas = [self.fold_linear(site, linear, center=defer and site.kind == "layer")
+        center = defer and site.kind == "layer"
+        kept = {id(linear) for linear in decision.gain_kept}
+        deltas = [self.fold_linear(site, linear, center, keep_weight=id(linear) in kept)
                   for linear in site.linears]
         if defer:
             self.defer(site, deltas, norm_kernel=decision.strategy == "defer-normop")
@@ -216,6 +241,8 @@ class Rewriter:
             self.drop_gain(site, fuse=decision.fused)
             for linear, delta in zip(site.linears, deltas):
                 self.add_bias(linear, linear.output, delta, detach_gemm_bias=False)
+        for linear in decision.gain_kept:
+            self.gain_before(site, linear, center)
 
     def residual_input(self, site: Site) -> ir.Value:
         """x itself, rebuilt as input + skip (+ bias) for Skip* ops."""

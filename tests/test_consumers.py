@@ -33,8 +33,9 @@ def test_gemm_with_bias_behind_reshape(mode, trans_b, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["defer", "fold"])
-def test_weight_behind_transpose_and_cast_is_cloned_when_tied(mode, tmp_path):
-    """Tied embeddings (dynamo): one table feeds Gather and Transpose → MatMul."""
+def test_tied_weight_is_kept_or_cloned_on_request(mode, tmp_path):
+    """Tied embeddings (dynamo): one table feeds Gather and Transpose → MatMul. By default the
+    table stays shared (0 bytes added, the gain a Mul before the head); --clone-shared folds a copy."""
     g = GraphBuilder()
     ids = g.input("ids", [None, None], np.int64)
     table = g.const(g.rng.standard_normal((K, N)).astype(np.float32), "embed")
@@ -43,14 +44,16 @@ def test_weight_behind_transpose_and_cast_is_cloned_when_tied(mode, tmp_path):
     y = g.op("Identity", [g.op("Cast", [y], to=TensorProto.FLOAT)])
     g.output(g.op("MatMul", [y, g.op("Transpose", [table], perm=[1, 0])]))
     feeds = {"ids": np.array([[1, 5, 7], [0, 11, 3]], np.int64)}
-    report, diffs, out = rewrite_and_run(g.model(), tmp_path, mode=mode, feeds=feeds)
+    report, diffs, out = rewrite_and_run(g.model(), tmp_path, mode=mode, feeds=feeds, clone_shared=True)
     assert report.rewritten == 1 and report.bytes_added == K * N * 4
     assert_exact(diffs)
     assert "Gather" in op_types(out) and len(out.graph.initializer) >= 2
 
-    report, diffs, _ = rewrite_and_run(g.model(), tmp_path, mode=mode, feeds=feeds, clone_shared=False)
-    assert report.rewritten == 0 and "shared" in report.sites[0].reason
-    assert_exact(diffs, tol=0)
+    report, diffs, out = rewrite_and_run(g.model(), tmp_path, mode=mode, feeds=feeds)
+    assert report.rewritten == 1 and report.bytes_added == 0 and "shared weight(s) kept" in report.sites[0].reason
+    assert_exact(diffs)
+    big = [t for t in out.graph.initializer if np.prod(t.dims) >= K * N]
+    assert len(big) == 1, "the table is stored once"
 
 
 def test_fused_projection_then_split(tmp_path):
@@ -107,3 +110,23 @@ def test_blocked_sites_are_reported_and_untouched(case, tmp_path):
     assert (report.found, report.rewritten) == (1, 0)
     assert report.sites[0].reason == reason
     assert_exact(diffs, tol=0)
+
+
+@pytest.mark.parametrize("strategy", ["defer", "fold", "fold-fused", "defer-normop"])
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_shared_weight_keeps_its_bytes_under_every_strategy(norm, strategy, tmp_path):
+    """A weight read by two norms' linears: kept once, the gain (and for a deferred LayerNorm
+    the centering) applied to that linear's input, β through a bias; exact."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 5, N])
+    w = g.weight(N, K)
+    outs = []
+    for _ in range(2):
+        y = g.rms(x, gain=g.gain(N)) if norm == "rms" else \
+            g.layernorm(x, gain=g.gain(N), beta=(g.gain(N) - 1).astype(np.float32))
+        outs.append(g.op("MatMul", [y, w]))
+    g.output(g.op("Add", outs))
+    report, diffs, out = rewrite_and_run(g.model(), tmp_path, strategy=strategy)
+    assert report.rewritten == 2 and report.bytes_added == 0, report.table()
+    assert_exact(diffs)
+    assert sum(np.prod(t.dims) == N * K for t in out.graph.initializer) == 1

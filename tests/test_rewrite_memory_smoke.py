@@ -34,7 +34,7 @@ def test_rewrite_memory_tiny(tmp_path):
     assert checks["checker"] == "ok"
     assert checks["norms"] == {"expected": 5, "found": 5, "rewritten": 5, "ok": True}
     assert checks["data_file"]["ok"]
-    assert checks["data_file"]["bytes_added"] > 0          # tiny is tied: the head is cloned
+    assert checks["data_file"]["bytes_added"] == 0         # tiny is tied: the head stays shared
     assert checks["verify"]["ok"] and checks["verify"]["max_rel"] < 1e-2
     assert "tiny" in out_txt.read_text() and "tiny" in proc.stdout
     assert not (work / "tiny-fp16").exists()                # big files deleted without --keep
