@@ -4,11 +4,13 @@
     model_flash, report = rewrite("model.onnx", mode="defer")        # onnx_ir.Model
     proto_flash, report = rewrite(model_proto)                       # onnx.ModelProto
     graph_flash, report = rewrite(gs_graph)                          # onnx_graphsurgeon.Graph
+    program, report = rewrite(torch.onnx.export(module, args, dynamo=True))   # ONNXProgram
     report = rewrite_file("model.onnx", "model_flash.onnx")
 
-A path loads lazily and returns an `onnx_ir.Model`; an `onnx_ir.Model` is rewritten in
-place; a ModelProto or graphsurgeon Graph is converted and returned as a new object of the
-same kind (the argument is left unchanged).
+A path loads lazily and returns an `onnx_ir.Model`; an `onnx_ir.Model` and a
+`torch.onnx.ONNXProgram` (its `.model`) are rewritten in place and returned; a ModelProto or
+graphsurgeon Graph is converted and returned as a new object of the same kind (the argument
+is left unchanged).
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ def rewrite_ir(model: ir.Model, options: Options) -> Report:
 
 
 def rewrite(model, **options):
-    """Rewrite `model` (path, ModelProto, onnx_ir.Model or graphsurgeon Graph).
+    """Rewrite `model` (path, ModelProto, onnx_ir.Model, graphsurgeon Graph or ONNXProgram).
 
     `options` are the fields of rewriter.Options (mode="defer"|"fold", target="portable"|
-    "ort-cpu"|"ort-cuda", clone_shared, push_scales, approx). Returns (rewritten model of the same kind — an onnx_ir.Model for a
-    path —, Report)."""
+    "ort-cpu"|"ort-cuda", clone_shared, push_scales, approx). Returns (the rewritten model
+    as the same kind of thing — an onnx_ir.Model for a path —, Report)."""
     loaded, kind = io.load(model)
     report = rewrite_ir(loaded, Options(**options))
-    return io.to_kind(loaded, kind), report
+    return io.to_kind(loaded, kind, model), report
 
 
 def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance: float | None = None,

@@ -41,8 +41,10 @@ def _kind(source) -> str:
         return "ir"
     if type(source).__name__ == "Graph" and type(source).__module__.startswith("onnx_graphsurgeon"):
         return "graphsurgeon"
+    if type(source).__name__ == "ONNXProgram" and isinstance(getattr(source, "model", None), ir.Model):
+        return "onnxprogram"        # torch.onnx.export(..., dynamo=True)
     raise TypeError(f"cannot rewrite a {type(source).__name__}: pass a path, onnx.ModelProto, "
-                    "onnx_ir.Model or onnx_graphsurgeon.Graph")
+                    "onnx_ir.Model, onnx_graphsurgeon.Graph or torch.onnx.ONNXProgram")
 
 
 def load(source) -> tuple[ir.Model, str]:
@@ -57,6 +59,8 @@ def load(source) -> tuple[ir.Model, str]:
         model = _deserialize(source, "model")
     elif kind == "ir":
         model = source
+    elif kind == "onnxprogram":
+        model = source.model        # rewritten in place, like an onnx_ir.Model
     else:
         import onnx_graphsurgeon as gs
         try:
@@ -202,9 +206,12 @@ def check_external_data(model: ir.Model, base: Path) -> set[str]:
     return set(sizes)
 
 
-def to_kind(model: ir.Model, kind: str):
+def to_kind(model: ir.Model, kind: str, source=None):
+    """`model` as the kind of thing the caller handed in (`source`: that thing)."""
     if kind == "ir" or kind == "path":
         return model
+    if kind == "onnxprogram":
+        return source
     proto = ir.to_proto(model)
     if kind == "proto":
         return proto
