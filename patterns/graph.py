@@ -245,12 +245,14 @@ def opset(model_or_graph: ir.Model | ir.Graph, domain: str = "") -> int:
 
 class GraphEditor:
     """Creates nodes and initializers in one graph with names that cannot collide, emitting
-    the form of each op that the graph's opset requires."""
+    the form of each op that the model's opset requires. For a subgraph (If/Loop body) give
+    the main graph as `main`: its opset and its imports (a contrib op's domain) are the model's."""
 
-    def __init__(self, graph: ir.Graph, prefix: str = "flashnorm"):
+    def __init__(self, graph: ir.Graph, prefix: str = "flashnorm", main: ir.Graph | None = None):
         self.graph = graph
+        self.main = main or graph
         self.prefix = prefix
-        self.opset = opset(graph)
+        self.opset = opset(self.main)
         self._names = {v.name for v in _all_values(graph)} | {n.name for n in graph.all_nodes()}
         self._count = 0
 
@@ -279,7 +281,7 @@ class GraphEditor:
         node = ir.node(op_type, list(inputs), attributes or {}, domain=domain,
                        num_outputs=num_outputs, name=self.fresh(hint or op_type))
         if domain not in ("", "ai.onnx"):       # a contrib op needs its domain imported
-            self.graph.opset_imports.setdefault(domain, 1)
+            self.main.opset_imports.setdefault(domain, 1)
         for i, out in enumerate(node.outputs):
             out.name = self.fresh(f"{hint or op_type}_out{i}")
         if before is not None:

@@ -23,12 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import InlinePass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from rewriter.costs import chooser_for
 from rewriter.errors import RewriterError
 from rewriter.io import DECLARED
-from rewriter.patterns import find_sites
+from rewriter.patterns import RULES, find_sites
 from rewriter.patterns.graph import initializers
 from rewriter.plan import Decision, Options, make_plan
 from rewriter.report import Report
@@ -54,18 +54,46 @@ class FlashNormPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> FlashNormResult:
         options = self.options
-        sites, misses = find_sites(model.graph)
-        self.plan = plan = make_plan(sites, misses, options, chooser=chooser_for(options))
         notes = []
-        if any(d.rewritten for d in plan):
-            rewriter = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx)
-            self.trace = rewriter.scales.trace
-            if options.approx:
-                notes.append(f"--approx: {len(rewriter.scales.cancelled)} deferred scale(s) cancelled in a "
-                             "following norm (exact only for ε = 0; see the measured error below)")
-        self.report = Report.from_plan(options.target or options.default_strategy, plan)
+        inlined = inline_norm_functions(model)
+        if inlined:
+            notes.append(f"inlined {inlined} call(s) of model-local functions holding a norm "
+                         "(as onnxruntime does when it loads the model)")
+        self.plan, self.trace, cancelled = [], [], 0
+        chooser = chooser_for(options)
+        # the main graph, then every subgraph (If branches, Loop/Scan bodies): each is its own scope
+        for index, graph in enumerate(list(model.graphs())):
+            sites, misses = find_sites(graph)
+            plan = make_plan(sites, misses, options, chooser=chooser)
+            self.plan += plan
+            if any(d.rewritten for d in plan):
+                rewriter = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx,
+                                      graph=graph, prefix="flashnorm" if index == 0 else f"flashnorm/sub{index}")
+                self.trace += rewriter.scales.trace
+                cancelled += len(rewriter.scales.cancelled)
+        if options.approx and any(d.rewritten for d in self.plan):
+            notes.append(f"--approx: {cancelled} deferred scale(s) cancelled in a following norm "
+                         "(exact only for ε = 0; see the measured error below)")
+        self.report = Report.from_plan(options.target or options.default_strategy, self.plan)
         self.report.notes += notes
-        return FlashNormResult(model, self.report.rewritten > 0, self.report)
+        return FlashNormResult(model, self.report.rewritten > 0 or inlined > 0, self.report)
+
+
+NORM_ANCHORS = {anchor for rule in RULES for anchor in rule.anchors}
+
+
+def inline_norm_functions(model: ir.Model) -> int:
+    """Inline the model-local functions whose body holds a norm candidate (onnxruntime inlines
+    every function when it loads a model, so the graph it runs is the inlined one). Returns
+    how many calls were inlined."""
+    def holds_a_norm(function: ir.Function) -> bool:
+        return any(node.op_type in NORM_ANCHORS for node in function.all_nodes())
+    if not any(holds_a_norm(f) for f in model.functions.values()):
+        return 0
+    calls = sum(1 for node in model.graph.all_nodes() if (node.domain, node.op_type, node.overload) in
+                model.functions and holds_a_norm(model.functions[(node.domain, node.op_type, node.overload)]))
+    InlinePass(criteria=holds_a_norm)(model)
+    return calls
 
 
 def shape_inference() -> ShapeInferencePass:

@@ -25,10 +25,14 @@ def _alpha(linear: Linear) -> float:
 
 
 class Rewriter:
-    def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False):
+    """Rewrites the sites of one graph of `model`: the main graph, or a subgraph (an If branch,
+    a Loop body) whose new nodes and names get their own prefix."""
+
+    def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False,
+                 graph: ir.Graph | None = None, prefix: str = "flashnorm"):
         self.model = model
-        self.graph = model.graph
-        self.edit = GraphEditor(self.graph)
+        self.graph = graph if graph is not None else model.graph
+        self.edit = GraphEditor(self.graph, prefix, main=model.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
         self.replaced: dict[ir.Value, ir.Value] = {}    # redirect()'s old → new, for later sites
@@ -349,9 +353,10 @@ class Rewriter:
 
 
 def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True,
-               approx: bool = False) -> Rewriter:
-    """Rewrite every non-skipped site of `plan` in `model` (in place)."""
-    rewriter = Rewriter(model, push_scales, approx)
+               approx: bool = False, graph: ir.Graph | None = None, prefix: str = "flashnorm") -> Rewriter:
+    """Rewrite every non-skipped site of `plan` — sites of `graph` (default: the main graph) —
+    in `model` (in place)."""
+    rewriter = Rewriter(model, push_scales, approx, graph, prefix)
     done = 0
     for decision in plan:
         if decision.rewritten:

@@ -165,10 +165,18 @@ def skeleton(model: ir.Model) -> onnx.ModelProto:
     # ORT's contrib ops in the ONNX domain: check them as the contrib ops they are
     default = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     contrib = False
-    for node in proto.graph.node:
-        since = ORT_ONNX_DOMAIN_CONTRIB.get(node.op_type)
-        if node.domain in ("", "ai.onnx") and since is not None and default < since:
-            node.domain, contrib = "com.microsoft", True
+
+    def as_contrib(graph: onnx.GraphProto) -> None:
+        nonlocal contrib
+        for node in graph.node:
+            since = ORT_ONNX_DOMAIN_CONTRIB.get(node.op_type)
+            if node.domain in ("", "ai.onnx") and since is not None and default < since:
+                node.domain, contrib = "com.microsoft", True
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    as_contrib(sub)
+
+    as_contrib(proto.graph)
     if contrib and not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return proto
