@@ -10,7 +10,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .base import Failure, Linear, Site, WeightRef, fail
-from .graph import attr, cast_to, const_array, const_tensor, dtype_of, exact_source, holds, is_cast, op, users
+from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, holds, is_cast, op,
+                    through_casts, users)
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
 TRANSPARENT = ("Cast", "CastLike", "Identity", "Reshape")
@@ -47,7 +48,17 @@ def _bias_after(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
     return None, None
 
 
+# Linears over quantized weights: a gain cannot be folded into block-quantized or integer weights
+# exactly (each block's scale and rounding would change). Rewrite the float model, then quantize.
+QUANTIZED = {"MatMulNBits", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+             "DynamicQuantizeLinear", "QuantizeLinear", "QGemm", "MatMulBnb4", "GatherBlockQuantized"}
+QUANTIZED_REASON = ("weights are quantized ({what}): a gain cannot be folded into them exactly — rewrite "
+                    "the float model, then quantize it (README: Quantized models)")
+
+
 def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Failure:
+    if node.op_type in QUANTIZED:
+        return fail(QUANTIZED_REASON.format(what=f"consumer {node.op_type}"), node)
     if not op(node, "MatMul", "Gemm", domain="") and not op(node, "FusedMatMul", domain="com.microsoft"):
         return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
     if index != 0:
@@ -66,6 +77,8 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
         return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
     ref = resolve_weight(node.inputs[1], transposed)
     if ref is None:
+        if op(through_casts(node.inputs[1]).producer(), "DequantizeLinear"):
+            return fail(QUANTIZED_REASON.format(what=f"{node.op_type} weight from DequantizeLinear, QDQ"), node)
         return fail(f"{node.op_type} weight is not a constant 2-D tensor", node.inputs[1])
     if op(node, "Gemm", domain="") and len(node.inputs) > 2 and node.inputs[2] is not None:
         c = node.inputs[2]

@@ -2,6 +2,7 @@
 Transpose/Cast, shared weights, and the consumers that block a rewrite."""
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto
 
@@ -130,3 +131,25 @@ def test_shared_weight_keeps_its_bytes_under_every_strategy(norm, strategy, tmp_
     assert report.rewritten == 2 and report.bytes_added == 0, report.table()
     assert_exact(diffs)
     assert sum(np.prod(t.dims) == N * K for t in out.graph.initializer) == 1
+
+
+def test_quantized_linears_are_reported_plainly(tmp_path):
+    """MatMulNBits (block-quantized int4) and QDQ weights: no exact fold exists; the report says
+    so and points at the order that works (rewrite the float model, then quantize)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    g = GraphBuilder()
+    x = g.input("x", [2, 5, 64])
+    g.output(g.op("MatMul", [g.rms(x, gain=g.gain(64)), g.weight(64, 64)]), shape=[2, 5, 64])
+    src = tmp_path / "float.onnx"
+    onnx.save(g.model(), src)
+    nbits = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+    nbits.process()
+    int4 = tmp_path / "int4.onnx"
+    nbits.model.save_model_to_file(str(int4))
+    int8 = tmp_path / "int8.onnx"
+    quantize_dynamic(str(src), str(int8), weight_type=QuantType.QInt8)
+    from rewriter import rewrite
+    for path, what in ((int4, "MatMulNBits"), (int8, "DynamicQuantizeLinear")):
+        _, report = rewrite(str(path))
+        assert report.rewritten == 0 and f"quantized (consumer {what})" in report.sites[0].reason, report.table()
