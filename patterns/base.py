@@ -57,7 +57,8 @@ class Linear:
 class Site:
     """A normalization whose output is consumed by linears.
 
-    kind: "rms", "layer" or "dyt". `x` is the tensor the norm normalizes (for Skip* ops the
+    kind: "rms", "layer" or "dyt"; form: "decomposed" (a subgraph of elementwise ops) or "fused"
+    (one op: `op` names it). `x` is the tensor the norm normalizes (for Skip* ops the
     residual sum is built from `skip_inputs`). `gain`/`beta` are small arrays (None = 1 / 0).
     `output` is the value the linears read; `nodes` are the norm's own nodes.
     """
@@ -83,6 +84,11 @@ class Site:
     @property
     def name(self) -> str:
         return self.anchor.name or self.output.name or "?"
+
+    @property
+    def op(self) -> str:
+        """The single op's type for a fused form ('' for a decomposed one)."""
+        return self.anchor.op_type if self.form == "fused" else ""
 
     @property
     def size(self) -> int | None:
@@ -128,6 +134,10 @@ class Miss:
     @property
     def reason(self) -> str:
         return self.failure.reason
+
+    @property
+    def op(self) -> str:
+        return self.anchor.op_type if self.form == "fused" else ""
 
     @property
     def name(self) -> str:

@@ -55,7 +55,7 @@ class FusedNormRule:
         spec = FUSED_NORMS.get((domain, node.op_type))
         if spec is None:
             return None
-        form = node.op_type
+        form = self.form
         if spec.has_axis:
             axis = attr(node, "axis", -1)
             rank = rank_of(node.inputs[0])

@@ -66,7 +66,7 @@ def site_shape(site: Site) -> SiteShape | None:
         return None
     residual = bool(site.skip_inputs) or (site.x is not None and residual_add(through_casts(site.x).producer()))
     dtype = dtype_of(site.output)
-    return SiteShape(kind=site.kind, form="decomposed" if site.form == "decomposed" else "fused",
+    return SiteShape(kind=site.kind, form=site.form,
                      residual=bool(residual), d=int(site.size),
                      outs=tuple(sorted(int(linear.weight_shape[1]) for linear in site.linears)),
                      dtype=dtype_name(dtype))

@@ -81,7 +81,7 @@ def explain(path, name: str, options: Options | None = None) -> str:
     for decision in found:
         source = decision.site or decision.miss
         site = decision.site or decision.miss.site
-        out.append(f"{source.kind}/{source.form} normalization at {_node(source.anchor)}")
+        out.append(f"{source.kind}/{source.op or source.form} normalization at {_node(source.anchor)}")
         if site is not None:
             out += describe_site(site)
         if decision.rewritten:

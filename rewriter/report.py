@@ -14,7 +14,8 @@ from rewriter.plan import Decision
 class SiteReport:
     name: str
     kind: str             # rms | layer | dyt
-    form: str             # decomposed | RMSNormalization | SimplifiedLayerNormalization | ...
+    form: str             # decomposed | fused
+    op: str               # the fused op (RMSNormalization, SimplifiedLayerNormalization, ...); '' if decomposed
     action: str           # defer | fold | skip
     reason: str
     consumers: list[str] = field(default_factory=list)
@@ -39,7 +40,7 @@ class Report:
             consumers = [f"{l.node.op_type}:{l.node.name}" for l in d.site.linears] if d.site else []
             failure = d.miss.failure if d.miss else d.site.defer_blocker if d.site else None
             report.sites.append(SiteReport(
-                name=source.name, kind=source.kind, form=source.form, action=d.action,
+                name=source.name, kind=source.kind, form=source.form, op=source.op, action=d.action,
                 reason=d.reason, consumers=consumers,
                 weights_changed=len(consumers) if d.rewritten else 0,
                 bytes_added=d.bytes_added if d.rewritten else 0,
@@ -81,7 +82,7 @@ class Report:
             json.dump(self.to_dict(), f, indent=2)
 
     def table(self) -> str:
-        by_kind = Counter((s.kind, s.form) for s in self.sites)
+        by_kind = Counter((s.kind, s.op or s.form) for s in self.sites)
         lines = [f"FlashNorm rewrite (mode: {self.mode})",
                  f"  sites found      {self.found:>6}   "
                  + ", ".join(f"{k}/{f}: {n}" for (k, f), n in sorted(by_kind.items())),

@@ -50,7 +50,7 @@ def test_fused_norm(case, mode, tmp_path):
     proto = fused(**spec)
     report, diffs, out = rewrite_and_run(proto, tmp_path, mode=mode)
     assert (report.found, report.rewritten, report.weights_changed) == (1, 1, 2)
-    assert report.sites[0].form == spec["op_type"]
+    assert report.sites[0].form == "fused" and report.sites[0].op == spec["op_type"]
     assert_exact(diffs)
     if mode == "defer":     # the fused op is gone, the MatMuls read the raw (residual) input
         assert spec["op_type"] not in op_types(out)
