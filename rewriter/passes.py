@@ -6,7 +6,8 @@ with the report attached). It leaves a valid, sorted graph; nodes it made dead s
 unused-node removal. `run_pipeline()` is what the CLI and the API run:
 
     shape inference → FlashNormPass → [if modified: unused-node removal (to a fixed point) →
-    shape inference] → the producer's declarations restored
+    shape inference] → [ort-* targets: onnxscript's ORT fusions] → the producer's
+    declarations restored
 
 The matcher and the scale walker need inferred shapes; the output does not get them: it keeps
 the value_info its producer declared (where the value still exists) and adds none, so a run
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, RemoveUnusedNodesPass, ShapeInferencePass
+from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from rewriter.costs import chooser_for
-from rewriter.errors import RewriterError
+from rewriter.errors import RewriterError, first_line
 from rewriter.io import DECLARED
 from rewriter.patterns import RULES, find_sites
 from rewriter.patterns.graph import initializers
@@ -148,11 +150,25 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
     try:
         if ir.passes.PassManager([shape_inference(), flash])(model).modified and flash.report.rewritten:
             cleanup()(model)
+        if options.measured and options.compose:
+            flash.report.notes.append(ort_fusions(model))
     except ir.passes.PassError as exc:
         raise _original(exc) from exc
     finally:
         _restore(model, declared)
     return flash
+
+
+def ort_fusions(model: ir.Model) -> str:
+    """The ecosystem's fusions for onnxruntime on top of the rewrite (onnxscript's
+    optimize_for_ort: attention/GQA/MHA, rotary embedding, skip norms, GELU), in place.
+    Returns the report's note. A failure there leaves the rewritten model as it was."""
+    try:
+        _, counts = optimize_for_ort(model)
+    except Exception as exc:    # noqa: BLE001 - the peer's bug must not cost the user the rewrite
+        return f"onnxscript's ORT fusions failed, not applied ({first_line(exc, 160)})"
+    made = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()) if n) or "none"
+    return f"then onnxscript's ORT fusions (optimize_for_ort): {made}"
 
 
 def _original(exc: BaseException) -> BaseException:

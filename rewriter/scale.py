@@ -34,6 +34,10 @@ D = ir.DataType
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
 NONLINEAR_GATES = ("Sigmoid", "Tanh", "Erf", "HardSigmoid", "Softplus")
 GATE_PATH = ("Mul", "Div", "Add", "Pow", "Cast", "Identity")   # the arithmetic around a gate
+# what lies between a projection and attention: head layout and rotary embedding
+ATTENTION_PATH = ("Reshape", "Transpose", "Slice", "Split", "Concat", "Neg", "Mul", "Add", "Sub", "Cast",
+                  "CastLike", "Identity", "Unsqueeze", "Squeeze", "RotaryEmbedding")
+ATTENTION_OPS = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "PackedMultiHeadAttention")
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,31 @@ class ScaleWalker:
                 if len(readers) > 1 and self._reaches_gate(value, depth):
                     self.stop_edges.update((reader, value) for reader, _ in readers)
 
+    def protect_attention(self, depth: int = 16) -> None:
+        """A scale bound for attention (q, k or v reaching a MatMul of two activations, or an
+        attention op, through head layout and RoPE) is applied at the projection's output:
+        pushing it there saves nothing — the tensor is as big — and it would sit inside the
+        patterns onnxruntime fuses (rotary embedding, attention)."""
+        for seed in list(self.states):
+            if self._reaches_attention(seed, depth):
+                self.stop_edges.update((reader, seed) for reader, _ in users(seed))
+
+    @staticmethod
+    def _reaches_attention(value: ir.Value, depth: int) -> bool:
+        frontier, seen = [value], set()
+        for _ in range(depth):
+            nxt = []
+            for v in frontier:
+                for reader, index in users(v):
+                    if reader.op_type in ATTENTION_OPS or (
+                            op(reader, "MatMul", domain="") and all(const_tensor(i) is None for i in reader.inputs)):
+                        return True
+                    if reader not in seen and reader.op_type in ATTENTION_PATH:
+                        seen.add(reader)
+                        nxt.extend(reader.outputs)
+            frontier = nxt
+        return False
+
     @staticmethod
     def _reaches_gate(value: ir.Value, depth: int) -> bool:
         frontier, seen = [value], set()
@@ -343,6 +372,7 @@ class ScaleWalker:
         self.graph.sort()
         if self.push:
             self.protect_activations()
+            self.protect_attention()
         nodes = list(self.graph)        # the graph's own nodes: the walker's Muls are not walked
         for value, state in list(self.states.items()):
             self._apply_in_subgraphs(value, state)
