@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -48,7 +49,9 @@ from rewriter.costs import CostTable
 from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, OutputError,
                              RewriterError, UsageError, VerificationFailed)
 from rewriter.explain import explain
+from rewriter.folders import rewrite_folder
 from rewriter.io import check_target
+from rewriter.measure import measured_rewrite
 from rewriter.plan import MODES, STRATEGIES, TARGETS, Options
 from rewriter.verify import format_diffs, load_npz
 
@@ -101,6 +104,11 @@ def _rewrite_parser() -> argparse.ArgumentParser:
                         "OUTPUT.data when the input had external data or the model passes 2 GiB")
     p.add_argument("--overwrite", action="store_true",
                    help="allow OUTPUT to be the input path (replaced atomically, with its external data)")
+    p.add_argument("--measure", nargs="?", const="1,128", metavar="N,N",
+                   help="choose on the whole model: rewrite it every way (the options given, each strategy "
+                        "everywhere, keep), check each exact, time them side by side at these token counts "
+                        "(default 1,128) on --provider, and write the fastest exact one")
+    p.add_argument("--provider", choices=("cuda", "cpu"), help="with --measure (default: CUDA when available)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -141,7 +149,14 @@ def cmd_rewrite(args) -> int:
         _check_report_path(Path(args.report), [args.model, args.output])
     if args.keep_failed and not args.verify:
         raise UsageError("--keep-failed keeps a model that fails --verify: give --verify too")
-    report = rewrite_file(args.model, args.output, options=_options(args), overwrite=args.overwrite, external_data=args.external_data, progress=progress,
+    # a folder (onnxruntime-genai: genai_config.json) is rewritten as a whole: rewriter/folders.py
+    rewrite = rewrite_folder if Path(args.model).is_dir() else rewrite_file
+    if args.measure:
+        if Path(args.model).is_dir():
+            raise UsageError("--measure takes a model file (not a folder)")
+        rewrite = functools.partial(measured_rewrite, tokens=tuple(int_list(args.measure, "--measure")) or (1,),
+                                    provider=args.provider, log=(lambda m: None) if args.quiet else _log)
+    report = rewrite(args.model, args.output, options=_options(args), overwrite=args.overwrite, external_data=args.external_data, progress=progress,
                           verify=_printing_check(quiet=args.quiet) if args.verify else False,
                           keep_failed=args.keep_failed,
                           also_writes={"report": args.report} if args.report else None)
@@ -154,6 +169,10 @@ def cmd_rewrite(args) -> int:
         print(report.table())
         print(f"wrote {printable(args.output)}")
     return EXIT_OK
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _options(args) -> Options:
