@@ -285,6 +285,22 @@ class Step:
     passed: bool
 
 
+def _reaches(value: ir.Value, depth: int, path_ops, is_target) -> bool:
+    """Some reader within `depth` ops of `value`, through ops in `path_ops`, is a target."""
+    frontier, seen = [value], set()
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for reader, _ in users(v):
+                if is_target(reader):
+                    return True
+                if reader not in seen and reader.op_type in path_ops and reader.domain in ("", "ai.onnx", "com.microsoft"):
+                    seen.add(reader)
+                    nxt.extend(reader.outputs)
+        frontier = nxt
+    return False
+
+
 class ScaleWalker:
     def __init__(self, graph: ir.Graph, edit: GraphEditor, take_output_slot, push: bool = True):
         self.graph = graph
@@ -338,34 +354,12 @@ class ScaleWalker:
 
     @staticmethod
     def _reaches_attention(value: ir.Value, depth: int) -> bool:
-        frontier, seen = [value], set()
-        for _ in range(depth):
-            nxt = []
-            for v in frontier:
-                for reader, index in users(v):
-                    if reader.op_type in ATTENTION_OPS or (
-                            op(reader, "MatMul", domain="") and all(const_tensor(i) is None for i in reader.inputs)):
-                        return True
-                    if reader not in seen and reader.op_type in ATTENTION_PATH:
-                        seen.add(reader)
-                        nxt.extend(reader.outputs)
-            frontier = nxt
-        return False
+        return _reaches(value, depth, ATTENTION_PATH, lambda reader: reader.op_type in ATTENTION_OPS or (
+            op(reader, "MatMul", domain="") and all(const_tensor(i) is None for i in reader.inputs)))
 
     @staticmethod
     def _reaches_gate(value: ir.Value, depth: int) -> bool:
-        frontier, seen = [value], set()
-        for _ in range(depth):
-            nxt = []
-            for v in frontier:
-                for reader, _ in users(v):
-                    if op(reader, *NONLINEAR_GATES, domain=""):
-                        return True
-                    if reader not in seen and op(reader, *GATE_PATH, domain=""):
-                        seen.add(reader)
-                        nxt.extend(reader.outputs)
-            frontier = nxt
-        return False
+        return _reaches(value, depth, GATE_PATH, lambda reader: op(reader, *NONLINEAR_GATES, domain=""))
 
     # -- propagation ----------------------------------------------------------------------
     def run(self) -> None:
