@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rewriter.errors import UsageError
+from rewriter.errors import BadInput, CannotRun, UsageError, first_line
+from rewriter.feeds import from_session, signature
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def providers(preferred: str | None = None) -> list[str]:
@@ -78,62 +77,23 @@ def ort_kernels(path, provider: str | None = None) -> dict[str, int]:
         return dict(sorted(Counter(n.op_type for n in graph.node).items()))
 
 
-def _vocab_sizes(path) -> dict[str, int]:
-    """Graph inputs used as Gather indices into a constant table -> the table's row count."""
-    if path is None:
-        return {}
-    model = onnx.load(str(path), load_external_data=False)
-    tables = {init.name: init.dims[0] for init in model.graph.initializer if len(init.dims) == 2}
-    vocab: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
-            vocab[node.input[1]] = min(vocab.get(node.input[1], 1 << 62), tables[node.input[0]])
-    return vocab
-
-
 def make_inputs(path, *, batch: int = 1, seq: int = 16, past: int = 8, seed: int = 0,
                 sess=None) -> dict[str, np.ndarray]:
-    """Inputs from the model's signature: token ids within the embedding table, ones for
-    masks, positions for position ids, normal floats for everything else."""
-    sess = sess or session(path, "cpu")
-    rng = np.random.default_rng(seed)
-    vocab = _vocab_sizes(path)
-    names = [i.name for i in sess.get_inputs()]
-    has_past = any("past" in n or "cache" in n for n in names)
-    feeds = {}
-    for inp in sess.get_inputs():
-        name = inp.name.lower()
-        dims = []
-        for i, d in enumerate(inp.shape):
-            if isinstance(d, int) and d > 0:
-                dims.append(d)
-            elif i == 0:
-                dims.append(batch)
-            elif isinstance(d, str) and ("past" in d.lower() or "cache" in d.lower()):
-                dims.append(past)
-            elif ("past" in name or "cache" in name) and i == 2:
-                dims.append(past)
-            elif "mask" in name and has_past:
-                dims.append(past + seq)
-            else:
-                dims.append(seq)
-        dtype = ORT_TYPES.get(inp.type, np.float32)
-        if "mask" in name:
-            feeds[inp.name] = np.ones(dims, dtype)
-        elif "position" in name:
-            start = past if has_past else 0
-            feeds[inp.name] = np.broadcast_to(np.arange(start, start + dims[-1]), dims).astype(dtype)
-        elif np.issubdtype(dtype, np.integer):
-            feeds[inp.name] = rng.integers(0, vocab.get(inp.name, 2), size=dims).astype(dtype)
-        else:
-            feeds[inp.name] = rng.standard_normal(dims).astype(dtype)
-    return feeds
+    """One consistent set of inputs made from the graph (rewriter.feeds): token ids within the
+    embedding table, ones for masks (over past + sequence), positions after the past, pasts of
+    length `past` (random normals) sized from the graph's attention ops, normal floats for
+    everything else. Without a `path`, from the session's signature alone (roles by name)."""
+    sig = signature(path) if path is not None else from_session(sess)
+    return sig.feeds(batch=batch, seq=seq, past=past, rng=np.random.default_rng(seed))
 
 
 def run(path, feeds, provider: str | None = None, sess=None) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
     sess = sess or session(path, provider)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4        # a failed run is an exception; ORT's own log line repeats it
+    return dict(zip(names, sess.run(names, feeds, quiet)))
 
 
 @dataclass
@@ -143,6 +103,7 @@ class OutputDiff:
     max_abs: float
     max_rel: float
     tolerance: float
+    step: str = ""          # KV-cache graphs: the run it was worst at (prefill, decode 1, ...)
 
     @property
     def ok(self) -> bool:
@@ -167,14 +128,71 @@ def compare(reference: dict, candidate: dict, tolerance: float | None = None) ->
     return diffs
 
 
+DECODE_STEPS = 2    # after the prefill: the cache is fed back, then grows once more
+
+
 def verify(original, rewritten, *, inputs: dict | None = None, provider: str | None = None,
            tolerance: float | None = None, seed: int = 0, **shape) -> list[OutputDiff]:
-    """Compare the two models' outputs on the same inputs (made from the signature)."""
+    """Compare the two models' outputs on the same inputs: `inputs` when they name every graph
+    input; else inputs made from the original's graph (rewriter.feeds), taking those `inputs`
+    gives (token ids: their batch and length). A KV-cache graph runs as a greedy generator runs
+    it: a prefill (past length 0 unless `past` is given), then DECODE_STEPS one-token steps fed
+    the original's presents and its most likely next token — both models get the same feeds at
+    every step, each output's worst step is reported. CannotRun when onnxruntime cannot load or
+    run either model (nothing was compared)."""
     check_arguments(tolerance, **shape)
-    a = session(original, provider)
-    b = session(rewritten, provider)
-    feeds = inputs if inputs is not None else make_inputs(original, seed=seed, sess=a, **shape)
-    return compare(run(original, feeds, sess=a), run(rewritten, feeds, sess=b), tolerance)
+    a = _open(original, "original", provider)
+    b = _open(rewritten, "rewritten", provider)
+    sig = signature(original)
+    given = dict(inputs or {})
+    unknown = sorted(set(given) - {inp.name for inp in sig.inputs})
+    if unknown:
+        raise BadInput(f"inputs {', '.join(map(repr, unknown[:4]))}: not inputs of the model "
+                       f"(it takes {', '.join(inp.name for inp in sig.inputs[:6])}...)")
+    if inputs is not None and all(inp.name in given for inp in sig.inputs):
+        return compare(*_run_both(a, b, given), tolerance)      # the caller's feeds, as they are
+    batch, seq = sig.lengths(given) or (shape.get("batch", 1), shape.get("seq", 16))
+    past = shape.get("past", 0 if sig.has_past else 8)
+    rng = np.random.default_rng(seed)
+    feeds = sig.feeds(batch=batch, seq=seq, past=past, rng=rng, given=given)
+    if not sig.has_past:
+        return compare(*_run_both(a, b, feeds), tolerance)
+    worst: dict[str, OutputDiff] = {}
+    for step in range(DECODE_STEPS + 1):
+        label = f"decode {step}" if step else "prefill"
+        reference, candidate = _run_both(a, b, feeds, label)
+        for diff in compare(reference, candidate, tolerance):
+            diff.step = label
+            if diff.name not in worst or _badness(diff) > _badness(worst[diff.name]):
+                worst[diff.name] = diff
+        past += seq if step == 0 else 1
+        feeds = sig.feeds(batch=batch, seq=1, past=past, rng=rng, given=sig.next_step(reference))
+    return list(worst.values())
+
+
+def _badness(diff: OutputDiff) -> float:
+    return np.inf if not np.isfinite(diff.max_rel) else diff.max_rel
+
+
+def _open(path, which: str, provider: str | None):
+    try:
+        return session(path, provider)
+    except Exception as exc:
+        raise CannotRun(f"could not run the models under onnxruntime: it cannot load the {which} model "
+                        f"({first_line(exc)})") from exc
+
+
+def _run_both(a, b, feeds: dict, label: str = "") -> tuple[dict, dict]:
+    """Both sessions' outputs on `feeds`; CannotRun names the model and the step."""
+    outputs = []
+    for sess, which in ((a, "original"), (b, "rewritten")):
+        try:
+            outputs.append(run(None, feeds, sess=sess))
+        except Exception as exc:
+            where = f" at the {label}" if label else ""
+            raise CannotRun(f"could not run the models under onnxruntime: the {which} model failed{where} "
+                            f"({first_line(exc)})") from exc
+    return outputs[0], outputs[1]
 
 
 def check_arguments(tolerance: float | None = None, **shape) -> None:
@@ -194,8 +212,11 @@ def load_npz(path) -> dict[str, np.ndarray]:
 
 
 def format_diffs(diffs: list[OutputDiff]) -> str:
-    lines = [f"{'output':<32} {'dtype':<9} {'max abs':>11} {'max rel':>11} {'tol':>8}  ok"]
+    steps = any(d.step for d in diffs)      # a KV-cache graph: say at which run each was worst
+    lines = [f"{'output':<32} {'dtype':<9} {'max abs':>11} {'max rel':>11} {'tol':>8}  ok"
+             + ("   worst at" if steps else "")]
     for d in diffs:
-        lines.append(f"{d.name[:32]:<32} {d.dtype:<9} {d.max_abs:>11.3e} {d.max_rel:>11.3e} "
-                     f"{d.tolerance:>8.0e}  {'yes' if d.ok else 'NO'}")
+        line = (f"{d.name[:32]:<32} {d.dtype:<9} {d.max_abs:>11.3e} {d.max_rel:>11.3e} "
+                f"{d.tolerance:>8.0e}  {'yes' if d.ok else 'NO':<3}")
+        lines.append(f"{line}  {d.step}" if steps else line.rstrip())
     return "\n".join(lines)

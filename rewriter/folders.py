@@ -1,0 +1,121 @@
+"""Model folders: `python -m rewriter DIR -o OUT_DIR` on an onnxruntime-genai folder.
+
+A folder holding genai_config.json is rewritten as a whole: the decoder its config names
+(model.decoder.filename) is rewritten, every other file (genai_config.json, the tokenizer's,
+other components' models and their weights) is copied, so that OUT_DIR runs as it is. The
+decoder's own external data is not copied: the rewrite writes its own.
+
+Atomic like a single model (rewriter/files.py): everything is written into a temporary folder
+beside OUT_DIR (named so that a later run removes it if this one is killed), rewritten,
+checked and verified there, then renamed into place. On any failure nothing is left. An
+existing OUT_DIR that is not empty is refused unless `overwrite`; it is then replaced (moved
+aside under a name no cleanup removes, until the new folder is in place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rewriter.api import rewrite_file
+from rewriter.errors import BadInput, OutputError, UsageError
+from rewriter.files import data_files_of, remove_stale_temporaries, temp_prefix
+from rewriter.report import Report
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def is_model_folder(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / GENAI_CONFIG).is_file()
+
+
+def decoder_file(folder: Path) -> Path:
+    """The decoder model genai_config.json names (model.decoder.filename)."""
+    config = folder / GENAI_CONFIG
+    try:
+        name = json.loads(config.read_text(encoding="utf-8"))["model"]["decoder"]["filename"]
+    except FileNotFoundError as exc:
+        raise BadInput(f"{folder}: a directory without {GENAI_CONFIG} (give a model file, or an "
+                       "onnxruntime-genai folder)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInput(f"{config}: no model.decoder.filename in it ({type(exc).__name__}: {exc})") from exc
+    path = folder / str(name)
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+        raise BadInput(f"{config}: model.decoder.filename {name!r} is not a file in {folder}")
+    return path
+
+
+def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = False, **settings) -> Report:
+    """Rewrite the onnxruntime-genai folder `src` into the folder `dst` (atomic; `src` is never
+    modified). `settings` are rewrite_file's (options, verify, external_data, progress, ...).
+    Returns the decoder's report."""
+    src, dst = Path(src), Path(dst)
+    decoder = decoder_file(src)
+    if keep_failed:
+        raise UsageError("--keep-failed is for a single model: on a folder nothing is written when "
+                         "--verify fails (rewrite the decoder file itself to keep it)")
+    _check_destination(src, dst, overwrite)
+    remove_stale_temporaries(dst.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
+    except OSError as exc:
+        raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        _copy_others(src, tmp, decoder)
+        target = tmp / decoder.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        report = rewrite_file(decoder, target, **settings)
+        _commit(tmp, dst)
+    except OSError as exc:
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Before anything is written: OUT_DIR is a new name or a folder (empty, or replaced with
+    `overwrite`), neither inside the input folder nor holding it."""
+    if not dst.parent.is_dir():
+        raise OutputError(f"{dst.parent}: output directory does not exist")
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise OutputError(f"{dst}: exists and is not a folder; refusing to replace it")
+    here, there = src.resolve(), dst.resolve()
+    if there == here or here in there.parents or there in here.parents:
+        raise OutputError(f"{dst}: is, holds or lies inside the input folder {src}; write the "
+                          "rewritten folder elsewhere")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise OutputError(f"{dst}: folder exists and is not empty (pass --overwrite to replace it)")
+
+
+def _copy_others(src: Path, tmp: Path, decoder: Path) -> None:
+    """Every file of `src` but the decoder and the data files only it uses (symlinks are
+    copied as the files they point to: the Hugging Face cache's snapshots/ → blobs/)."""
+    others = [p for p in src.rglob("*") if p.is_file() and p != decoder]
+    shared = set().union(*(data_files_of(p) for p in others if p.suffix.lower() == ".onnx"))
+    own = data_files_of(decoder) - shared
+    for path in others:
+        if str(path.resolve()) in own:
+            continue
+        target = tmp / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """Rename the finished folder into place. A folder already there is moved aside first
+    (under a name no stale-temporary cleanup removes) and put back if the rename fails."""
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    aside = dst.with_name(f".{dst.name}.replaced-{os.getpid()}")
+    os.rename(dst, aside)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(aside, dst)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
