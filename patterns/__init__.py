@@ -12,7 +12,7 @@ import onnx_ir as ir
 from .base import Failure, Linear, Miss, Site, WeightRef, fail
 from .fused import FUSED_NORMS, FusedNormRule
 from .layernorm import DecomposedDyT, DecomposedLayerNorm
-from .linear import defer_blocker, match_linears
+from .linear import beta_blocker, defer_blocker, match_linears
 from .rmsnorm import DecomposedRMSNorm
 
 RULES = (DecomposedRMSNorm(), DecomposedLayerNorm(), DecomposedDyT(), FusedNormRule())
@@ -39,6 +39,9 @@ def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
                 else:
                     found.linears, found.shape_users = consumers
                     found.defer_blocker = defer_blocker(found)
+                    blocked = beta_blocker(found)
+                    if blocked is not None:
+                        found = Miss(node, found.kind, blocked, found.form, site=found)
             (sites if isinstance(found, Site) else misses).append(found)
             break
     return sites, misses

@@ -38,6 +38,13 @@ class Linear:
     path: tuple[ir.Node, ...] = ()
     bias: ir.Value | None = None          # Gemm C or the constant of a following Add
     bias_add: ir.Node | None = None       # that Add node, when the bias is a separate op
+    defer_blocker: "Failure | None" = None   # the row moves on the path that 1/RMS cannot follow
+    beta_blocker: "Failure | None" = None    # the row moves on the path β cannot follow (zero padding)
+
+    @property
+    def conv(self) -> bool:
+        """A Conv reading the normalized axis as its input channels (γ, β fold; nothing defers)."""
+        return self.node.op_type == "Conv"
 
     @property
     def output(self) -> ir.Value:
@@ -47,6 +54,8 @@ class Linear:
     def weight_shape(self) -> tuple[int, int]:
         """[n_in, k_out] of the effective weight, from shapes only."""
         shape = tuple(int(d) for d in self.weight.tensor.shape)
+        if self.conv:               # [out, in, k...]
+            return shape[1], shape[0]
         for kind, perm in self.weight.steps:
             if kind == "transpose":
                 shape = tuple(shape[p] for p in perm)

@@ -7,11 +7,14 @@ is a reason not to rewrite, returned as a `Failure` naming the node at fault.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
+import numpy as np
 import onnx_ir as ir
 
 from .base import Failure, Linear, Site, WeightRef, fail
 from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, holds, is_cast, op,
-                    through_casts, users)
+                    rank_of, through_casts, users)
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
 TRANSPARENT = ("Cast", "CastLike", "Identity", "Reshape")
@@ -105,41 +108,222 @@ def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
     return False
 
 
+# ops that move whole rows of the normalized tensor and never mix or change a row's features
+# (Swin's padding, roll and window partition; MoE's token Gather): γ folds through them, and
+# 1/RMS follows them (transform mirrors them on the scale), unless a condition says otherwise
+ROW_MOVES = ("Transpose", "Slice", "Pad", "Concat", "Gather", "Split")
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where the normalized axis is on a value of the walk: `axis` counted from the end (−1:
+    last), `rank` when known; what the path so far forbids (defer, β)."""
+
+    axis: int = -1
+    rank: int | None = None
+    defer: Failure | None = None
+    beta: Failure | None = None
+
+    def to(self, axis: int | None = None, rank: int | None = None, **kw) -> "Where":
+        return replace(self, axis=self.axis if axis is None else axis, rank=rank, **kw)
+
+    def neg(self, a: int) -> int | None:
+        """Axis `a` of an op counted from the end (None: a ≥ 0 with the rank unknown)."""
+        return a if a < 0 else None if self.rank is None else a - self.rank
+
+
+def _axes_avoid(node: ir.Node, axes, at: "Where") -> Failure | None:
+    if axes is None:
+        return fail(f"{node.op_type} axes are not constant (cannot prove they avoid the normalized axis)", node)
+    normalized = [at.neg(int(a)) for a in np.atleast_1d(axes)]
+    if any(a is None for a in normalized):
+        return fail(f"{node.op_type} axes cannot be placed (rank unknown)", node)
+    if at.axis in normalized:
+        return fail(f"{node.op_type} along the normalized axis (selects or mixes features)", node)
+    return None
+
+
+def row_move(node: ir.Node, index: int, at: Where, from_norm) -> Where | Failure:
+    """Where the normalized axis is after `node`, a row move reading it at `index`, or why
+    `node` is not one."""
+    rank = rank_of(node.outputs[0])
+    if op(node, "Transpose"):
+        perm = attr(node, "perm")
+        if perm is None:
+            return fail("Transpose without perm", node)
+        r = len(perm)
+        pos = tuple(perm).index(r + at.axis) if -r <= at.axis < 0 else None
+        if pos is None:
+            return fail("Transpose rank does not match", node)
+        return at.to(pos - r, r)
+    if index != 0 and not op(node, "Concat"):
+        return fail(f"{node.op_type} reads the normalized tensor as input {index}", node)
+    if op(node, "Slice"):
+        axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else \
+            (np.arange(len(const_array(node.inputs[1]))) if const_array(node.inputs[1]) is not None else None)
+        return _axes_avoid(node, axes, at) or at.to(rank=rank or at.rank)
+    if op(node, "Split"):
+        return _axes_avoid(node, [attr(node, "axis", 0)], at) or at.to(rank=rank or at.rank)
+    if op(node, "Concat"):
+        for part in node.inputs:
+            if not from_norm(part):
+                return fail("Concat joins the normalized rows with rows from elsewhere", part)
+        return _axes_avoid(node, [attr(node, "axis")], at) or at.to(rank=rank or at.rank)
+    if op(node, "Gather"):
+        g = at.neg(int(attr(node, "axis", 0)))
+        if g is None:
+            return fail("Gather axis cannot be placed (rank unknown)", node)
+        if g == at.axis:
+            return fail("Gather along the normalized axis (selects features)", node)
+        if g > at.axis:
+            return fail("Gather along an axis after the normalized one (not followed)", node)
+        return at.to(rank=rank)
+    if op(node, "Pad"):
+        pads = const_array(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "pads")
+        if pads is None or len(node.inputs) > 3 and node.inputs[3] is not None:
+            return fail("Pad amounts (or axes) are not constant", node)
+        pads = np.asarray(pads).reshape(2, -1)
+        r = pads.shape[1]
+        if not -r <= at.axis < 0 or pads[:, r + at.axis].any():
+            return fail("Pad pads the normalized axis", node)
+        if not pads.any():
+            return at.to(rank=r)                              # no row added: an identity
+        value = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else 0.0
+        if attr(node, "mode", "constant") not in ("constant", b"constant") or value is None or np.any(value):
+            return fail("Pad adds rows that are not zero (a gain would scale them)", node)
+        why = "Pad adds zero rows"
+        return at.to(rank=r, defer=at.defer or fail(f"{why}: the deferred 1/RMS is not carried past it", node),
+                     beta=at.beta or fail(f"{why}: β folded into a bias would appear on them", node))
+    return fail(f"{node.op_type} is not a row move", node)
+
+
+def _conv(node: ir.Node, index: int, at: Where, n: int | None) -> Linear | Failure:
+    """Conv reading the normalized axis as its input channels (ConvNeXt, SegFormer: LN channels
+    last → Transpose → Conv): γ folds into W[:, c], β into the bias (exact without padding);
+    1/RMS does not defer (a kernel wider than 1 mixes rows)."""
+    if index != 0:
+        return fail("Conv reads the normalized tensor as its weight", node)
+    rank = at.rank or rank_of(node.inputs[0])
+    if rank is None or at.axis + rank != 1:
+        return fail("Conv input channels are not the normalized axis", node)
+    if attr(node, "group", 1) != 1:
+        return fail("grouped Conv (a channel's gain would not reach every output)", node)
+    tensor = const_tensor(node.inputs[1])
+    if tensor is None or len(users(node.inputs[1])) != 1 or (n is not None and int(tensor.shape[1]) != n):
+        return fail("Conv weight is not a constant of its own over the normalized axis", node.inputs[1])
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if bias is not None and const_array(bias) is None:
+        return fail("Conv bias is not constant", bias)
+    kernel = tuple(int(d) for d in tensor.shape[2:])
+    pads = attr(node, "pads") or ()
+    auto = attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    beta = at.beta
+    if any(pads) or auto not in ("NOTSET", "VALID") and any(k > 1 for k in kernel):
+        beta = beta or fail("Conv pads its input: β is not exact at the padded borders", node)
+    defer = at.defer or fail("the Conv mixes rows" if any(k > 1 for k in kernel)
+                             else "the deferred 1/RMS is not carried past a Conv", node)
+    return Linear(node, WeightRef(node.inputs[1], tensor), bias=bias, defer_blocker=defer, beta_blocker=beta)
+
+
+# ops that keep the normalized axis where it is (counted from the end)
+_IN_PLACE = ("Slice", "Pad", "Split", "Gather", "Reshape", *TRANSPARENT)
+
+
+def _base(value: ir.Value) -> ir.Value:
+    while (node := value.producer()) is not None and op(node, *_IN_PLACE, domain=""):
+        value = node.inputs[0]
+    return value
+
+
+def _from(value: ir.Value, root: ir.Value) -> bool:
+    """`value` is `root` moved by row moves and transparent ops."""
+    while value is not root:
+        node = value.producer()
+        if node is None or not op(node, *ROW_MOVES, *TRANSPARENT, domain=""):
+            return False
+        if op(node, "Concat"):
+            return _same_layout(node.inputs, root)
+        value = node.inputs[0]
+    return True
+
+
+def _same_layout(parts, root: ir.Value) -> bool:
+    """Every part comes from one value of the walk through ops that keep the normalized axis in
+    place (Swin's roll: two Slices of one tensor), so a Concat joins rows laid out alike."""
+    bases = {id(_base(v)) for v in parts}
+    return len(bases) == 1 and _from(_base(parts[0]), root)
+
+
+def _not_linear(node: ir.Node, v: ir.Value) -> Failure:
+    if op(node, "Mul", "Div") and any(const_array(u) is None for u in node.inputs if u is not v):
+        return fail(f"consumer {node.op_type} scales the normalized tensor by a non-constant (no gain to fold)", node)
+    return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
+
+
 def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None):
     """All linears reading `value` (a value of `graph`) -> (linears, shape_users) or the
-    Failure. A reader inside a subgraph (an If/Loop body reading the outer value) is refused:
-    the rewrite and the scale walker work on one graph."""
+    Failure naming the op and condition that really block. The walk passes Cast/Identity,
+    Reshapes keeping the last axis and row moves (ROW_MOVES); each linear records what its path
+    forbids (defer, β). A reader inside a subgraph (an If/Loop body reading the outer value)
+    is refused: the rewrite and the scale walker work on one graph."""
     if value.is_graph_output():
         return fail("norm output is a graph output", value)
     linears: list[Linear] = []
     shape_users: list[tuple[ir.Node, int]] = []
+    seen: set[int] = set()
     graph = graph or (value.producer().graph if value.producer() is not None else None)
 
-    def walk(v: ir.Value, path: tuple[ir.Node, ...]) -> Failure | None:
+    def walk(v: ir.Value, path: tuple[ir.Node, ...], at: Where) -> Failure | None:
         if v.is_graph_output():
-            return fail("norm output reaches a graph output", v)
+            return fail("norm output reaches a graph output" + (f" (after {path[-1].op_type})" if path else ""), v)
         for node, index in users(v):
             if node.graph is not graph:
                 return fail(f"{node.op_type} inside a subgraph (If/Loop body) reads the normalized tensor", node)
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             if op(node, "Shape", domain=""):
                 shape_users.append((node, index))     # reads only the shape, which is kept
             elif op(node, *TRANSPARENT, domain="") and index == 0:
-                if not _keeps_last_axis(node, n):
+                if not _keeps_last_axis(node, n) or (op(node, "Reshape", domain="") and at.axis != -1):
                     return fail(f"{node.op_type} changes the normalized axis or dtype", node)
-                failure = walk(node.outputs[0], path + (node,))
+                rank = rank_of(node.outputs[0])
+                if rank is None and op(node, "Reshape", domain="") and const_array(node.inputs[1]) is not None:
+                    rank = int(const_array(node.inputs[1]).size)
+                failure = walk(node.outputs[0], path + (node,),
+                               at.to(rank=rank if op(node, "Reshape", domain="") else rank or at.rank))
                 if failure:
                     return failure
-            else:
-                found = _linear(node, index, path)
+            elif op(node, *ROW_MOVES, domain=""):
+                moved = row_move(node, index, at, lambda u: _same_layout([u, *node.inputs], value))
+                if isinstance(moved, Failure):
+                    return moved
+                for out in node.outputs:
+                    failure = walk(out, path + (node,), moved)
+                    if failure:
+                        return failure
+            elif op(node, "Conv", domain=""):
+                found = _conv(node, index, at, n)
                 if isinstance(found, Failure):
                     return found
+                found.path = path
+                linears.append(found)
+            else:
+                if at.axis != -1:
+                    return fail(f"{node.op_type} does not read the normalized axis last "
+                                "(a Transpose moved it)", node)
+                found = _linear(node, index, path)
+                if isinstance(found, Failure):
+                    return _not_linear(node, v) if "is not a linear" in found.reason else found
                 if n is not None and found.weight.tensor.shape[
                         1 if found.weight.transposed ^ _transposes(found.weight) else 0] != n:
                     return fail(f"{node.op_type} weight does not contract the normalized axis", node)
+                found.defer_blocker, found.beta_blocker = at.defer, at.beta
                 linears.append(found)
         return None
 
-    failure = walk(value, ())
+    failure = walk(value, (), Where(rank=rank_of(value)))
     if failure:
         return failure
     if not linears:
@@ -164,7 +348,14 @@ def defer_blocker(site: Site) -> Failure | None:
         if not holds(dtype, source):
             names = (getattr(source, "name", "?"), getattr(dtype, "name", "?"))
             return fail(f"{where} narrows the {names[0]} input to {names[1]} (the raw input would lose range)", at)
-    return None
+    return next((linear.defer_blocker for linear in site.linears if linear.defer_blocker), None)
+
+
+def beta_blocker(site: Site) -> Failure | None:
+    """Why β (present and non-zero) cannot be folded into the linears' biases, or None."""
+    if site.beta is None or not np.any(site.beta):
+        return None
+    return next((linear.beta_blocker for linear in site.linears if linear.beta_blocker), None)
 
 
 def _transposes(ref: WeightRef) -> bool:
@@ -177,4 +368,4 @@ def weight_dtype(linear: Linear) -> ir.DataType:
     return dtype_of(linear.node.inputs[1]) or linear.weight.tensor.dtype
 
 
-__all__ = ["Linear", "WeightRef", "defer_blocker", "match_linears", "resolve_weight", "weight_dtype"]
+__all__ = ["Linear", "ROW_MOVES", "WeightRef", "beta_blocker", "defer_blocker", "match_linears", "resolve_weight", "weight_dtype"]

@@ -10,6 +10,7 @@ Fused ops (anchored at the op): ONNX `RMSNormalization` (opset 23), ORT
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from .base import Failure, Miss, Site, fail
@@ -118,8 +119,18 @@ def match_affine(value: ir.Value, nodes: list[ir.Node]):
     gain = beta = pre_affine = None
     while True:
         node = _only_user(value, "Cast", "CastLike", "Mul", "Add")
-        if node is None or (node.op_type == "Mul" and (gain is not None or beta is not None)) \
-                or (node.op_type == "Add" and beta is not None):
+        if node is not None and node.op_type == "Mul" and (gain is not None or beta is not None):
+            # a constant scalar after the gain (T5's tied head: · d_model^-0.5) scales γ and β
+            c = const_array(node.inputs[1] if node.inputs[0] is value else node.inputs[0])
+            if c is None or c.size != 1 or not per_channel(c, rank_of(value)):
+                break
+            factor = float(c.reshape(()))
+            gain = (gain.astype(np.float64) if gain is not None else np.ones(1)) * factor
+            beta = None if beta is None else beta.astype(np.float64) * factor
+            nodes.append(node)
+            value = node.outputs[0]
+            continue
+        if node is None or (node.op_type == "Add" and beta is not None):
             break
         if node.op_type in ("Mul", "Add"):
             other = node.inputs[1] if node.inputs[0] is value else node.inputs[0]

@@ -35,6 +35,7 @@ class Rewriter:
         self.edit = GraphEditor(self.graph, prefix, main=model.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
+        self._mirrors: dict = {}
         self.replaced: dict[ir.Value, ir.Value] = {}    # redirect()'s old → new, for later sites
         self.approx = approx
 
@@ -97,6 +98,8 @@ class Rewriter:
         ref = linear.weight
         if keep_weight:
             return self.beta_delta(site, linear)
+        if linear.conv:
+            return self.fold_conv(site, linear)
         dtype = weight_dtype(linear)
         gain = None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
         if gain is None and not center and (site.beta is None or not np.any(site.beta)):
@@ -116,11 +119,32 @@ class Rewriter:
 
         return self.beta_delta(site, linear)
 
+    def fold_conv(self, site: Site, linear: Linear) -> np.ndarray | None:
+        """W[:, c, ...]·γ[c] (float64, cast back once); returns Σ W[o, c, ...]·β[c] (the bias
+        delta, exact when the Conv does not pad)."""
+        ref = linear.weight
+        if site.gain is not None and not np.all(site.gain == 1):
+            gain = site.gain.astype(np.float64).reshape(-1)
+            dtype = ref.tensor.dtype
+
+            def folded() -> ir.TensorProtocol:
+                w = ref.tensor.numpy().astype(np.float64)
+                g = np.broadcast_to(gain, (w.shape[1],)).reshape((1, -1) + (1,) * (w.ndim - 2))
+                return ir.Tensor((w * g).astype(dtype.numpy()), dtype=dtype)
+
+            tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
+            linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_conv_weight"))
+        return self.beta_delta(site, linear)
+
     @staticmethod
     def beta_delta(site: Site, linear: Linear) -> np.ndarray | None:
         """α·β·W: what β adds after the linear (None when β is absent)."""
         if site.beta is None or not np.any(site.beta):
             return None
+        if linear.conv:
+            w = linear.weight.tensor.numpy().astype(np.float64)
+            beta = np.broadcast_to(site.beta.astype(np.float64).reshape(-1), (w.shape[1],))
+            return (w * beta.reshape((1, -1) + (1,) * (w.ndim - 2))).sum(axis=tuple(range(1, w.ndim)))
         return _alpha(linear) * beta_through_weight(linear.weight, site.beta.astype(np.float64))
 
     def gain_before(self, site: Site, linear: Linear, center: bool) -> None:
@@ -141,6 +165,16 @@ class Rewriter:
         """Apply the linear's bias (+ β·W delta) after `after`: in place when the bias stays
         where it is, otherwise as an Add following `after`."""
         node = linear.node
+        if linear.conv:         # fold only: the delta joins the Conv's bias
+            if delta is not None:
+                c = const_array(linear.bias) if linear.bias is not None else None
+                dtype = dtype_of(linear.output) or F32
+                new = delta if c is None else c.astype(np.float64) + delta
+                bias = self.edit.initializer(new.astype(c.dtype if c is not None else dtype.numpy()), "conv_bias")
+                if len(node.inputs) < 3:
+                    node.resize_inputs(3)
+                node.replace_input_with(2, bias)
+            return
         gemm_c = op(node, "Gemm", domain="") and linear.bias is not None
         if gemm_c and not detach_gemm_bias:
             if delta is not None:
@@ -212,23 +246,51 @@ class Rewriter:
     def lossless_source(value: ir.Value) -> ir.Value:
         return exact_source(value)
 
-    def scale_for(self, linear: Linear, scale: ir.Value) -> ir.Value:
-        """The per-row scale (fp32) reshaped like the linear's input path."""
+    def scale_for(self, linear: Linear, scale: ir.Value, root: ir.Value | None = None) -> ir.Value:
+        """The per-row scale (fp32) laid out like the linear's input: every row move and Reshape
+        between `root` (what the norm's output became) and the linear is mirrored on the scale
+        (a Reshape's last axis set to 1), so each row of the linear meets its own 1/RMS."""
+        if root is None:
+            return self._scale_along_path(linear, scale)
+        memo = self._mirrors.setdefault((id(root), id(scale)), {root: scale})   # shared by the linears
+
+        def mirror(value: ir.Value) -> ir.Value:
+            if value in memo:
+                return memo[value]
+            node = value.producer()
+            if op(node, "Reshape", domain=""):
+                out = self._reshape_scale(node, mirror(node.inputs[0]))
+            elif op(node, "Cast", "CastLike", "Identity", "Pad", domain=""):   # Pad: all-zero pads only
+                out = mirror(node.inputs[0])
+            else:       # Transpose, Slice, Gather, Split, Concat: the same op on the scale
+                inputs = [mirror(v) if i == 0 or op(node, "Concat") else v for i, v in enumerate(node.inputs)]
+                copy = self.edit.node(node.op_type, inputs, {a.name: a for a in node.attributes.values()},
+                                      num_outputs=len(node.outputs), hint="scale_move")
+                out = copy.outputs[list(node.outputs).index(value)]
+                set_dtype(out, dtype_of(scale))
+            memo[value] = out
+            return out
+
+        return mirror(linear.node.inputs[0])
+
+    def _reshape_scale(self, node: ir.Node, s: ir.Value) -> ir.Value:
+        target = const_array(node.inputs[1])
+        if target is not None:
+            target = target.astype(np.int64).copy()
+            target[-1] = 1
+            shape = self.edit.initializer(target, "scale_shape")
+        else:       # the reshaped activation's shape with the last axis set to 1
+            e = self.edit
+            rows = e.op1("Slice", e.op1("Shape", node.outputs[0]), e.initializer(np.array([0], np.int64), "zero"),
+                         e.initializer(np.array([-1], np.int64), "minus_one"))
+            shape = e.op1("Concat", rows, e.initializer(np.array([1], np.int64), "one"), axis=0)
+        return self.edit.op1("Reshape", s, shape, hint="scale_r")
+
+    def _scale_along_path(self, linear: Linear, scale: ir.Value) -> ir.Value:
         s = scale
         for node in linear.path:
-            if not op(node, "Reshape", domain=""):
-                continue
-            target = const_array(node.inputs[1])
-            if target is not None:
-                target = target.astype(np.int64).copy()
-                target[-1] = 1
-                shape = self.edit.initializer(target, "scale_shape")
-            else:       # the reshaped activation's shape with the last axis set to 1
-                e = self.edit
-                rows = e.op1("Slice", e.op1("Shape", node.outputs[0]), e.initializer(np.array([0], np.int64), "zero"),
-                             e.initializer(np.array([-1], np.int64), "minus_one"))
-                shape = e.op1("Concat", rows, e.initializer(np.array([1], np.int64), "one"), axis=0)
-            s = self.edit.op1("Reshape", s, shape, hint="scale_r")
+            if op(node, "Reshape", domain=""):
+                s = self._reshape_scale(node, s)
         return s
 
     # -- one site -------------------------------------------------------------------------
@@ -266,13 +328,14 @@ class Rewriter:
         before = {node for node, _ in users(x)}
         scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer", size=site.size,
                                  norm_kernel=norm_kernel)
-        self.redirect(site.output, self.narrow_source(x, dtype_of(site.output)))
+        root = self.narrow_source(x, dtype_of(site.output))
+        self.redirect(site.output, root)
         if self.approx and not site.skip_inputs:
             # a scale arriving at x may cancel: s_B(s·t)·(s·t)W = s_B(t)·tW up to ε
             self.scales.cancel_in(x, [node for node, _ in users(x) if node not in before])
         for linear, delta in zip(site.linears, deltas):
             self.add_bias(linear, linear.output, delta, detach_gemm_bias=True)
-            self.scales.seed(linear.output, self.scale_for(linear, scale))
+            self.scales.seed(linear.output, self.scale_for(linear, scale, root))
 
     def drop_gain(self, site: Site, fuse: bool = False) -> None:
         """Fold: keep the norm, weightless (as one fused op when `fuse`)."""
