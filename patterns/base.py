@@ -89,6 +89,8 @@ class Site:
     linears: list[Linear] = field(default_factory=list)
     shape_users: list[tuple[ir.Node, int]] = field(default_factory=list)
     defer_blocker: "Failure | None" = None   # why deferring 1/RMS would not be exact (fold only)
+    merge: ir.Node | None = None           # gated group norms: the Reshape merging G groups before γ
+    groups: int = 1
 
     @property
     def name(self) -> str:

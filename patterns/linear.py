@@ -339,6 +339,9 @@ def defer_blocker(site: Site) -> Failure | None:
     x = site.skip_inputs[0] if site.skip_inputs else site.x
     if x is None:
         return fail("the norm's input is unknown", site.anchor)
+    if site.merge is not None and site.groups != 1:
+        return fail(f"the norm runs over {site.groups} groups a Reshape merges: 1/RMS varies along "
+                    "the linear's input features", site.merge)
     source = dtype_of(exact_source(x))
     steps: list[tuple[str, ir.DataType | None, ir.Node | ir.Value]] = [
         ("the norm's output", dtype_of(site.output), site.output)]

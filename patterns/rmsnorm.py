@@ -167,8 +167,38 @@ def match_decomposed(reduce: ir.Node, kind: str) -> Site | Miss | None:
         nodes = [sub.inputs[1].producer(), sub] + nodes
         x = source
     output, gain, beta, pre_affine = match_affine(normalized, nodes)
+    if gain is None and beta is None:
+        merged = match_group_merge(output, nodes)
+        if merged is not None:
+            merge, groups, (output, gain, beta, pre_affine) = merged
+            return Site(kind, "decomposed", reduce, x, output, eps, gain=gain, beta=beta, nodes=tuple(nodes),
+                        pre_affine=pre_affine, merge=merge, groups=groups)
     return Site(kind, "decomposed", reduce, x, output, eps, gain=gain, beta=beta,
                 nodes=tuple(nodes), pre_affine=pre_affine)
+
+
+def match_group_merge(value: ir.Value, nodes: list[ir.Node]):
+    """Gated group norms (Mamba2's MambaRMSNormGated, n_groups G): normalized [.., G, n] →
+    Reshape [.., G·n] → [Cast] → Mul(γ[G·n]). γ is per channel of the merged axis, so it folds
+    into the linear that contracts it; 1/RMS is per group (defers only when G = 1).
+    Returns (reshape, G, match_affine's result) or None."""
+    merge = _only_user(value, "Reshape")
+    shape = value.shape
+    if merge is None or shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[-2:]):
+        return None
+    groups, n = int(shape[-2]), int(shape[-1])
+    target, out = const_array(merge.inputs[1]), merge.outputs[0].shape
+    last = int(target[-1]) if target is not None and target.size else \
+        (out[-1] if out is not None and len(out) and isinstance(out[-1], int) else None)
+    rank = target.size if target is not None else (len(out) if out is not None else None)
+    if last != groups * n or rank != len(shape) - 1:
+        return None
+    merged_nodes = nodes + [merge]
+    found = match_affine(merge.outputs[0], merged_nodes)
+    if found[1] is None or found[1].size != groups * n:
+        return None
+    nodes[:] = merged_nodes
+    return merge, groups, found
 
 
 def match_sum_of_squares(reduce: ir.Node) -> Miss | None:

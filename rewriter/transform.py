@@ -329,6 +329,11 @@ class Rewriter:
         scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer", size=site.size,
                                  norm_kernel=norm_kernel)
         root = self.narrow_source(x, dtype_of(site.output))
+        if site.merge is not None:      # one group: the raw input and 1/RMS merged like the norm's output
+            dtype = dtype_of(root)
+            root = self.edit.op1("Reshape", root, site.merge.inputs[1], hint="merged")
+            set_dtype(root, dtype)
+            scale = self._reshape_scale(site.merge, scale)
         self.redirect(site.output, root)
         if self.approx and not site.skip_inputs:
             # a scale arriving at x may cancel: s_B(s·t)·(s·t)W = s_B(t)·tW up to ε

@@ -232,3 +232,42 @@ def test_moe_gather_along_the_feature_axis_does_not_fire(tmp_path):
     assert report.rewritten == 0
     assert report.sites[0].reason == "Gather along the normalized axis (selects features)"
     assert_exact(diffs, tol=0)
+
+
+# -- 6. gated group norms (Mamba2): normalized [.., G, n] → Reshape [.., G·n] → Mul(γ) → out_proj -
+
+def gated_graph(groups, gain_const=True):
+    g = GraphBuilder()
+    x = g.input("x", [B, 5, C])
+    gate = g.input("gate", [B, 5, C])
+    h = g.op("Mul", [x, g.op("Mul", [gate, g.op("Sigmoid", [gate])])])
+    h = g.op("Reshape", [h, g.const(i64(B, 5, groups, C // groups))])
+    y = g.rms(h)
+    y = g.op("Reshape", [y, g.const(i64(B, 5, C))])
+    y = g.op("Mul", [g.const(g.gain(C), "gamma") if gain_const else g.input("w", [C]), y])
+    g.output(g.op("MatMul", [y, g.weight(C, K)]))
+    return g.model()
+
+
+def _gated_feeds(extra=()):
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.standard_normal((B, 5, C)).astype(np.float32) * 2 for k in ("x", "gate")}
+    feeds.update({k: rng.standard_normal(C).astype(np.float32) for k in extra})
+    return feeds
+
+
+@pytest.mark.parametrize("groups,strategy", [(2, "fold"), (4, "fold"), (1, "defer")])
+def test_gated_group_norm_gain_after_the_merge_folds(groups, strategy, tmp_path):
+    report, diffs, out = rewrite_and_run(gated_graph(groups), tmp_path, feeds=_gated_feeds())
+    site = report.sites[0]
+    assert (report.rewritten, site.strategy) == (1, strategy)
+    if groups > 1:
+        assert f"fold only: the norm runs over {groups} groups" in site.reason and site.at.startswith("Reshape node")
+    assert_exact(diffs)
+
+
+def test_gated_group_norm_with_a_non_constant_gain_does_not_fire(tmp_path):
+    report, diffs, _ = rewrite_and_run(gated_graph(2, gain_const=False), tmp_path, feeds=_gated_feeds(["w"]))
+    assert report.rewritten == 0
+    assert report.sites[0].reason == "Reshape changes the normalized axis or dtype"
+    assert_exact(diffs, tol=0)
