@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
 
 
 
@@ -72,6 +74,72 @@ def const_array(value: ir.Value | None, follow: bool = True) -> np.ndarray | Non
         fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[node.op_type]
         return fn(a, b).astype(a.dtype)
     return None
+
+
+# ops a small constant subgraph may be evaluated through (TorchScript computes F.pad's pads,
+# Reshape targets and Slice bounds from constants this way)
+_FOLDABLE = ("Constant", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast", "Squeeze",
+             "Unsqueeze", "Gather", "Identity", "Add", "Sub", "Mul", "Div", "Mod", "Neg", "Range", "Shape")
+
+
+def static_shape(value: ir.Value, depth: int = 8) -> list[int] | None:
+    """The value's shape when every dim is known — also through Cast/Identity and a Pad whose
+    pads fold to zeros (shape inference leaves those unknown when the pads are computed)."""
+    shape = value.shape
+    if shape is not None and all(isinstance(d, int) for d in shape):
+        return [int(d) for d in shape]
+    node = value.producer()
+    if depth and node is not None:
+        if op(node, "Cast", "Identity", domain=""):
+            return static_shape(node.inputs[0], depth - 1)
+        if op(node, "Pad", domain="") and len(node.inputs) > 1:
+            pads = folded_constant(node.inputs[1])
+            if pads is not None and not np.any(pads) and (len(node.inputs) < 4 or node.inputs[3] is None):
+                return static_shape(node.inputs[0], depth - 1)
+    return None
+
+
+def folded_constant(value: ir.Value | None, limit: int = 80) -> np.ndarray | None:
+    """`const_array`, or the value of a small subgraph whose leaves are constants (or static
+    shapes read by Shape), evaluated with the ONNX reference evaluator; None otherwise."""
+    direct = const_array(value)
+    if direct is not None or value is None:
+        return direct
+    nodes: list[ir.Node] = []
+    leaves: dict[str, np.ndarray] = {}
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v is None or v.name in seen:
+            continue
+        seen.add(v.name)
+        c = const_array(v, follow=False)
+        if c is not None:
+            leaves[v.name] = c
+            continue
+        node = v.producer()
+        if node is None or not op(node, *_FOLDABLE, domain="") or len(nodes) >= limit:
+            return None
+        if op(node, "Shape", domain=""):
+            shape = static_shape(node.inputs[0])
+            if shape is not None and not node.attributes:
+                leaves[node.outputs[0].name] = np.array(shape, np.int64)
+                continue
+        nodes.append(node)
+        stack.extend(node.inputs)
+    try:
+        owner = nodes[0].graph
+        position = {id(n): i for i, n in enumerate(owner)} if owner is not None else {}
+        nodes.sort(key=lambda n: position.get(id(n), 0))
+        version = owner.opset_imports.get("", 18) if owner is not None else 18
+        graph = onnx.helper.make_graph(
+            [ir.serde.serialize_node(n) for n in nodes], "fold", [],
+            [onnx.helper.make_tensor_value_info(value.name, 0, None)],
+            [onnx.numpy_helper.from_array(np.asarray(a), name) for name, a in leaves.items()])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", version)])
+        return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+    except Exception:       # anything the evaluator cannot run is simply not a known constant
+        return None
 
 
 def const_scalar(value: ir.Value | None) -> float | None:

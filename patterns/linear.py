@@ -13,7 +13,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import Failure, Linear, Site, WeightRef, fail
-from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, holds, is_cast, op,
+from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, folded_constant, holds,
+                    is_cast, op,
                     rank_of, through_casts, users)
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
@@ -100,11 +101,13 @@ def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
         return True
     if op(node, "Reshape", domain="") and n is not None:
         # rows may be merged or split, the last axis must stay whole: [.., n] → [.., n]
-        target = const_array(node.inputs[1])
+        target = folded_constant(node.inputs[1])
         if target is not None:
             return target.size >= 1 and int(target[-1]) == n
         src, dst = node.inputs[0].shape, node.outputs[0].shape
-        return bool(src and dst) and src[-1] == n and dst[-1] == n
+        # the input's last axis is the normalized one (the walk's invariant): the output keeps it
+        # when its last dim is n, or the same named dim (ONNX: one dim_param, one size)
+        return bool(src and dst) and (dst[-1] == n or not isinstance(dst[-1], int) and dst[-1] == src[-1])
     return False
 
 
@@ -179,7 +182,7 @@ def row_move(node: ir.Node, index: int, at: Where, from_norm) -> Where | Failure
             return fail("Gather along an axis after the normalized one (not followed)", node)
         return at.to(rank=rank)
     if op(node, "Pad"):
-        pads = const_array(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "pads")
+        pads = folded_constant(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "pads")
         if pads is None or len(node.inputs) > 3 and node.inputs[3] is not None:
             return fail("Pad amounts (or axes) are not constant", node)
         pads = np.asarray(pads).reshape(2, -1)
@@ -289,8 +292,8 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
                 if not _keeps_last_axis(node, n) or (op(node, "Reshape", domain="") and at.axis != -1):
                     return fail(f"{node.op_type} changes the normalized axis or dtype", node)
                 rank = rank_of(node.outputs[0])
-                if rank is None and op(node, "Reshape", domain="") and const_array(node.inputs[1]) is not None:
-                    rank = int(const_array(node.inputs[1]).size)
+                if rank is None and op(node, "Reshape", domain="") and folded_constant(node.inputs[1]) is not None:
+                    rank = int(folded_constant(node.inputs[1]).size)
                 failure = walk(node.outputs[0], path + (node,),
                                at.to(rank=rank if op(node, "Reshape", domain="") else rank or at.rank))
                 if failure:

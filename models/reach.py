@@ -1,0 +1,138 @@
+"""Architectures whose norm → linear sites sit behind row moves, scalars, Convs or group merges
+(issue 14), built from transformers configs in code (random weights, perturbed norms; nothing is
+downloaded) and exported with TorchScript: T5 (tied head scaled by d_model^-0.5), ConvNeXt and
+SegFormer (LN → Conv), Swin (padded, rolled windows), Mixtral (MoE experts), Mamba2 (gated
+group norm).
+
+    python -m models.reach OUT_DIR [NAME ...]     # export, rewrite, print each report
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.zoo import perturb_norms, perturb_zero_biases
+
+
+class _Ids(nn.Module):
+    """input_ids → logits (decoders; T5 reads the ids as both encoder and decoder input)."""
+
+    def __init__(self, model, seq2seq=False):
+        super().__init__()
+        self.model, self.seq2seq = model, seq2seq
+
+    def forward(self, input_ids):
+        if self.seq2seq:
+            return self.model(input_ids=input_ids, decoder_input_ids=input_ids.flip(1)).logits
+        return self.model(input_ids=input_ids).logits
+
+
+class _Pixels(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                   num_heads=4, tie_word_embeddings=True, feed_forward_proj="relu")
+    return _Ids(T5ForConditionalGeneration(cfg), seq2seq=True), "ids"
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                        num_experts_per_tok=2, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"       # TorchScript cannot convert SDPA with GQA
+    return _Ids(MixtralForCausalLM(cfg)), "ids"
+
+
+def _mamba2():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    cfg = Mamba2Config(vocab_size=128, hidden_size=32, state_size=8, num_heads=4, head_dim=16, n_groups=2,
+                       expand=2, num_hidden_layers=1, conv_kernel=4, chunk_size=8, tie_word_embeddings=False)
+    return _Ids(Mamba2ForCausalLM(cfg)), "ids"
+
+
+def _convnext():
+    from transformers import ConvNextConfig, ConvNextModel
+    cfg = ConvNextConfig(num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                         image_size=32)
+    return _Pixels(ConvNextModel(cfg)), "pixels"
+
+
+def _segformer():
+    from transformers import SegformerConfig, SegformerModel
+    cfg = SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                          hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                          mlp_ratios=[2, 2])
+    return _Pixels(SegformerModel(cfg)), "pixels"
+
+
+def _swin():
+    from transformers import SwinConfig, SwinModel
+    cfg = SwinConfig(image_size=32, patch_size=2, num_channels=3, embed_dim=16, depths=[2], num_heads=[2],
+                     window_size=4, mlp_ratio=2.0)
+    return _Pixels(SwinModel(cfg)), "pixels"
+
+
+BUILDERS = {"t5": _t5, "mixtral": _mixtral, "mamba2": _mamba2, "convnext": _convnext,
+            "segformer": _segformer, "swin": _swin}
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model, kind = BUILDERS[name]()
+    perturb_norms(model, seed)
+    perturb_zero_biases(model, seed)
+    return model.float().eval(), kind
+
+
+def example(kind: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ids":
+        return torch.randint(0, 128, (2, 7), generator=g), "input_ids"
+    return torch.randn(2, 3, 32, 32, generator=g), "pixel_values"
+
+
+def export(name: str, path, opset: int = 17) -> Path:
+    """TorchScript export (static shapes: the model's real structure, no dynamic-shape ops)."""
+    model, kind = build(name)
+    x, input_name = example(kind)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(model, (x,), str(path), input_names=[input_name], output_names=["out"],
+                          opset_version=opset, dynamo=False)
+    return path
+
+
+def feeds(name: str, seed: int = 1) -> dict:
+    kind = "ids" if name in ("t5", "mixtral", "mamba2") else "pixels"
+    x, input_name = example(kind, seed)
+    return {input_name: x.numpy() if x.dtype != torch.int64 else x.numpy().astype(np.int64)}
+
+
+def main(argv=None) -> int:
+    from rewriter import rewrite_file
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = Path(args.pop(0))
+    for name in args or BUILDERS:
+        src = export(name, out / f"{name}.onnx")
+        report = rewrite_file(src, out / f"{name}_flash.onnx", verify=True)
+        print(f"== {name}\n{report.table()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
