@@ -1,8 +1,10 @@
 """Architectures whose norm → linear sites sit behind row moves, scalars, Convs or group merges
 (issue 14), built from transformers configs in code (random weights, perturbed norms; nothing is
-downloaded) and exported with TorchScript: T5 (tied head scaled by d_model^-0.5), ConvNeXt and
-SegFormer (LN → Conv), Swin (padded, rolled windows), Mixtral (MoE experts), Mamba2 (gated
-group norm).
+downloaded) and exported with TorchScript (Mamba2: dynamo): T5 (tied head scaled by
+d_model^-0.5), ConvNeXt and SegFormer (LN → Conv), Swin (padded, rolled windows), a Mixtral-style
+MoE layer (`moe`: the router and experts reading gathered token rows; transformers' own Mixtral
+does not export: TorchScript stops at aten::histc, dynamo at its grouped-mm experts), Mamba2
+(gated group norm).
 
     python -m models.reach OUT_DIR [NAME ...]     # export, rewrite, print each report
 """
@@ -57,6 +59,40 @@ def _mixtral():
     return _Ids(MixtralForCausalLM(cfg)), "ids"
 
 
+class MoEBlock(nn.Module):
+    """A Mixtral-style sparse MoE layer as the classic HF loop wrote it (top-k router, each
+    expert's tokens gathered by index, SwiGLU experts, index_add back) between Mixtral's own
+    RMSNorms: transformers' current MoE kernels (histc, grouped mm) do not export to ONNX."""
+
+    def __init__(self, vocab=128, d=32, ff=64, experts=4, top_k=2):
+        super().__init__()
+        from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+        self.embed = nn.Embedding(vocab, d)
+        self.norm, self.final_norm = MixtralRMSNorm(d), MixtralRMSNorm(d)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.w1 = nn.ModuleList(nn.Linear(d, ff, bias=False) for _ in range(experts))
+        self.w3 = nn.ModuleList(nn.Linear(d, ff, bias=False) for _ in range(experts))
+        self.w2 = nn.ModuleList(nn.Linear(ff, d, bias=False) for _ in range(experts))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.top_k = top_k
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        flat = self.norm(h).reshape(-1, h.shape[-1])
+        weights, chosen = torch.topk(torch.softmax(self.router(flat), dim=-1), self.top_k, dim=-1)
+        out = torch.zeros_like(flat)
+        for e in range(len(self.w1)):
+            token, slot = torch.where(chosen == e)
+            rows = flat[token]                                         # Gather of token rows
+            y = self.w2[e](nn.functional.silu(self.w1[e](rows)) * self.w3[e](rows))
+            out = out.index_add(0, token, y * weights[token, slot, None])
+        return self.head(self.final_norm(h + out.reshape(h.shape)))
+
+
+def _moe():
+    return MoEBlock(), "ids"
+
+
 def _mamba2():
     from transformers import Mamba2Config, Mamba2ForCausalLM
     cfg = Mamba2Config(vocab_size=128, hidden_size=32, state_size=8, num_heads=4, head_dim=16, n_groups=2,
@@ -86,7 +122,7 @@ def _swin():
     return _Pixels(SwinModel(cfg)), "pixels"
 
 
-BUILDERS = {"t5": _t5, "mixtral": _mixtral, "mamba2": _mamba2, "convnext": _convnext,
+BUILDERS = {"t5": _t5, "moe": _moe, "mixtral": _mixtral, "mamba2": _mamba2, "convnext": _convnext,
             "segformer": _segformer, "swin": _swin}
 
 
@@ -105,20 +141,29 @@ def example(kind: str, seed: int = 0):
     return torch.randn(2, 3, 32, 32, generator=g), "pixel_values"
 
 
+# TorchScript's Mamba2 graph is invalid (a Transpose with negative perm entries); dynamo's is fine
+DYNAMO = {"mamba2"}
+
+
 def export(name: str, path, opset: int = 17) -> Path:
-    """TorchScript export (static shapes: the model's real structure, no dynamic-shape ops)."""
+    """TorchScript export (static shapes: the model's real structure), dynamo for DYNAMO."""
     model, kind = build(name)
     x, input_name = example(kind)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(model, (x,), str(path), input_names=[input_name], output_names=["out"],
-                          opset_version=opset, dynamo=False)
+        if name in DYNAMO:
+            program = torch.onnx.export(model, (x,), input_names=[input_name], output_names=["out"],
+                                        opset_version=max(opset, 18), dynamo=True)
+            program.save(str(path))
+        else:
+            torch.onnx.export(model, (x,), str(path), input_names=[input_name], output_names=["out"],
+                              opset_version=opset, dynamo=False)
     return path
 
 
 def feeds(name: str, seed: int = 1) -> dict:
-    kind = "ids" if name in ("t5", "mixtral", "mamba2") else "pixels"
+    kind = "ids" if name in ("t5", "moe", "mixtral", "mamba2") else "pixels"
     x, input_name = example(kind, seed)
     return {input_name: x.numpy() if x.dtype != torch.int64 else x.numpy().astype(np.int64)}
 

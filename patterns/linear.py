@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from .base import Failure, Linear, Site, WeightRef, fail
 from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, folded_constant, holds,
-                    is_cast, op,
+                    is_cast, op, static_shape,
                     rank_of, through_casts, users)
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
@@ -102,6 +102,10 @@ def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
     if op(node, "Reshape", domain="") and n is not None:
         # rows may be merged or split, the last axis must stay whole: [.., n] → [.., n]
         target = folded_constant(node.inputs[1])
+        if target is not None and target.size >= 1 and int(target[-1]) == -1:    # inferred: from the sizes
+            src = static_shape(node.inputs[0])
+            rest = [int(d) if d != 0 else (src[i] if src and i < len(src) else 0) for i, d in enumerate(target[:-1])]
+            return src is not None and 0 not in rest and int(np.prod(src)) == int(np.prod(rest)) * n
         if target is not None:
             return target.size >= 1 and int(target[-1]) == n
         src, dst = node.inputs[0].shape, node.outputs[0].shape
@@ -200,6 +204,22 @@ def row_move(node: ir.Node, index: int, at: Where, from_norm) -> Where | Failure
     return fail(f"{node.op_type} is not a row move", node)
 
 
+def _reshape_rows(node: ir.Node, at: Where) -> Where | Failure:
+    """A Reshape after the normalized axis was moved off the last place (SegFormer's [B, C, N]
+    → [B, C, H, W] before its spatial-reduction Conv): a row move when every axis up to the
+    normalized one keeps its size, so only the rows after it are relabeled. The deferred scale is
+    not reshaped along (fold only)."""
+    target, src = folded_constant(node.inputs[1]), static_shape(node.inputs[0])
+    if target is None or src is None or at.axis + len(src) < 0:
+        return fail("Reshape of the transposed normalized tensor with sizes unknown", node)
+    p = at.axis + len(src)
+    kept = [int(src[i]) if int(t) == 0 else int(t) for i, t in enumerate(target[:p + 1])]
+    if len(target) <= p or kept != [int(d) for d in src[:p + 1]]:
+        return fail("Reshape changes the normalized axis or the axes before it", node)
+    return at.to(p - len(target), len(target),
+                 defer=at.defer or fail("the deferred 1/RMS is not reshaped past a transposed Reshape", node))
+
+
 def _conv(node: ir.Node, index: int, at: Where, n: int | None) -> Linear | Failure:
     """Conv reading the normalized axis as its input channels (ConvNeXt, SegFormer: LN channels
     last → Transpose → Conv): γ folds into W[:, c], β into the bias (exact without padding);
@@ -224,8 +244,8 @@ def _conv(node: ir.Node, index: int, at: Where, n: int | None) -> Linear | Failu
     beta = at.beta
     if any(pads) or auto not in ("NOTSET", "VALID") and any(k > 1 for k in kernel):
         beta = beta or fail("Conv pads its input: β is not exact at the padded borders", node)
-    defer = at.defer or fail("the Conv mixes rows" if any(k > 1 for k in kernel)
-                             else "the deferred 1/RMS is not carried past a Conv", node)
+    defer = fail("the Conv mixes rows" if any(k > 1 for k in kernel)      # the reason that always holds
+                 else "the deferred 1/RMS is not carried past a Conv", node)
     return Linear(node, WeightRef(node.inputs[1], tensor), bias=bias, defer_blocker=defer, beta_blocker=beta)
 
 
@@ -288,8 +308,15 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
             seen.add(id(node))
             if op(node, "Shape", domain=""):
                 shape_users.append((node, index))     # reads only the shape, which is kept
+            elif op(node, "Reshape", domain="") and index == 0 and at.axis != -1:
+                moved = _reshape_rows(node, at)
+                if isinstance(moved, Failure):
+                    return moved
+                failure = walk(node.outputs[0], path + (node,), moved)
+                if failure:
+                    return failure
             elif op(node, *TRANSPARENT, domain="") and index == 0:
-                if not _keeps_last_axis(node, n) or (op(node, "Reshape", domain="") and at.axis != -1):
+                if not _keeps_last_axis(node, n):
                     return fail(f"{node.op_type} changes the normalized axis or dtype", node)
                 rank = rank_of(node.outputs[0])
                 if rank is None and op(node, "Reshape", domain="") and folded_constant(node.inputs[1]) is not None:

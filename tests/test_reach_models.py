@@ -15,6 +15,17 @@ EXPECTED = {   # model: (found, rewritten, {strategy: count}, {reason: count})
     "t5": (7, 7, {"defer": 7}, {}),
     # the attention LNs through zero-pad, roll (Slice/Concat) and window partition
     "swin": (6, 4, {"defer": 4}, {LN_INTO_LN: 1, "norm output is a graph output": 1}),
+    # Mixtral-style MoE: the post-norm feeds the router and, through Gathers of token rows,
+    # every expert's w1 and w3 (1 + 2·4 linears), 1/RMS deferred along the gathered rows
+    "moe": (2, 2, {"defer": 2}, {}),
+    # SegFormer: the LN before efficient attention feeds q (MatMul) and, through Transpose →
+    # Reshape, the spatial-reduction Conv (k = s): fold only; the stage-end LNs feed a padded Conv
+    "segformer": (9, 5, {"defer": 4, "fold": 1},
+                  {LN_INTO_LN: 2, "Conv pads its input: β is not exact at the padded borders": 1,
+                   "norm output reaches a graph output (after Transpose)": 1}),
+    # Mamba2 (dynamo): the gated group norm (2 groups) → Reshape → γ → out_proj: γ folded, fold
+    # only (1/RMS per group); the block's and the final RMSNorm defer
+    "mamba2": (3, 3, {"defer": 2, "fold": 1}, {}),
     # the downsampling LN → Conv(k = s, no pad): γ, β folded, fold only; the stem LN feeds a
     # depthwise (grouped, padded) Conv
     "convnext": (4, 3, {"defer": 2, "fold": 1},
@@ -34,7 +45,12 @@ def test_reach_model(name, tmp_path):
             got[s.strategy] = got.get(s.strategy, 0) + 1
     assert (report.found, report.rewritten, got, dict(report.skipped)) == (found, rewritten, strategies, reasons), \
         report.table()
-    if name == "convnext":
+    if name == "moe":
+        assert len(report.sites[0].consumers) == 9
+    if name == "mamba2":
+        fold = next(s for s in report.sites if s.strategy == "fold")
+        assert "fold only: the norm runs over 2 groups" in fold.reason and fold.at.startswith("Reshape node")
+    if name in ("convnext", "segformer"):
         fold = next(s for s in report.sites if s.strategy == "fold")
         assert "fold only: the Conv mixes rows" in fold.reason and fold.at.startswith("Conv node")
     assert_exact(diffs, FP32_TOL)
