@@ -271,3 +271,50 @@ def test_gated_group_norm_with_a_non_constant_gain_does_not_fire(tmp_path):
     assert report.rewritten == 0
     assert report.sites[0].reason == "Reshape changes the normalized axis or dtype"
     assert_exact(diffs, tol=0)
+
+
+# -- computed amounts and targets (TorchScript computes F.pad's pads and view's shapes) ---------
+
+def computed_pad_graph(pad_axis_value):
+    g = GraphBuilder()
+    x = g.input("x", [B, H * W, C])
+    y = g.layernorm(x, gain=g.gain(C), beta=g.gain(C) - 1)
+    y = g.op("Reshape", [y, g.const(i64(B, H, W, C))])
+    zeros = g.op("ConstantOfShape", [g.const(i64(3))], value=helper.make_tensor("v", TensorProto.INT64, [1], [0]))
+    pads = g.op("Concat", [zeros, g.const(i64(pad_axis_value)), zeros, g.const(i64(0))], axis=0)
+    y = g.op("Pad", [y, g.op("Reshape", [pads, g.const(i64(-1))])])
+    g.output(g.op("MatMul", [y, g.weight(C + pad_axis_value, K)]))
+    return g.model()
+
+
+def test_computed_zero_pads_are_folded_and_walked(tmp_path):
+    report, diffs, _ = rewrite_and_run(computed_pad_graph(0), tmp_path)
+    assert (report.rewritten, report.sites[0].strategy) == (1, "defer")
+    assert_exact(diffs)
+
+
+def test_computed_pads_on_the_normalized_axis_do_not_fire(tmp_path):
+    report, diffs, _ = rewrite_and_run(computed_pad_graph(2), tmp_path)
+    assert report.rewritten == 0 and report.sites[0].reason == "Pad pads the normalized axis"
+    assert_exact(diffs, tol=0)
+
+
+@pytest.mark.parametrize("target,fires", [((B, C, H, W), True), ((C, B, H, W), False)])
+def test_reshape_after_a_transpose(target, fires, tmp_path):
+    """SegFormer's spatial reduction: [B, N, C] → Transpose → [B, C, N] → Reshape [B, C, H, W] →
+    Conv (k = s). Fires when the axes up to the normalized one keep their sizes (fold only)."""
+    g = GraphBuilder()
+    y = g.layernorm(g.input("x", [B, H * W, C]), gain=g.gain(C), beta=g.gain(C) - 1)
+    g.output(g.op("MatMul", [y, g.weight(C, K)]))
+    t = g.op("Reshape", [g.op("Transpose", [y], perm=[0, 2, 1]), g.const(i64(*target))])
+    w = g.const(g.rng.standard_normal((K, target[1], 2, 2)).astype(np.float32), "conv_w")
+    g.output(g.op("Conv", [t, w], kernel_shape=[2, 2], strides=[2, 2]))
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    site = report.sites[0]
+    if fires:
+        assert (report.rewritten, site.strategy) == (1, "fold") and "fold only: the Conv mixes rows" in site.reason
+        assert_exact(diffs)
+    else:
+        assert report.rewritten == 0
+        assert site.reason == "Reshape changes the normalized axis or the axes before it" and site.at.startswith("Reshape")
+        assert_exact(diffs, tol=0)
