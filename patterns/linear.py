@@ -249,33 +249,38 @@ def _conv(node: ir.Node, index: int, at: Where, n: int | None) -> Linear | Failu
     return Linear(node, WeightRef(node.inputs[1], tensor), bias=bias, defer_blocker=defer, beta_blocker=beta)
 
 
-# ops that keep the normalized axis where it is (counted from the end)
-_IN_PLACE = ("Slice", "Pad", "Split", "Gather", "Reshape", *TRANSPARENT)
+# ops between a Concat's parts and their common source (Swin's roll: two Slices of one tensor)
+_IN_PLACE = ("Slice", "Split", "Gather", "Pad", "Identity")
 
 
-def _base(value: ir.Value) -> ir.Value:
-    while (node := value.producer()) is not None and op(node, *_IN_PLACE, domain=""):
-        value = node.inputs[0]
-    return value
+def _chain(value: ir.Value) -> list[ir.Value]:
+    """`value` and its sources up through _IN_PLACE ops, nearest first."""
+    chain = [value]
+    while (node := chain[-1].producer()) is not None and op(node, *_IN_PLACE, domain=""):
+        chain.append(node.inputs[0])
+    return chain
 
 
-def _from(value: ir.Value, root: ir.Value) -> bool:
-    """`value` is `root` moved by row moves and transparent ops."""
-    while value is not root:
+def _part_ok(value: ir.Value, base: ir.Value, at: Where) -> bool:
+    """Every op from `base` to this Concat part is a row move that keeps the normalized axis
+    where `at` has it and adds no row (each is checked as the walk checks it)."""
+    while value is not base:
         node = value.producer()
-        if node is None or not op(node, *ROW_MOVES, *TRANSPARENT, domain=""):
-            return False
-        if op(node, "Concat"):
-            return _same_layout(node.inputs, root)
+        if not op(node, "Identity", domain=""):
+            moved = row_move(node, 0, Where(at.axis, rank_of(node.inputs[0])), lambda u: False)
+            if isinstance(moved, Failure) or moved.axis != at.axis or moved.defer or moved.beta:
+                return False
         value = node.inputs[0]
     return True
 
 
-def _same_layout(parts, root: ir.Value) -> bool:
-    """Every part comes from one value of the walk through ops that keep the normalized axis in
-    place (Swin's roll: two Slices of one tensor), so a Concat joins rows laid out alike."""
-    bases = {id(_base(v)) for v in parts}
-    return len(bases) == 1 and _from(_base(parts[0]), root)
+def _same_layout(parts, at: Where) -> bool:
+    """The parts of a Concat come from one value (their nearest common source) through row
+    moves that keep the normalized axis in place, so the Concat joins rows laid out alike."""
+    chains = [_chain(v) for v in parts]
+    others = [{id(v) for v in chain} for chain in chains[1:]]
+    base = next((v for v in chains[0] if all(id(v) in ids for ids in others)), None)
+    return base is not None and all(_part_ok(v, base, at) for v in parts)
 
 
 def _not_linear(node: ir.Node, v: ir.Value) -> Failure:
@@ -326,7 +331,7 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
                 if failure:
                     return failure
             elif op(node, *ROW_MOVES, domain=""):
-                moved = row_move(node, index, at, lambda u: _same_layout([u, *node.inputs], value))
+                moved = row_move(node, index, at, lambda u: _same_layout([u, *node.inputs], at))
                 if isinstance(moved, Failure):
                     return moved
                 for out in node.outputs:

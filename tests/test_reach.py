@@ -318,3 +318,18 @@ def test_reshape_after_a_transpose(target, fires, tmp_path):
         assert report.rewritten == 0
         assert site.reason == "Reshape changes the normalized axis or the axes before it" and site.at.startswith("Reshape")
         assert_exact(diffs, tol=0)
+
+
+def test_concat_with_a_part_that_permutes_features_does_not_fire(tmp_path):
+    """Concat(Slice(y) rows, Gather(y, perm, axis=-1)): the second part has its features
+    permuted — the same source, but not a row move."""
+    g = GraphBuilder()
+    y = g.rms(g.input("x", [B, 5, C]), gain=g.gain(C))
+    rows = g.op("Slice", [y, g.const(i64(1)), g.const(i64(5)), g.const(i64(1))])
+    permuted = g.op("Gather", [y, g.const(np.arange(C)[::-1].astype(np.int64))], axis=2)
+    g.output(g.op("MatMul", [g.op("Concat", [rows, permuted], axis=1), g.weight(C, K)]))
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    assert report.rewritten == 0
+    assert report.sites[0].reason in ("Concat joins the normalized rows with rows from elsewhere",
+                                      "Gather along the normalized axis (selects features)")
+    assert_exact(diffs, tol=0)
