@@ -15,7 +15,7 @@ import onnx_ir as ir
 from .base import Failure, Linear, Site, WeightRef, fail
 from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, folded_constant, holds,
                     is_cast, op, static_shape,
-                    rank_of, through_casts, users)
+                    rank_of, reads_type_only, through_casts, users)
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
 TRANSPARENT = ("Cast", "CastLike", "Identity", "Reshape")
@@ -222,17 +222,18 @@ def _reshape_rows(node: ir.Node, at: Where) -> Where | Failure:
 
 def _conv(node: ir.Node, index: int, at: Where, n: int | None) -> Linear | Failure:
     """Conv reading the normalized axis as its input channels (ConvNeXt, SegFormer: LN channels
-    last → Transpose → Conv): γ folds into W[:, c], β into the bias (exact without padding);
-    1/RMS does not defer (a kernel wider than 1 mixes rows)."""
+    last → Transpose → Conv; grouped and depthwise too): γ folds into the weight of each input
+    channel, β into the bias (exact without padding); 1/RMS does not defer (a kernel wider
+    than 1 mixes rows)."""
     if index != 0:
         return fail("Conv reads the normalized tensor as its weight", node)
     rank = at.rank or rank_of(node.inputs[0])
     if rank is None or at.axis + rank != 1:
         return fail("Conv input channels are not the normalized axis", node)
-    if attr(node, "group", 1) != 1:
-        return fail("grouped Conv (a channel's gain would not reach every output)", node)
+    group = int(attr(node, "group", 1))
     tensor = const_tensor(node.inputs[1])
-    if tensor is None or len(users(node.inputs[1])) != 1 or (n is not None and int(tensor.shape[1]) != n):
+    if tensor is None or len(users(node.inputs[1])) != 1 or \
+            (n is not None and int(tensor.shape[1]) * group != n) or int(tensor.shape[0]) % group:
         return fail("Conv weight is not a constant of its own over the normalized axis", node.inputs[1])
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and const_array(bias) is None:
@@ -308,6 +309,8 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
         for node, index in users(v):
             if node.graph is not graph:
                 return fail(f"{node.op_type} inside a subgraph (If/Loop body) reads the normalized tensor", node)
+            if reads_type_only(node, index):
+                continue                              # reads only the dtype, which is kept
             if id(node) in seen:
                 continue
             seen.add(id(node))
@@ -345,9 +348,11 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
                 found.path = path
                 linears.append(found)
             else:
-                if at.axis != -1:
+                if at.axis != -1 and op(node, "MatMul", "Gemm", "FusedMatMul", domain=None):
                     return fail(f"{node.op_type} does not read the normalized axis last "
                                 "(a Transpose moved it)", node)
+                if at.axis != -1:
+                    return _not_linear(node, v)
                 found = _linear(node, index, path)
                 if isinstance(found, Failure):
                     return _not_linear(node, v) if "is not a linear" in found.reason else found

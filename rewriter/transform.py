@@ -24,6 +24,16 @@ def _alpha(linear: Linear) -> float:
     return float(attr(linear.node, "alpha", 1.0)) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
 
 
+def _conv_channels(linear: Linear, per_channel: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """A per-input-channel vector laid out against a Conv weight [O, C/group, k...]: entry
+    [o, j] is input channel (o // (O/group))·(C/group) + j."""
+    group = int(attr(linear.node, "group", 1))
+    out, width = w.shape[0], w.shape[1]
+    channels = (np.arange(out)[:, None] // (out // group)) * width + np.arange(width)[None, :]
+    values = np.broadcast_to(per_channel, (width * group,))[channels]
+    return values.reshape(values.shape + (1,) * (w.ndim - 2))
+
+
 class Rewriter:
     """Rewrites the sites of one graph of `model`: the main graph, or a subgraph (an If branch,
     a Loop body) whose new nodes and names get their own prefix."""
@@ -129,8 +139,7 @@ class Rewriter:
 
             def folded() -> ir.TensorProtocol:
                 w = ref.tensor.numpy().astype(np.float64)
-                g = np.broadcast_to(gain, (w.shape[1],)).reshape((1, -1) + (1,) * (w.ndim - 2))
-                return ir.Tensor((w * g).astype(dtype.numpy()), dtype=dtype)
+                return ir.Tensor((w * _conv_channels(linear, gain, w)).astype(dtype.numpy()), dtype=dtype)
 
             tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
             linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_conv_weight"))
@@ -143,8 +152,8 @@ class Rewriter:
             return None
         if linear.conv:
             w = linear.weight.tensor.numpy().astype(np.float64)
-            beta = np.broadcast_to(site.beta.astype(np.float64).reshape(-1), (w.shape[1],))
-            return (w * beta.reshape((1, -1) + (1,) * (w.ndim - 2))).sum(axis=tuple(range(1, w.ndim)))
+            beta = _conv_channels(linear, site.beta.astype(np.float64).reshape(-1), w)
+            return (w * beta).sum(axis=tuple(range(1, w.ndim)))
         return _alpha(linear) * beta_through_weight(linear.weight, site.beta.astype(np.float64))
 
     def gain_before(self, site: Site, linear: Linear, center: bool) -> None:
@@ -225,7 +234,8 @@ class Rewriter:
     def inverse_std_kernel(self, x: ir.Value, eps: float, centered: bool, size: int | None) -> ir.Value | None:
         """The fp32 inverse-std output of SimplifiedLayerNormalization (LayerNormalization when
         centered) run on x with a unit gain; its normalized output is not used. None when the
-        dtype or opset has no such kernel."""
+        dtype or opset has no such kernel (fp64: the inverse std would be fp32 at best, so an
+        fp64 model takes inverse_rms's fp64 reduction)."""
         source = self.lossless_source(x)
         dtype = dtype_of(source)
         if size is None or dtype not in (F32, ir.DataType.FLOAT16) or (centered and self.edit.opset < 17):

@@ -334,3 +334,22 @@ def test_concat_with_a_part_that_permutes_features_does_not_fire(tmp_path):
     assert report.sites[0].reason in ("Concat joins the normalized rows with rows from elsewhere",
                                       "Gather along the normalized axis (selects features)")
     assert_exact(diffs, tol=0)
+
+
+@pytest.mark.parametrize("group", [2, C])
+@pytest.mark.parametrize("kind,pads,fires", [("rms", 1, True), ("layer", 0, True), ("layer", 1, False)])
+def test_grouped_and_depthwise_conv(group, kind, pads, fires, tmp_path):
+    """ConvNeXt's depthwise 7×7 (here 3×3) after the stem LN: γ folds per input channel of each
+    group; β only without padding."""
+    g = GraphBuilder()
+    y = g.op("Transpose", [norm(g, g.input("x", [B, H, W, C]), kind)], perm=[0, 3, 1, 2])
+    w = g.const(g.rng.standard_normal((2 * group, C // group, 3, 3)).astype(np.float32) * 0.2, "conv_w")
+    b = g.const(g.rng.standard_normal(2 * group).astype(np.float32), "conv_b")
+    g.output(g.op("Conv", [y, w, b], kernel_shape=[3, 3], pads=[pads] * 4, group=group))
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    if fires:
+        assert (report.rewritten, report.sites[0].strategy) == (1, "fold")
+        assert_exact(diffs)
+    else:
+        assert report.rewritten == 0 and report.sites[0].reason.startswith("Conv pads its input")
+        assert_exact(diffs, tol=0)
