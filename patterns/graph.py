@@ -29,6 +29,18 @@ def users(value: ir.Value) -> list[tuple[ir.Node, int]]:
     return [(u.node, u.idx) for u in value.uses()]
 
 
+def reads_type_only(node: ir.Node, index: int) -> bool:
+    """CastLike's second input (target_type) is read for its element type only: dynamo exports
+    write `x + 1e-5` as Add(x, CastLike(1e-5, x)) and a gain as Mul(CastLike(w, x), x)."""
+    return index == 1 and op(node, "CastLike", domain="")
+
+
+def value_users(value: ir.Value) -> list[tuple[ir.Node, int]]:
+    """The readers of `value`'s values: `users` less those that read only its type (they read a
+    value of the same type when the rewrite replaces `value`)."""
+    return [(node, index) for node, index in users(value) if not reads_type_only(node, index)]
+
+
 def is_used(value: ir.Value | None) -> bool:
     """Read by a node or returned by the graph."""
     return value is not None and (bool(value.uses()) or value.is_graph_output())
@@ -288,7 +300,7 @@ def attr(node: ir.Node, name: str, default=None):
 def reduce_axes(node: ir.Node) -> list[int] | None:
     """Axes of a Reduce* node whether given as attribute (opset < 18) or input."""
     if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = const_array(node.inputs[1])
+        axes = folded_constant(node.inputs[1])       # dynamo: Reshape(Constant [-1], Constant [-1])
         return None if axes is None else [int(a) for a in np.atleast_1d(axes)]
     axes = attr(node, "axes")
     return None if axes is None else [int(a) for a in axes]

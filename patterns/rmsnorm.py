@@ -15,14 +15,14 @@ import onnx_ir as ir
 
 from .base import Failure, Miss, Site, fail
 from .graph import (attr, broadcast_scalar, const_array, is_float, op, rank_of, reduce_axes,
-                              same_source, users)
+                              same_source, value_users)
 
 
 DEFERRED = "1/RMS is not applied to its own input (a deferred scale: already rewritten)"
 
 
 def _only_user(value: ir.Value, *op_types: str) -> ir.Node | None:
-    uses = users(value)
+    uses = value_users(value)
     if len(uses) == 1 and op(uses[0][0], *op_types, domain="") and not value.is_graph_output():
         return uses[0][0]
     return None
@@ -82,7 +82,7 @@ def match_inverse_rms(reduce: ir.Node):
         return fail("mean of squares does not feed Sqrt", value)
     nodes.append(sqrt)
     root = sqrt.outputs[0]
-    uses = users(root)
+    uses = value_users(root)
     if len(uses) != 1:
         return fail("1/RMS has several consumers", root)
     node, index = uses[0]

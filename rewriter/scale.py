@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter.patterns.graph import (GraphEditor, attr, cast_to, const_array, const_tensor, dtype_of, holds,
-                                     op, rank_of, set_dtype, users)
+                                     op, rank_of, reads_type_only, set_dtype, users)
 
 D = ir.DataType
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
@@ -371,7 +371,8 @@ class ScaleWalker:
         for value, state in list(self.states.items()):
             self._apply_in_subgraphs(value, state)
         for node in nodes:
-            ins = [self.states.get(v) if v is not None else None for v in node.inputs]
+            ins = [self.states.get(v) if v is not None and not reads_type_only(node, i) else None
+                   for i, v in enumerate(node.inputs)]
             scaled = tuple(v for v, st in zip(node.inputs, ins) if st is not None)
             for index, (value, state) in enumerate(zip(node.inputs, ins)):
                 if state is not None and (node, value) in self.stop_edges:

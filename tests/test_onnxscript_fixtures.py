@@ -54,21 +54,10 @@ EXPECTED = {   # fixture: (found, rewritten, {reason: count}), what each archite
     "phi4lm": (5, 5, {}),
 }
 
-# Sites the rewriter gets wrong today (reported to the lead with the node structure and a patch
-# to patterns/): each counts test is a strict xfail, so the fix shows up as XPASS — then delete
-# the entry. In all of them dynamo's CastLike(c, v), whose second input `v` is read for its
-# dtype only, counts as a reader of a value of the norm.
-CASTLIKE = "CastLike's target_type input (a dtype-only read) counted as a reader of the norm's values"
-KNOWN_MISSES = {
-    # Add(mean, CastLike(ε, mean)): `mean` has two readers → "mean of squares does not feed Sqrt" ×3
-    "smollm_1": f"0 of 3 rewritten: {CASTLIKE} (ε = CastLike(Constant, mean))",
-    # + the ReduceMean axes are Reshape(Constant [-1], Constant [-1]) (not followed as a
-    # constant: "no normalization found"), the gain is Mul(CastLike(w, y), y)
-    "smollm_2": f"0 found: ReduceMean axes from Reshape of constants; {CASTLIKE} (ε and gain)",
-    "phi4lm": f"0 of 5 rewritten: {CASTLIKE} (ε = CastLike(Constant, mean))",
-    # CastLike(W, y) → MatMul(y, ·) weights: the skip is right (residual Add), its reason is not
-    "bart_encoder": f"skipped for the wrong reason ('consumer CastLike ...' ×4): {CASTLIKE}",
-}
+# Sites the rewriter got wrong (each counts test was a strict xfail until patterns/ read
+# dynamo's CastLike(c, v) — `v` read for its dtype only — as no reader of `v`, and followed
+# ReduceMean axes built as Reshape of constants): none left.
+KNOWN_MISSES: dict[str, str] = {}
 
 # (fixture, storage, slow): storage as in tests/fixtures_onnxscript.py. A fixture needing more
 # than ~1 GB or ~20 s here (2 cores) is slow.
