@@ -125,11 +125,19 @@ def cast(w, node, ins) -> Outs:
     return [ins[0]] if ins[0] and _only(ins, 0) and holds(cast_to(node), dtype_of(node.inputs[0])) else None
 
 
+def _degree_fits(node: ir.Node, degree: float) -> bool:
+    """In fp16/bf16 a factor passes only while its degree stays within ±1: t^p (or t·u) of the
+    un-normalized t can leave the narrow type's range where the original's y^p does not."""
+    narrow = dtype_of(node.outputs[0]) in (D.FLOAT16, D.BFLOAT16)
+    return not narrow or abs(degree) <= 1
+
+
 def mul(w, node, ins) -> Outs:
     """(s^a·t)(s^b·u) = s^(a+b)·tu; (s^a·t)·u = s^a·(tu) when u adds no leading axis."""
     a, b = ins[0], ins[1]
     if a and b:
-        return [a.with_degree(a.degree + b.degree)] if a.scale is b.scale else None
+        ok = a.scale is b.scale and _degree_fits(node, a.degree + b.degree)
+        return [a.with_degree(a.degree + b.degree)] if ok else None
     index = 0 if a else 1
     return [a or b] if _same_rank(node, index) else None
 
@@ -159,7 +167,7 @@ def power(w, node, ins) -> Outs:
     e = _scalar(node.inputs[1])
     if not ins[0] or not _only(ins, 0) or e is None or not _same_rank(node, 0):
         return None
-    return [ins[0].with_degree(ins[0].degree * e)]
+    return [ins[0].with_degree(ins[0].degree * e)] if _degree_fits(node, ins[0].degree * e) else None
 
 
 def matmul(w, node, ins) -> Outs:

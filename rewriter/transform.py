@@ -12,7 +12,7 @@ import onnx_ir as ir
 from rewriter.patterns import Linear, Site
 from rewriter.patterns.linear import weight_dtype
 from rewriter.patterns.graph import (GraphEditor, attr, const_array, dtype_of, exact_source, holds, op,
-                                     residual_add, set_dtype, users)
+                                     rank_of, residual_add, set_dtype, users)
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight
@@ -372,7 +372,10 @@ class Rewriter:
         n = site.size
         if n is None or site.kind not in ("rms", "layer") or (site.kind == "layer" and self.edit.opset < 17):
             return False
-        x = self.narrow_source(self.current(site.x), dtype_of(site.output))
+        x = self.current(site.x)
+        if holds(dtype_of(site.output), dtype_of(exact_source(x))):
+            x = self.narrow_source(x, dtype_of(site.output))   # an exact copy in the output's type
+        # else (fp32 norm → fp16 output, autocast): the kernel normalizes in x's type, the Cast after
         dtype = dtype_of(x)
         if dtype not in (F32, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             return False
@@ -390,7 +393,8 @@ class Rewriter:
         Returns the op type emitted."""
         add = x.producer()
         weights = [gain] if beta is None else [gain, beta]
-        if (kind == "rms" or skip_layernorm) and residual_add(add, trust_unknown_shapes):
+        skip_rank_ok = rank_of(x) in (None, 2, 3)     # the Skip* kernels take [batch, seq, hidden] or [tokens, hidden]
+        if (kind == "rms" or skip_layernorm) and skip_rank_ok and residual_add(add, trust_unknown_shapes):
             op_type = "SkipSimplifiedLayerNormalization" if kind == "rms" else "SkipLayerNormalization"
             fused = self.edit.node(op_type, [add.inputs[0], add.inputs[1], *weights], {"epsilon": float(eps)},
                                    domain="com.microsoft", num_outputs=4, hint=op_type)
@@ -402,7 +406,7 @@ class Rewriter:
             fused = self.edit.node(op_type, [x, *weights], {"epsilon": float(eps), "axis": -1, "stash_type": 1},
                                    hint=op_type)
         set_dtype(fused.outputs[0], dtype_of(x))
-        self.redirect(output, fused.outputs[0])
+        self.redirect(output, self.edit.cast(fused.outputs[0], dtype_of(output)) if dtype_of(output) else fused.outputs[0])
         return op_type
 
     def meet_untouched_norm(self, site: Site) -> None:

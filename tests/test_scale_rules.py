@@ -110,6 +110,7 @@ CASES = {
               ("exponent of shape [1]", True, _with("Pow", _const([3.0]))),
               ("per-channel exponent", False, _with("Pow", _const(np.full(H, 2.0)))),
               ("exponent adds axes", False, _with("Pow", _const(np.full((1, 1, 1, 1), 2.0))))],
+    # in fp16/bf16 the degree stays within ±1: tests/regressions/fp16_scale_squared_overflow.onnx
     "matmul": [("by a constant weight", True, _matmul_const(H)),
                ("rows moved to the contracted axis", False, _transpose_then([0, 2, 1], lambda g, t: (
                    lambda p: (p, p))(g.op("MatMul", [t, g.weight(S, 7)])))),
