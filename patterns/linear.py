@@ -53,11 +53,12 @@ def _bias_after(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
 
 
 # Linears over quantized weights: a gain cannot be folded into block-quantized or integer weights
-# exactly (each block's scale and rounding would change). Rewrite the float model, then quantize.
+# exactly (each block's scale and rounding would change); and quantizing a rewritten model was
+# measured worse than quantizing the original (README: Quantized models).
 QUANTIZED = {"MatMulNBits", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
              "DynamicQuantizeLinear", "QuantizeLinear", "QGemm", "MatMulBnb4", "GatherBlockQuantized"}
-QUANTIZED_REASON = ("weights are quantized ({what}): a gain cannot be folded into them exactly — rewrite "
-                    "the float model, then quantize it (README: Quantized models)")
+QUANTIZED_REASON = ("weights are quantized ({what}): a gain cannot be folded into them exactly "
+                    "(README: Quantized models)")
 
 
 def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Failure:
