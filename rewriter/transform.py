@@ -211,25 +211,28 @@ class Rewriter:
     # -- scales ---------------------------------------------------------------------------
     def inverse_rms(self, x: ir.Value, eps: float, centered: bool, size: int | None,
                     norm_kernel: bool = False) -> ir.Value:
-        """1/sqrt(mean(x²)+ε) (or 1/σ for LayerNorm) with an fp32 reduction, shape [..., 1].
+        """1/sqrt(mean(x²)+ε) (or 1/σ for LayerNorm), shape [..., 1], computed in the wider of
+        fp32 and x's dtype (an fp64 model gets an fp64 scale).
 
-        Few kernels: with `norm_kernel`, the inverse-std output of one onnxruntime norm op;
-        otherwise √n / sqrt(Σx² + nε) — one ReduceSumSquare, with 1/n folded into constants."""
+        With `norm_kernel`, the inverse-std output of one onnxruntime norm op. Otherwise the
+        kernels an exported RMSNorm runs: Mul(x, x) → ReduceMean → Add ε → Sqrt → Reciprocal.
+        Not ReduceSumSquare: onnxruntime's CPU kernel sums the squares one after the other in
+        fp32 (error growing like √n: ~4·2⁻²⁴ rms at n = 576, ~16·2⁻²⁴ at 4096), where
+        ReduceMean's vectorized sum stays at ~1–3·2⁻²⁴; and 1/RMS multiplies whole rows, so its
+        error is the same sign over a row and the following matmuls do not average it out.
+        Tests: tests/test_precision.py (the scale, fp64), tests/test_smollm2_real.py (vs float64)."""
         if norm_kernel:
             inv = self.inverse_std_kernel(x, eps, centered, size)
             if inv is not None:
                 return inv
         e = self.edit
-        xf = e.cast(x, F32)
+        dtype = ir.DataType.DOUBLE if dtype_of(x) == ir.DataType.DOUBLE else F32
+        xf = e.cast(x, dtype)
         if centered:        # subtract the mean first: E[x²]−E[x]² cancels badly in fp32
             xf = e.op1("Sub", xf, e.reduce_mean_last(xf))
-        if size is None:    # hidden size unknown: mean of squares
-            ms = e.reduce_mean_last(e.op1("Mul", xf, xf))
-            root = e.op1("Sqrt", e.op1("Add", ms, e.initializer(np.array(eps, np.float32), "epsilon")))
-            return e.op1("Reciprocal", root, hint="inv_rms")
-        ss = e.reduce_last("ReduceSumSquare", xf)
-        root = e.op1("Sqrt", e.op1("Add", ss, e.initializer(np.array(size * eps, np.float32), "n_epsilon")))
-        return e.op1("Div", e.initializer(np.array(np.sqrt(size), np.float32), "sqrt_n"), root, hint="inv_rms")
+        ms = e.reduce_mean_last(e.op1("Mul", xf, xf))
+        root = e.op1("Sqrt", e.op1("Add", ms, e.initializer(np.array(eps, dtype.numpy()), "epsilon")))
+        return e.op1("Reciprocal", root, hint="inv_rms")
 
     def inverse_std_kernel(self, x: ir.Value, eps: float, centered: bool, size: int | None) -> ir.Value | None:
         """The fp32 inverse-std output of SimplifiedLayerNormalization (LayerNormalization when
