@@ -56,6 +56,7 @@ def _mixtral():
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                         num_experts_per_tok=2, tie_word_embeddings=False)
     cfg._attn_implementation = "eager"       # TorchScript cannot convert SDPA with GQA
+    cfg._experts_implementation = "eager"    # the per-expert loop (the grouped-mm kernel uses histc)
     return _Ids(MixtralForCausalLM(cfg)), "ids"
 
 

@@ -31,6 +31,9 @@ def resolve_weight(value: ir.Value, transposed: bool) -> WeightRef | None:
                 return None
             return WeightRef(value, tensor, tuple(reversed(steps)), transposed)
         node = value.producer()
+        expert = _expert_slice(node)
+        if expert is not None:          # one expert's matrix of a stacked [E, n, k] constant
+            return WeightRef(value, expert, tuple(reversed(steps)), transposed)
         if op(node, "Transpose", domain=""):
             steps.append(("transpose", tuple(attr(node, "perm", (1, 0)))))
         elif is_cast(node) and cast_to(node) is not None:
@@ -38,6 +41,17 @@ def resolve_weight(value: ir.Value, transposed: bool) -> WeightRef | None:
         elif not op(node, "Identity", domain=""):
             return None
         value = node.inputs[0]
+
+
+def _expert_slice(node: ir.Node | None) -> ir.TensorProtocol | None:
+    """Gather(stacked, constant scalar e, axis 0) of a constant [E, n, k] (transformers' MoE
+    experts: gate_up_proj / down_proj stacked): expert e's matrix, as a tensor of its own."""
+    if not op(node, "Gather", domain="") or int(attr(node, "axis", 0)) != 0:
+        return None
+    table, index = const_tensor(node.inputs[0]), const_array(node.inputs[1])
+    if table is None or len(table.shape) != 3 or index is None or index.size != 1 or index.ndim > 1:
+        return None
+    return ir.Tensor(np.ascontiguousarray(table.numpy()[int(index.reshape(()))]), name=f"{node.name}_expert")
 
 
 def _bias_after(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
@@ -84,6 +98,12 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
     if ref is None:
         if op(through_casts(node.inputs[1]).producer(), "DequantizeLinear"):
             return fail(QUANTIZED_REASON.format(what=f"{node.op_type} weight from DequantizeLinear, QDQ"), node)
+        source = node.inputs[1]
+        while op(source.producer(), "Transpose", "Cast", "Identity", domain=""):
+            source = source.producer().inputs[0]
+        if op(source.producer(), "Gather", domain="") and const_tensor(source.producer().inputs[0]) is not None:
+            return fail(f"{node.op_type} weight is one expert of a stacked constant chosen at run time "
+                        "(not folded: the gain would go into the whole stack)", source)
         return fail(f"{node.op_type} weight is not a constant 2-D tensor", node.inputs[1])
     if op(node, "Gemm", domain="") and len(node.inputs) > 2 and node.inputs[2] is not None:
         c = node.inputs[2]

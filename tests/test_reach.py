@@ -353,3 +353,19 @@ def test_grouped_and_depthwise_conv(group, kind, pads, fires, tmp_path):
     else:
         assert report.rewritten == 0 and report.sites[0].reason.startswith("Conv pads its input")
         assert_exact(diffs, tol=0)
+
+
+def test_moe_experts_sliced_from_a_stacked_constant(tmp_path):
+    """transformers' stacked experts: Gather(gate_up [E, 2F, C], e) → Transpose → MatMul, with a
+    constant expert index (an unrolled loop): each expert's matrix folds like any weight."""
+    g = GraphBuilder()
+    y = g.rms(g.input("x", [B, 5, C]), gain=g.gain(C))
+    flat = g.op("Reshape", [y, g.const(i64(-1, C))])
+    stacked = g.const(g.rng.standard_normal((3, K, C)).astype(np.float32), "gate_up")
+    for e, idx in enumerate(([0, 4], [7, 1, 2])):
+        rows = g.op("Gather", [flat, g.const(i64(*idx))], axis=0)
+        w = g.op("Transpose", [g.op("Gather", [stacked, g.const(np.array(e, np.int64))], axis=0)], perm=[1, 0])
+        g.output(g.op("MatMul", [rows, w]))
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
+    assert (report.rewritten, len(report.sites[0].consumers), report.sites[0].strategy) == (1, 2, "defer")
+    assert_exact(diffs)
