@@ -50,8 +50,8 @@ def test_decomposed_forms(form, mode, tmp_path):
     if mode == "defer":     # the MatMul reads the raw input; 1/RMS is a Mul after it
         matmul = next(n for n in out.graph.node if n.op_type == "MatMul")
         assert matmul.input[0] == "x"
-        # 1/RMS = √n / sqrt(Σx² + nε): four kernels, then the deferred scale
-        assert sorted(op_types(out)) == ["Add", "Div", "MatMul", "Mul", "ReduceSumSquare", "Sqrt"]
+        # 1/RMS = 1/sqrt(mean(x·x) + ε) (the exported norm's own kernels), then the deferred scale
+        assert sorted(op_types(out)) == ["Add", "MatMul", "Mul", "Mul", "Reciprocal", "ReduceMean", "Sqrt"]
     else:                   # weightless norm: exactly the gain Mul is gone
         assert op_types(out).count("Mul") == op_types(proto).count("Mul") - 1
         assert op_types(out).count("MatMul") == 1

@@ -168,16 +168,16 @@ def assert_structure(strategy: str, kind: str, form: str, fused_op, proto, out, 
         assert after["Tanh"] == 1
         return
     if strategy == "defer":
-        # √n / sqrt(ReduceSumSquare(x) + nε): one reduction per site, no Reciprocal left
-        assert deferred == 1 and after["ReduceSumSquare"] == deferred
-        assert after["Reciprocal"] == 0 and sum(after[o] for o in FUSED_OPS) == 0
-        assert after["ReduceMean"] == (1 if kind == "layer" else 0)    # LayerNorm: centering mean
+        # 1/sqrt(mean(x·x) + ε): one mean of squares per site (LayerNorm: and the centering mean)
+        assert deferred == 1 and after["ReduceSumSquare"] == 0
+        assert after["Reciprocal"] == deferred and sum(after[o] for o in FUSED_OPS) == 0
+        assert after["ReduceMean"] == (2 if kind == "layer" else 1)
         muls = deferred_scale_muls(out)
         assert len(muls) == 2
         roots = {scale_input(out, m) for m in muls}
         assert len(roots) == 1                          # both linears share the one 1/RMS
         path = Counter(n.op_type for n in ancestors(out, roots.pop()))
-        assert path["ReduceSumSquare"] == path["Sqrt"] == path["Div"] == 1 and path["Reciprocal"] == 0
+        assert path["Sqrt"] == path["Reciprocal"] == 1 and path["ReduceSumSquare"] == path["Div"] == 0
     if strategy == "defer-normop":
         norm_op = "LayerNormalization" if kind == "layer" else "SimplifiedLayerNormalization"
         stat = 2 if kind == "layer" else 1
@@ -228,7 +228,7 @@ def test_every_strategy_on_a_llama_like_block(strategy, tmp_path):
         assert (ops["SimplifiedLayerNormalization"], ops["SkipSimplifiedLayerNormalization"]) == (1, 2)
         assert ops["ReduceMean"] == ops["Pow"] == ops["Sqrt"] == 0
     elif strategy == "defer":
-        assert ops["ReduceSumSquare"] == 3 and ops["Reciprocal"] == 0 and ops["ReduceMean"] == 0
+        assert ops["ReduceSumSquare"] == 0 and ops["Reciprocal"] == ops["ReduceMean"] == 3
     elif strategy == "defer-normop":
         norms = [n for n in out.graph.node if n.op_type == "SimplifiedLayerNormalization"]
         assert len(norms) == 3 and ops["ReduceSumSquare"] == ops["ReduceMean"] == ops["Reciprocal"] == 0
@@ -291,19 +291,19 @@ def rewritten_and_optimized(proto, tmp_path, strategy):
 def test_ort_keeps_the_deferred_form(strategy, tmp_path):
     """ORT does not undo the rewrite: one MatMul per linear (no MatMul+Mul fusion into a
     FusedMatMul: the scale is per row, not a scalar) and the 1/RMS path is the kernels we
-    emitted — ReduceSumSquare, Add, Sqrt, Div (4), or one SimplifiedLayerNormalization."""
+    emitted — Mul(x, x), ReduceMean, Add, Sqrt, Reciprocal, or one SimplifiedLayerNormalization."""
     report, opt = rewritten_and_optimized(decomposed_rms(), tmp_path, strategy)
     assert report.rewritten == 1
     ops = Counter(op_types(opt))
-    assert ops["MatMul"] == 2 and ops["FusedMatMul"] == 0 and ops["Mul"] == 2
+    assert ops["MatMul"] == 2 and ops["FusedMatMul"] == 0 and ops["Mul"] == (3 if strategy == "defer" else 2)
     matmuls = [n for n in opt.graph.node if n.op_type == "MatMul"]
     assert all(n.input[0] == "x" for n in matmuls)      # the linears read the raw input
     muls = deferred_scale_muls(opt)
     assert len(muls) == 2 and len({scale_input(opt, m) for m in muls}) == 1
     path = sorted(n.op_type for n in ancestors(opt, scale_input(opt, muls[0])))
     if strategy == "defer":
-        assert path == ["Add", "Div", "ReduceSumSquare", "Sqrt"]
-        assert ops["SimplifiedLayerNormalization"] == 0     # ORT did not re-fuse the sum of squares
+        assert path == ["Add", "Mul", "Reciprocal", "ReduceMean", "Sqrt"]
+        assert ops["SimplifiedLayerNormalization"] == 0     # ORT did not re-fuse the mean of squares
     else:
         assert path == ["SimplifiedLayerNormalization"]
     assert sum(ops.values()) == 2 + 2 + len(path)
@@ -314,8 +314,8 @@ def test_ort_keeps_the_deferred_form_in_a_block(tmp_path):
     assert report.rewritten == 3
     ops = Counter(op_types(opt))
     assert ops["MatMul"] == 6 and ops["FusedMatMul"] == 0
-    assert ops["ReduceSumSquare"] == ops["Sqrt"] == ops["Div"] == 3
-    assert sum(ops[o] for o in FUSED_OPS) == 0 and ops["ReduceMean"] == ops["Reciprocal"] == 0
+    assert ops["ReduceMean"] == ops["Sqrt"] == ops["Reciprocal"] == 3
+    assert sum(ops[o] for o in FUSED_OPS) == 0 and ops["ReduceSumSquare"] == ops["Div"] == 0
 
 
 @pytest.mark.parametrize("form_name", ["rms-dynamo-fp32", "rms-dynamo-fp32+residual",
