@@ -40,6 +40,8 @@ class Linear:
     bias_add: ir.Node | None = None       # that Add node, when the bias is a separate op
     defer_blocker: "Failure | None" = None   # the row moves on the path that 1/RMS cannot follow
     beta_blocker: "Failure | None" = None    # the row moves on the path β cannot follow (zero padding)
+    stacked_axis: int | None = None          # weight = one expert (chosen at run time) of a stacked
+                                             # [E, a, b] constant: the axis of it the linear contracts
 
     @property
     def conv(self) -> bool:
@@ -56,6 +58,8 @@ class Linear:
         shape = tuple(int(d) for d in self.weight.tensor.shape)
         if self.conv:               # [out, in, k...]
             return shape[1], shape[0]
+        if self.stacked_axis is not None:
+            return shape[self.stacked_axis], shape[3 - self.stacked_axis]
         for kind, perm in self.weight.steps:
             if kind == "transpose":
                 shape = tuple(shape[p] for p in perm)

@@ -54,6 +54,53 @@ def _expert_slice(node: ir.Node | None) -> ir.TensorProtocol | None:
     return ir.Tensor(np.ascontiguousarray(table.numpy()[int(index.reshape(()))]), name=f"{node.name}_expert")
 
 
+def _stacked_expert(node: ir.Node, path) -> Linear | Failure | None:
+    """MatMul(rows, [Transpose](Gather(stacked [E, a, b], e, axis 0))) with e known only at run
+    time (transformers' MoE experts): γ folds into the whole stack along the contracted axis
+    (every expert gets it), when nothing else reads the stack (checked by match_linears)."""
+    flips, source = 0, node.inputs[1]
+    while op(source.producer(), "Transpose", "Identity", domain=""):
+        producer = source.producer()
+        if op(producer, "Transpose", domain=""):
+            if tuple(attr(producer, "perm", (1, 0))) != (1, 0):
+                return None
+            flips += 1
+        source = producer.inputs[0]
+    gather = source.producer()
+    if not op(node, "MatMul", domain="") or not op(gather, "Gather", domain="") or \
+            int(attr(gather, "axis", 0)) != 0:
+        return None
+    table = const_tensor(gather.inputs[0])
+    index = gather.inputs[1]
+    if table is None or len(table.shape) != 3 or rank_of(index) not in (0, None):
+        return None
+    if rank_of(index) is None:
+        return fail("MatMul weight is one expert of a stacked constant with an index of unknown rank", index)
+    axis = 2 if flips % 2 else 1        # the slice [a, b] is read as W = slice or sliceᵀ
+    bias, add = _bias_after(node)
+    return Linear(node, WeightRef(gather.inputs[0], table), path, bias=bias, bias_add=add, stacked_axis=axis,
+                  beta_blocker=fail("β through an expert chosen at run time is no constant bias", gather))
+
+
+def _stacks_owned(linears: list[Linear]) -> Failure | None:
+    """Every reader of a stacked expert constant is one of this site's expert linears."""
+    gathers: dict[int, set[int]] = {}
+    for linear in linears:
+        if linear.stacked_axis is not None:
+            source = linear.node.inputs[1]
+            while source.producer() is not None and not op(source.producer(), "Gather", domain=""):
+                source = source.producer().inputs[0]
+            gathers.setdefault(id(linear.weight.source), set()).add(id(source.producer()))
+    for linear in linears:
+        if linear.stacked_axis is not None:
+            table = linear.weight.source
+            if table.is_graph_input() or table.is_graph_output() or \
+                    any(id(reader) not in gathers[id(table)] for reader, _ in users(table)):
+                return fail("the stacked experts are also read elsewhere (folding the stack would change them)",
+                            table)
+    return None
+
+
 def _bias_after(node: ir.Node) -> tuple[ir.Value | None, ir.Node | None]:
     out = node.outputs[0]
     uses = users(out)
@@ -98,12 +145,9 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
     if ref is None:
         if op(through_casts(node.inputs[1]).producer(), "DequantizeLinear"):
             return fail(QUANTIZED_REASON.format(what=f"{node.op_type} weight from DequantizeLinear, QDQ"), node)
-        source = node.inputs[1]
-        while op(source.producer(), "Transpose", "Cast", "Identity", domain=""):
-            source = source.producer().inputs[0]
-        if op(source.producer(), "Gather", domain="") and const_tensor(source.producer().inputs[0]) is not None:
-            return fail(f"{node.op_type} weight is one expert of a stacked constant chosen at run time "
-                        "(not folded: the gain would go into the whole stack)", source)
+        stacked = _stacked_expert(node, path)
+        if stacked is not None:
+            return stacked
         return fail(f"{node.op_type} weight is not a constant 2-D tensor", node.inputs[1])
     if op(node, "Gemm", domain="") and len(node.inputs) > 2 and node.inputs[2] is not None:
         c = node.inputs[2]
@@ -377,14 +421,15 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
                 found = _linear(node, index, path)
                 if isinstance(found, Failure):
                     return _not_linear(node, v) if "is not a linear" in found.reason else found
-                if n is not None and found.weight.tensor.shape[
-                        1 if found.weight.transposed ^ _transposes(found.weight) else 0] != n:
+                axis = found.stacked_axis if found.stacked_axis is not None else \
+                    1 if found.weight.transposed ^ _transposes(found.weight) else 0
+                if n is not None and found.weight.tensor.shape[axis] != n:
                     return fail(f"{node.op_type} weight does not contract the normalized axis", node)
-                found.defer_blocker, found.beta_blocker = at.defer, at.beta
+                found.defer_blocker, found.beta_blocker = at.defer, at.beta or found.beta_blocker
                 linears.append(found)
         return None
 
-    failure = walk(value, (), Where(rank=rank_of(value)))
+    failure = walk(value, (), Where(rank=rank_of(value))) or _stacks_owned(linears)
     if failure:
         return failure
     if not linears:

@@ -110,6 +110,8 @@ class Decision:
 
 def owns_weight(linear: Linear) -> bool:
     """True when nothing but `linear` reads its weight (so it can be replaced, not cloned)."""
+    if linear.stacked_axis is not None:
+        return True     # a stacked expert constant: patterns.linear proved every reader is this site's
     value = linear.weight.source
     if value.is_graph_input() or value.is_graph_output():
         return False

@@ -46,6 +46,7 @@ class Rewriter:
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
         self._ones: dict = {}
         self._mirrors: dict = {}
+        self._stacks: set = set()
         self.replaced: dict[ir.Value, ir.Value] = {}    # redirect()'s old → new, for later sites
         self.approx = approx
 
@@ -110,6 +111,8 @@ class Rewriter:
             return self.beta_delta(site, linear)
         if linear.conv:
             return self.fold_conv(site, linear)
+        if linear.stacked_axis is not None:
+            return self.fold_stack(site, linear, center)
         dtype = weight_dtype(linear)
         gain = None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
         if gain is None and not center and (site.beta is None or not np.any(site.beta)):
@@ -144,6 +147,38 @@ class Rewriter:
             tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
             linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_conv_weight"))
         return self.beta_delta(site, linear)
+
+    def fold_stack(self, site: Site, linear: Linear, center: bool) -> None:
+        """Stacked experts [E, a, b] (the expert chosen at run time): γ along the contracted
+        axis of every expert at once (centered over it for a deferred LayerNorm), once per stack;
+        β never reaches here (patterns refuse it: no constant bias)."""
+        table = linear.weight.source
+        if table in self._stacks or (site.gain is None or np.all(site.gain == 1)) and not center:
+            return None
+        self._stacks.add(table)
+        ref, axis = linear.weight, linear.stacked_axis
+        gain = None if site.gain is None else site.gain.astype(np.float64).reshape(-1)
+        dtype = ref.tensor.dtype
+
+        def folded() -> ir.TensorProtocol:
+            w = ref.tensor.numpy().astype(np.float64)
+            if gain is not None:
+                shape = [1, 1, 1]
+                shape[axis] = -1
+                w = w * np.broadcast_to(gain, (w.shape[axis],)).reshape(shape)
+            if center:
+                w = w - w.mean(axis=axis, keepdims=True)
+            return ir.Tensor(w.astype(dtype.numpy()), dtype=dtype)
+
+        tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
+        if table.is_initializer():
+            tensor.name = table.name
+            table.const_value = tensor
+        else:
+            new = self.edit.initializer(tensor, "folded_experts")
+            for reader, index in users(table):
+                reader.replace_input_with(index, new)
+        return None
 
     @staticmethod
     def beta_delta(site: Site, linear: Linear) -> np.ndarray | None:

@@ -369,3 +369,39 @@ def test_moe_experts_sliced_from_a_stacked_constant(tmp_path):
     report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
     assert (report.rewritten, len(report.sites[0].consumers), report.sites[0].strategy) == (1, 2, "defer")
     assert_exact(diffs)
+
+
+def stacked_graph(kind="rms", beta=False, leak=False):
+    """transformers' MoE experts: the expert index is known only at run time."""
+    g = GraphBuilder()
+    x, e = g.input("x", [B, 5, C]), g.input("e", [], np.int64)
+    y = norm(g, x, kind, beta)
+    flat = g.op("Reshape", [y, g.const(i64(-1, C))])
+    stacked = g.const(g.rng.standard_normal((3, K, C)).astype(np.float32), "gate_up")
+    rows = g.op("Gather", [flat, g.const(i64(7, 0, 3))], axis=0)
+    w = g.op("Transpose", [g.op("Gather", [stacked, e], axis=0)], perm=[1, 0])
+    g.output(g.op("MatMul", [rows, w]))
+    if leak:        # the stack also read by something that is not this norm's linear
+        g.output(g.op("ReduceSum", [stacked], keepdims=0))
+    return g.model()
+
+
+@pytest.mark.parametrize("kind,mode", [("rms", "defer"), ("rms", "fold"), ("layer", "defer")])
+def test_moe_stacked_experts_chosen_at_run_time(kind, mode, tmp_path):
+    for expert in range(3):
+        feeds = {"x": np.random.default_rng(expert).standard_normal((B, 5, C)).astype(np.float32) * 2 + 0.5,
+                 "e": np.array(expert, np.int64)}
+        report, diffs, _ = rewrite_and_run(stacked_graph(kind), tmp_path, mode=mode, feeds=feeds)
+        assert (report.rewritten, report.sites[0].strategy) == (1, mode)
+        assert_exact(diffs)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("beta", "β through an expert chosen at run time is no constant bias"),
+    ("leak", "the stacked experts are also read elsewhere (folding the stack would change them)")])
+def test_moe_stacked_experts_do_not_fire(case, reason, tmp_path):
+    proto = stacked_graph("layer", beta=True) if case == "beta" else stacked_graph(leak=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((B, 5, C)).astype(np.float32), "e": np.array(1, np.int64)}
+    report, diffs, _ = rewrite_and_run(proto, tmp_path, feeds=feeds)
+    assert report.rewritten == 0 and report.sites[0].reason == reason
+    assert_exact(diffs, tol=0)

@@ -23,10 +23,9 @@ EXPECTED = {   # model: (found, rewritten, {strategy: count}, {reason: count})
     "segformer": (9, 5, {"defer": 4, "fold": 1},
                   {LN_INTO_LN: 2, "Conv pads its input: β is not exact at the padded borders": 1,
                    "norm output reaches a graph output (after Transpose)": 1}),
-    # transformers' own Mixtral (eager experts): the post-attention norm's experts are picked
-    # from the stacked weights by a run-time index — reported, not folded
-    "mixtral": (3, 2, {"defer": 2}, {"MatMul weight is one expert of a stacked constant chosen at run time "
-                                     "(not folded: the gain would go into the whole stack)": 1}),
+    # transformers' own Mixtral (eager experts): the post-attention norm feeds the router and the
+    # experts picked from the stacked gate_up weights by a run-time index: γ folds into the stack
+    "mixtral": (3, 3, {"defer": 3}, {}),
     # Mamba2 (dynamo): the gated group norm (2 groups) → Reshape → γ → out_proj: γ folded, fold
     # only (1/RMS per group); the block's and the final RMSNorm defer
     "mamba2": (3, 3, {"defer": 2, "fold": 1}, {}),
