@@ -1,0 +1,20 @@
+"""Minimal graphs the differential fuzzer (test_differential_fuzz) once found wrong, each
+rewritten with every strategy and mode and checked by the same checker (tests/differential.py).
+tests/regressions/README.md says what each one shows."""
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+import differential as diff
+
+REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
+def test_regression(path):
+    model = onnx.load(str(path))
+    result = diff.check_model(model)
+    diff.STATS["regression graphs checked"] += 1
+    assert result.ok, f"{path.name}: {diff.recipe(model)}\n{result.summary()}"
