@@ -441,7 +441,8 @@ def defer_blocker(site: Site) -> Failure | None:
     """Why deferring would not be exact, or None. Deferring feeds the raw input x to the linears
     in the types the normalized tensor had on its way to them: each must hold x exactly —
     a narrowing Cast (fp32 → fp16/bf16, autocast graphs) would give the un-normalized x a wider
-    range than the original ever had in that type."""
+    range than the original ever had in that type. And an fp16 linear would give its output one
+    (bf16 has fp32's range: its linears defer)."""
     x = site.skip_inputs[0] if site.skip_inputs else site.x
     if x is None:
         return fail("the norm's input is unknown", site.anchor)
@@ -457,6 +458,10 @@ def defer_blocker(site: Site) -> Failure | None:
         if not holds(dtype, source):
             names = (getattr(source, "name", "?"), getattr(dtype, "name", "?"))
             return fail(f"{where} narrows the {names[0]} input to {names[1]} (the raw input would lose range)", at)
+    for linear in site.linears:
+        if weight_dtype(linear) == ir.DataType.FLOAT16:
+            return fail(f"{linear.node.op_type} computes in fp16: its un-normalized output x·W (RMS(x) times "
+                        "the original's) can overflow fp16 where the original's cannot", linear.node)
     return next((linear.defer_blocker for linear in site.linears if linear.defer_blocker), None)
 
 

@@ -52,12 +52,14 @@ class Rewriter:
 
     # -- graph plumbing -------------------------------------------------------------------
     def insert_after(self, value: ir.Value, make) -> ir.Value:
-        """Route every reader of `value` (graph outputs included) through `make(value)`."""
+        """Route every reader of `value` (graph outputs included) through `make(value)`; a later
+        site matched against `value` (a norm reading a linear's output) reads `new` too."""
         readers = users(value)
         new = make(value)
         for node, index in readers:
             node.replace_input_with(index, new)
         self._take_output_slot(value, new)
+        self.replaced[value] = new
         return new
 
     def redirect(self, old: ir.Value, new: ir.Value) -> None:
