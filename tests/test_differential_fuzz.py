@@ -346,7 +346,7 @@ def norm(f: Fuzz, x: V, skip_allowed=True) -> V:
         forms.append("RMSNormalization")
     if f.g.opset >= 17:
         forms.append("LayerNormalization")
-    if skip_allowed and x.dtype in (F32, F16):
+    if skip_allowed and x.dtype in (F32, F16) and x.rank <= 3:     # onnxruntime: 2-D or 3-D only
         forms += ["SkipSimplifiedLayerNormalization", "SkipLayerNormalization"]
     form = f.choice(forms)
     if form == "rms":
@@ -807,7 +807,7 @@ def fam_loop(f: Fuzz, v: V):
     a scan output Relu(v) stacked on a new leading axis."""
     reads = f.choice(["value", "norm_output"])
     use_norm = reads == "norm_output" and f.norm_out is not None
-    d = v.dtype
+    d = f.norm_out.dtype if use_norm else v.dtype
     if use_norm:
         y = f.norm_out
         w = f.weight(y.shape[-1], f.choice([8, 4]), d)
@@ -833,10 +833,11 @@ def fam_loop(f: Fuzz, v: V):
     f.consumed.add(f.norm_out.name if use_norm else v.name)
     f.note(f"Loop reading the {'norm output' if use_norm else 'value'} from outer scope{' + scan output' if scan else ''}")
     trip = f.const(np.array(2), np.int64, "trip")
+    true = f.const(np.array(True), np.bool_, "true")    # (the reference evaluator runs no iteration without it)
     if scan:
-        f.add(*f.op("Loop", [trip, "", acc0], [shape, (2,) + v.shape], d, n_out=2, body=body))
+        f.add(*f.op("Loop", [trip, true, acc0], [shape, (2,) + v.shape], d, n_out=2, body=body))
     else:
-        f.add(f.op("Loop", [trip, "", acc0], shape, d, body=body))
+        f.add(f.op("Loop", [trip, true, acc0], shape, d, body=body))
 
 
 def fam_function(f: Fuzz, v: V):
