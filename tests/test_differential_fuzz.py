@@ -538,27 +538,19 @@ def fam_reshape(f: Fuzz, v: V):
     the target with concrete dims or with 0 (copy) / −1 (infer); then maybe a MatMul by a
     constant."""
     s = list(v.shape)
-    kinds = ["split_last", "merge_rows", "merge_last2", "split_rows", "drop_unit", "add_unit",
-             "move_axes", "flatten"]
-    kind = f.choice(kinds)
-    if kind == "split_last" and s[-1] % 2 == 0 and s[-1] >= 2:
-        new = s[:-1] + [2, s[-1] // 2]
-    elif kind == "merge_rows" and v.rank >= 3:
-        new = [int(np.prod(s[:-1])), s[-1]]
-    elif kind == "merge_last2" and v.rank >= 2:
-        new = s[:-2] + [s[-2] * s[-1]]
-    elif kind == "split_rows" and s[0] % 2 == 0 and s[0] >= 4:
-        new = [2, s[0] // 2] + s[1:]
-    elif kind == "drop_unit" and v.rank >= 2 and s[-1] == 1:
-        new = s[:-1]
-    elif kind == "add_unit" and v.rank <= 4:
-        new = s + [1]
-    elif kind == "move_axes" and v.rank >= 2 and s != s[::-1]:
-        new = s[::-1]
-    elif kind == "flatten":
-        new = [int(np.prod(s))]
-    else:
-        return
+    shapes = {      # every kind that applies to this shape -> the new shape
+        "split_last": s[:-1] + [2, s[-1] // 2] if s[-1] % 2 == 0 and s[-1] >= 2 else None,
+        "merge_rows": [int(np.prod(s[:-1])), s[-1]] if v.rank >= 3 else None,
+        "merge_last2": s[:-2] + [s[-2] * s[-1]] if v.rank >= 2 else None,
+        "split_rows": [2, s[0] // 2] + s[1:] if s[0] % 2 == 0 and s[0] >= 4 else None,
+        "drop_unit": s[:-1] if v.rank >= 2 and s[-1] == 1 else None,
+        "add_unit": s + [1] if v.rank <= 4 else None,
+        "move_axes": s[::-1] if v.rank >= 2 and s != s[::-1] else None,
+        "flatten": [int(np.prod(s))],
+    }
+    # dropping a width-1 axis moves a row axis last: drawn more often where it applies
+    kind = f.choice([k for k, shape in shapes.items() if shape is not None for _ in range(4 if k == "drop_unit" else 1)])
+    new = shapes[kind]
     target = list(new)
     style = f.choice(["concrete", "zeros", "minus_one"])
     if style == "zeros":        # 0 copies the input's dim where it is unchanged
