@@ -151,7 +151,7 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
         if ir.passes.PassManager([shape_inference(), flash])(model).modified and flash.report.rewritten:
             cleanup()(model)
         if options.measured and options.compose:
-            flash.report.notes.append(ort_fusions(model))
+            flash.report.notes.append(ort_fusions(model, declared))
     except ir.passes.PassError as exc:
         raise _original(exc) from exc
     finally:
@@ -159,16 +159,46 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
     return flash
 
 
-def ort_fusions(model: ir.Model) -> str:
+ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def ort_fusions(model: ir.Model, declared=None) -> str:
     """The ecosystem's fusions for onnxruntime on top of the rewrite (onnxscript's
     optimize_for_ort: attention/GQA/MHA, rotary embedding, skip norms, GELU), in place.
-    Returns the report's note. A failure there leaves the rewritten model as it was."""
+    Returns the report's note. Where the peer fails, or leaves an op onnxruntime does not
+    register (its intermediate ai.onnxruntime._fusion ops, e.g. an SDPA it could not lower to
+    MultiHeadAttention), the model is put back as it was before the peer ran."""
+    backup = model.clone()          # structure only: the tensors are shared
+    allowed = ORT_DOMAINS | {node.domain for node in model.graph.all_nodes()}
+    copies = {old: new for old_graph, new_graph in zip(model.graphs(), backup.graphs())
+              for old_node, new_node in zip(old_graph, new_graph)
+              for old, new in zip(old_node.outputs, new_node.outputs)}
     try:
         _, counts = optimize_for_ort(model)
+        stray = _new_unregistered_op(model, allowed)
+        if stray:
+            raise RuntimeError(f"it left {stray}, which onnxruntime does not register")
     except Exception as exc:    # noqa: BLE001 - the peer's bug must not cost the user the rewrite
-        return f"onnxscript's ORT fusions failed, not applied ({first_line(exc, 160)})"
+        model.graph = backup.graph
+        model.functions.clear()
+        model.functions.update(backup.functions)
+        if declared is not None:        # the producer's declarations now belong to the copies
+            values, _ = declared
+            for old in list(values):
+                if old in copies:
+                    values[copies[old]] = values.pop(old)
+        return f"onnxscript's ORT fusions not applied: {first_line(exc, 160)}"
     made = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()) if n) or "none"
     return f"then onnxscript's ORT fusions (optimize_for_ort): {made}"
+
+
+def _new_unregistered_op(model: ir.Model, allowed: set[str]) -> str:
+    """The first node outside the `allowed` domains (onnxruntime's and the model's own), local
+    functions excepted."""
+    for node in model.graph.all_nodes():
+        if node.domain not in allowed and node.op_identifier() not in model.functions:
+            return f"{node.domain}:{node.op_type}"
+    return ""
 
 
 def _original(exc: BaseException) -> BaseException:

@@ -56,7 +56,8 @@ SHAPES_KEY = "flashnorm.fuzz.shapes"
 RECIPE_KEY = "flashnorm.fuzz.recipe"
 LOWP = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
-# Every strategy, both modes, push on/off (push only matters where a scale is deferred).
+# Every strategy, both modes, push on/off (push only matters where a scale is deferred), and the
+# measured targets (a mix of strategies in one graph).
 CONFIGS: tuple[dict, ...] = (
     dict(strategy="keep"),
     dict(strategy="fold"),
@@ -68,6 +69,8 @@ CONFIGS: tuple[dict, ...] = (
     dict(mode="defer"),
     dict(mode="fold"),
     dict(mode="defer", push_scales=False),
+    dict(target="ort-cpu"),         # per-site choice from the built-in cost tables: sites of one
+    dict(target="ort-cuda"),        # graph may get different strategies
 )
 
 # What the fuzzer and the regressions have seen this session (printed by conftest's
@@ -77,7 +80,8 @@ PRECISION_LOG: list | None = None      # (config, output, feed set, original's e
 
 
 def config_name(config: dict) -> str:
-    parts = [f"strategy={config['strategy']}"] if "strategy" in config else [f"mode={config['mode']}"]
+    key = next(k for k in ("strategy", "target", "mode") if k in config)
+    parts = [f"{key}={config[key]}"]
     if config.get("push_scales") is False:
         parts.append("no-push")
     return " ".join(parts)

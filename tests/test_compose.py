@@ -47,3 +47,25 @@ def test_target_ort_cpu_composes_with_the_peer(tmp_path):
     assert all(ops[op] >= n for op, n in peer.items()), (peer, ops)
     assert ops["MultiHeadAttention"] + ops["GroupQueryAttention"] > 0, ops
     assert any("optimize_for_ort" in note for note in report.notes)
+
+
+REGRESSIONS = __import__("pathlib").Path(__file__).parent / "regressions"
+
+
+def test_a_peer_leaving_an_unregistered_op_is_undone(tmp_path):
+    """onnxscript fuses q·kᵀ·v into its intermediate SDPA op and, with a symbolic head count,
+    cannot lower it to MultiHeadAttention: the op stays (ai.onnxruntime._fusion, which
+    onnxruntime does not register). The rewrite is kept, the peer's result is not."""
+    import onnx
+    src = onnx.load(str(REGRESSIONS / "target_sdpa_fusion_unregistered.onnx"))
+    src.graph.value_info.extend([onnx.helper.make_tensor_value_info("relu22", onnx.TensorProto.FLOAT, None)])
+    peer, _ = optimize_for_ort(ir.from_proto(src))          # the peer alone leaves it
+    assert any(n.domain == "ai.onnxruntime._fusion" for n in peer.graph.all_nodes())
+    feeds = {"x": __import__("numpy").random.default_rng(0).standard_normal((2, 2, 3, 8)).astype("float32")}
+    report, diffs, out = rewrite_and_run(src, tmp_path, target="ort-cpu", feeds=feeds)
+    assert report.rewritten == 1
+    assert_exact(diffs)
+    assert {n.domain for n in out.graph.node} <= {"", "com.microsoft"}
+    assert any("ORT fusions not applied" in note and "ai.onnxruntime._fusion:SDPA" in note
+               for note in report.notes), report.notes
+    assert [v.name for v in out.graph.value_info] == ["relu22"]     # the producer's declaration kept
