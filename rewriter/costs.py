@@ -59,6 +59,15 @@ class SiteShape:
     def label(self) -> str:
         return f"{self.kind}/{self.form}{'+res' if self.residual else ''} {self.d}→{'+'.join(map(str, self.outs))} {self.dtype}"
 
+    def fallback(self, probe: "SiteShape") -> str:
+        """'' when `probe` was measured at this very shape, else what the lookup falls back on."""
+        differ = [name for name in ("kind", "form", "residual", "d", "outs", "dtype")
+                  if getattr(self, name) != getattr(probe, name)]
+        if not differ:
+            return ""
+        return (f"no probe at this site's shape ({self.label()}): nearest neighbour "
+                f"{probe.label()} (differs in {', '.join(differ)}); ")
+
 
 def site_shape(site: Site) -> SiteShape | None:
     """The shape key of a matched site (None when its hidden size is unknown)."""
@@ -237,7 +246,8 @@ def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, refer
     cells = "; ".join(f"t{t}: " + " ".join(f"{c} {ms(t, c):.3g}" for c in usable) for t in measured)
     verdict = (f"{best} {best_gain:.2f}× {ref} (p90 vs median)" if best != ref
                else f"none beats {ref} by >{noise:.0%} beyond its spread at every size")
-    return best, f"{ep} {SiteShape.of_probe(probe).label()} ms/site {cells}; {verdict}"
+    measured_at = SiteShape.of_probe(probe)
+    return best, f"{shape.fallback(measured_at)}{ep} {measured_at.label()} ms/site {cells}; {verdict}"
 
 
 __all__ = ["CostTable", "FORMAT", "SiteShape", "choose", "site_shape"]

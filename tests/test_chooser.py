@@ -150,6 +150,19 @@ def test_nearest_probe_prefers_same_dtype_form_and_residual():
     assert pick(table, SiteShape("rms", "decomposed", False, 16, (16,), "float16"))[0] == "keep"
 
 
+def test_a_lookup_says_when_it_falls_back_to_a_neighbour():
+    table = [probe({1: flat(defer=0.5)}), probe({1: flat(keep=0.5)}, d=64, outs=(128,), dtype="float16")]
+    own, evidence = pick(table)                                  # measured at the site's own shape
+    assert own == "defer" and "nearest neighbour" not in evidence
+    other = SiteShape("rms", "decomposed", False, 48, (128,), "float16")
+    strategy, evidence = pick(table, other)
+    assert strategy == "keep"
+    assert evidence.startswith("no probe at this site's shape (rms/decomposed 48→128 float16): nearest "
+                               "neighbour rms/decomposed 64→128 float16 (differs in d); "), evidence
+    _, evidence = pick([probe({1: flat()}, residual=True)])
+    assert "(differs in residual)" in evidence
+
+
 TOKEN_TABLE = [probe({1: flat(defer=0.5), 512: flat(defer=1.5)})]    # defer: fast at 1, slow at 512
 
 
@@ -362,7 +375,8 @@ def test_rewrite_cli_with_calibrated_costs(calibrated):
     data = json.loads(rep.read_text())
     assert data["found"] == 3 and len(data["sites"]) == 3
     for site in data["sites"]:
-        assert site["strategy"] in STRATEGIES and site["evidence"].startswith("cpu ")
+        assert site["strategy"] in STRATEGIES and "; cpu rms/" in site["evidence"]
+        assert site["evidence"].startswith("no probe at this site's shape (rms/decomposed")     # calibrated at 32, 64
         assert ("kept as exported" in site["reason"]) == (site["strategy"] == "keep")
     feeds = make_inputs(src, batch=2, seq=5)
     assert_exact(compare(run(src, feeds, provider="cpu"), run(dst, feeds, provider="cpu")), FP32_TOL)
