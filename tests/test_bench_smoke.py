@@ -192,3 +192,47 @@ def test_variant_builders_are_passes_in_a_pass_manager(tiny):
     assert ir.passes.PassManager([free, RemoveUnusedNodesPass(), TopologicalSortPass()])(freed).modified
     assert free.info == {"removed": 5, "kept": []}
     assert count_norms(freed) == {"fused": {}, "decomposed": 0}
+
+
+def test_end_to_end_one_graph_with_kv_cache_and_peers(tmp_path):
+    """benchmarks/end_to_end.py on a given graph with a KV cache (a GroupQueryAttention decoder
+    shaped like onnxruntime-genai's, as --preset real-cpu runs smollm2-genai): one graph gives
+    prefill rows (past 0) and decode rows (1 token, past N), every peer and target is timed,
+    the peer table names the best peer and ORT's transformers optimizer's outcome is recorded."""
+    import onnx
+    from test_kv_verify import gqa_decoder
+
+    from benchmarks import end_to_end
+    src = tmp_path / "gqa.onnx"
+    onnx.save(gqa_decoder(), src)
+    out = tmp_path / "out"
+    rc = end_to_end.main(["--models", str(src), "--prefill", "1,4", "--decode", "4", "--dtype", "fp32",
+                          "--variants", end_to_end.REAL_VARIANTS, "--threads", "1", "--out", str(out),
+                          "--name", "e2e", *FAST])
+    assert rc == 0
+    result = json.loads((out / "e2e.json").read_text())
+    assert set(result["cases"]) == {"gqa prefill", "gqa decode"}
+    shapes = [(r["case"], r["shape"]["tokens"], r["shape"]["past"]) for r in result["shapes"]]
+    assert shapes == [("gqa prefill", 1, 0), ("gqa prefill", 4, 0), ("gqa decode", 1, 4)]
+    assert result["settings"]["threads"] == 1
+    for row in result["shapes"]:
+        for name in ("raw", "onnxscript", "ort-cpu", "ort-cuda", "norm-free"):
+            assert "median_ms" in row["variants"][name], (row["case"], name, row["variants"].get(name))
+        assert row["best_peer"] in end_to_end.PEERS
+        assert {"raw/ort-cpu", "best-peer/ort-cpu", "norm-free/ort-cpu"} <= set(row["ratios"])
+    opt = result["cases"]["gqa prefill"]["variants"]["ort-optimizer"]
+    assert opt["error"] or "median_ms" in result["shapes"][0]["variants"]["ort-optimizer"]
+    md = (out / "e2e.md").read_text()
+    assert "best peer÷ort-cpu" in md
+    assert (out / "e2e.png").stat().st_size > 1000
+
+
+def test_end_to_end_presets_parse():
+    """--preset real-cpu / real-cuda: the same models, rows and variants; CPU with one thread."""
+    from benchmarks import end_to_end
+    cpu, cuda = end_to_end.PRESETS["real-cpu"], end_to_end.PRESETS["real-cuda"]
+    for key in ("models", "prefill", "decode", "variants", "dtype"):
+        assert cpu[key] == cuda[key]
+    assert cpu["threads"] == 1 and cpu["provider"] == "cpu" and cuda["provider"] == "cuda"
+    assert set(cpu["variants"].split(",")) == {"raw", "ort-optimizer", "onnxscript", "ort-cpu", "ort-cuda",
+                                               "norm-free"}

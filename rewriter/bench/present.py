@@ -90,7 +90,7 @@ PLOT_RATIOS = ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fo
                "norm-free/rewritten", "best-fused/fused+fold")
 
 
-def _plot_case(ax1, ax2, rows, title: str) -> None:
+def _plot_case(ax1, ax2, rows, title: str, ratios=PLOT_RATIOS) -> None:
     decode = len({r["shape"]["past"] for r in rows}) > 1 and len({r["shape"]["tokens"] for r in rows}) == 1
     xkey = "past" if decode else "tokens"
     groups: dict = {}
@@ -112,7 +112,7 @@ def _plot_case(ax1, ax2, rows, title: str) -> None:
                      label=n + suffix, linestyle=style, lw=2 if n == "rewritten" else 1.2)
             ax1.fill_between(x, [p[1]["p10_ms"] for p in pts], [p[1]["p90_ms"] for p in pts],
                              color=STYLES.get(n), alpha=0.15)
-        for k in PLOT_RATIOS:
+        for k in ratios:
             pts = [(max(r["shape"][xkey], 1), r["ratios"][k]) for r in rs if k in r.get("ratios", {})]
             if pts:
                 ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k + suffix,
@@ -132,9 +132,10 @@ def _plot_case(ax1, ax2, rows, title: str) -> None:
     ax2.legend(fontsize=6)
 
 
-def plot(result: dict, path, title: str = "") -> None:
-    """Latency vs tokens (log-log, p10-p90 band) for every variant, and the ratios; one pair
-    of panels per case (rows carrying a "case" key: op-level shapes, end-to-end models)."""
+def plot(result: dict, path, title: str = "", ratios=PLOT_RATIOS) -> None:
+    """Latency vs tokens (log-log, p10-p90 band) for every variant, and the `ratios` found in
+    the rows; one pair of panels per case (rows carrying a "case" key: op-level shapes,
+    end-to-end models)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -149,7 +150,7 @@ def plot(result: dict, path, title: str = "") -> None:
     fig, axes = plt.subplots(2 * nrow, ncol, figsize=(6.5 * ncol, 4.6 * 2 * nrow), squeeze=False)
     for i, (case, rs) in enumerate(cases.items()):
         r0, c0 = 2 * (i // ncol), i % ncol
-        _plot_case(axes[r0][c0], axes[r0 + 1][c0], rs, case or "latency")
+        _plot_case(axes[r0][c0], axes[r0 + 1][c0], rs, case or "latency", ratios)
     for j in range(len(cases), nrow * ncol):
         axes[2 * (j // ncol)][j % ncol].axis("off")
         axes[2 * (j // ncol) + 1][j % ncol].axis("off")
@@ -189,4 +190,4 @@ def write_json(result: dict, path) -> None:
         json.dump(result, f, indent=1, default=str)
 
 
-__all__ = ["add_ratios", "merge_cases", "plot", "table", "variants_json", "write_json"]
+__all__ = ["PLOT_RATIOS", "add_ratios", "merge_cases", "plot", "table", "variants_json", "write_json"]
