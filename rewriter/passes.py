@@ -36,6 +36,8 @@ from rewriter.plan import Decision, Options, make_plan
 from rewriter.report import Report
 from rewriter.scale import Step
 from rewriter.transform import apply_plan
+from rewriter.validate import skeleton
+from rewriter.verify import session
 
 
 @dataclass
@@ -165,29 +167,22 @@ ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 def ort_fusions(model: ir.Model, declared=None) -> str:
     """The ecosystem's fusions for onnxruntime on top of the rewrite (onnxscript's
     optimize_for_ort: attention/GQA/MHA, rotary embedding, skip norms, GELU), in place.
-    Returns the report's note. Where the peer fails, or leaves an op onnxruntime does not
-    register (its intermediate ai.onnxruntime._fusion ops, e.g. an SDPA it could not lower to
-    MultiHeadAttention), the model is put back as it was before the peer ran."""
+    Returns the report's note. Where the peer fails, leaves an op onnxruntime does not register
+    (its intermediate ai.onnxruntime._fusion ops) or a graph onnxruntime cannot load (e.g. its
+    MultiHeadAttention on GPT-2 feeding a rank-2 Gemm), the model is put back as it was."""
     backup = model.clone()          # structure only: the tensors are shared
-    allowed = ORT_DOMAINS | {node.domain for node in model.graph.all_nodes()}
     copies = {old: new for old_graph, new_graph in zip(model.graphs(), backup.graphs())
               for old_node, new_node in zip(old_graph, new_graph)
               for old, new in zip(old_node.outputs, new_node.outputs)}
+    allowed = ORT_DOMAINS | {node.domain for node in model.graph.all_nodes()}
     try:
         _, counts = optimize_for_ort(model)
-        stray = _new_unregistered_op(model, allowed)
-        if stray:
-            raise RuntimeError(f"it left {stray}, which onnxruntime does not register")
+        problem = _new_unregistered_op(model, allowed) or _ort_cannot_load(model, unless_also=backup)
+        if problem:
+            raise RuntimeError(problem)
     except Exception as exc:    # noqa: BLE001 - the peer's bug must not cost the user the rewrite
-        model.graph = backup.graph
-        model.functions.clear()
-        model.functions.update(backup.functions)
-        if declared is not None:        # the producer's declarations now belong to the copies
-            values, _ = declared
-            for old in list(values):
-                if old in copies:
-                    values[copies[old]] = values.pop(old)
-        return f"onnxscript's ORT fusions not applied: {first_line(exc, 160)}"
+        _put_back(model, backup, copies, declared)
+        return f"onnxscript's ORT fusions not applied: {first_line(exc, 200)}"
     made = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()) if n) or "none"
     return f"then onnxscript's ORT fusions (optimize_for_ort): {made}"
 
@@ -197,8 +192,35 @@ def _new_unregistered_op(model: ir.Model, allowed: set[str]) -> str:
     functions excepted."""
     for node in model.graph.all_nodes():
         if node.domain not in allowed and node.op_identifier() not in model.functions:
-            return f"{node.domain}:{node.op_type}"
+            return f"it left {node.domain}:{node.op_type}, which onnxruntime does not register"
     return ""
+
+
+def _ort_cannot_load(model: ir.Model, unless_also: ir.Model) -> str:
+    """Why onnxruntime cannot load `model`'s graph (weights as typed inputs, nothing read), or
+    '' — also when it cannot load `unless_also` either (the reason is not the peer's)."""
+    def error(m: ir.Model) -> str:
+        proto = skeleton(m, for_checker=False)
+        proto.graph.ClearField("value_info")    # what the file will say: the pipeline restores
+        try:                                    # only the producer's declarations
+            session(proto.SerializeToString(), "cpu")      # its optimizers re-check shapes
+        except Exception as exc:    # noqa: BLE001 - any refusal is the answer
+            return first_line(exc, 200)
+        return ""
+    problem = error(model)
+    return f"onnxruntime cannot load the result ({problem})" if problem and not error(unless_also) else ""
+
+
+def _put_back(model: ir.Model, backup: ir.Model, copies: dict, declared) -> None:
+    """`model` becomes its clone `backup`; the producer's declarations move to the `copies` of
+    their values."""
+    model.graph = backup.graph
+    model.functions.clear()
+    model.functions.update(backup.functions)
+    if declared is not None:
+        values, _ = declared
+        for old in [v for v in values if v in copies]:
+            values[copies[old]] = values.pop(old)
 
 
 def _original(exc: BaseException) -> BaseException:

@@ -44,7 +44,7 @@ class Rewriter:
         self.graph = graph if graph is not None else model.graph
         self.edit = GraphEditor(self.graph, prefix, main=model.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)
-        self._ones: dict = {}
+        self._constants: dict = {}
         self._mirrors: dict = {}
         self._stacks: set = set()
         self.replaced: dict[ir.Value, ir.Value] = {}    # redirect()'s old → new, for later sites
@@ -404,7 +404,11 @@ class Rewriter:
             shape = tuple(gain.shape) if gain.shape is not None else site.gain.shape
             site.anchor.replace_input_with(site.gain_input, self.ones(shape, dtype))
         if site.beta_input is not None:
-            site.anchor.replace_input_with(site.beta_input, None)
+            # β is in the linears' bias now. A zero β (not none) keeps the op's signature, so that
+            # the ecosystem's Add + LayerNormalization(γ, β) → SkipLayerNormalization still matches
+            beta = site.anchor.inputs[site.beta_input]
+            shape = tuple(beta.shape) if beta.shape is not None else site.beta.shape
+            site.anchor.replace_input_with(site.beta_input, self.constant(0, shape, dtype_of(beta)))
 
     def fuse(self, site: Site) -> bool:
         """Replace a decomposed weightless norm by onnxruntime's fused kernel with a unit gain
@@ -462,10 +466,15 @@ class Rewriter:
             self.scales.stop_at(readers)
 
     def ones(self, shape, dtype: ir.DataType) -> ir.Value:
-        key = (tuple(shape), dtype)
-        if key not in self._ones:
-            self._ones[key] = self.edit.initializer(np.ones(shape, dtype.numpy()), "unit_gain", dtype=dtype)
-        return self._ones[key]
+        return self.constant(1, shape, dtype)
+
+    def constant(self, value: int, shape, dtype: ir.DataType) -> ir.Value:
+        """One shared initializer per (value, shape, dtype): unit gains, zero biases."""
+        key = (value, tuple(shape), dtype)
+        if key not in self._constants:
+            self._constants[key] = self.edit.initializer(np.full(shape, value, dtype.numpy()),
+                                                    "unit_gain" if value == 1 else "zero_beta", dtype=dtype)
+        return self._constants[key]
 
     def finish(self) -> None:
         """Place the deferred scales and leave a sorted graph (dead nodes are removed by the

@@ -117,10 +117,12 @@ def check_tensors(model: ir.Model) -> None:
                               f"({first_line(exc, 160)})") from exc
 
 
-def skeleton(model: ir.Model) -> onnx.ModelProto:
+def skeleton(model: ir.Model, for_checker: bool = True) -> onnx.ModelProto:
     """The model as a ModelProto with every external or large initializer turned into a typed
     main-graph input: no weight is read or copied, checker and shape inference still see
-    every type and shape. Small initializers (axes, shapes, epsilons) stay as they are."""
+    every type and shape. Small initializers (axes, shapes, epsilons) stay as they are.
+    `for_checker`: ORT's contrib ops in the ONNX domain move to com.microsoft, where
+    onnx.checker knows them (onnxruntime wants them where they are)."""
     swapped: list[tuple[ir.Value, object]] = []
     try:
         for value in initializers(model):
@@ -162,6 +164,8 @@ def skeleton(model: ir.Model) -> onnx.ModelProto:
 
     strip(proto.graph)
     proto.graph.input.extend(moved)
+    if not for_checker:
+        return proto
     # ORT's contrib ops in the ONNX domain: check them as the contrib ops they are
     default = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     contrib = False
