@@ -22,6 +22,7 @@ Exit codes (rewriter/errors.py):
        its own checks (rerun with --debug, report it)
     8  the models cannot be run: onnxruntime failed to load or run one (nothing was compared)
     130 interrupted (nothing written)
+    141 the reader of standard output went away (e.g. `| head`): the rest is not printed
 Errors print one line on stderr ("error: ..."); --debug shows the traceback. The input is never
 modified; the output appears only once complete, checked and (--verify) verified (temporary
 folder + rename).
@@ -33,6 +34,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -46,7 +48,7 @@ from rewriter.bench.cli import main as bench_main
 from rewriter.bench.timing import Settings, resolve_provider
 from rewriter.calibrate import calibrate, model_shapes, parse_shapes
 from rewriter.costs import CostTable
-from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, BadInput, OutputError,
+from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, BadInput, OutputError,
                              RewriterError, UsageError, VerificationFailed)
 from rewriter.explain import explain
 from rewriter.folders import rewrite_folder
@@ -347,25 +349,34 @@ def main(argv=None) -> int:
     return code
 
 
+def _command(argv: list[str]) -> int:
+    if argv and argv[0] == "verify":
+        return cmd_verify(_verify_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "explain":
+        return cmd_explain(_explain_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "bench":
+        return bench_main(argv[1:])
+    if argv and argv[0] == "calibrate":
+        return cmd_calibrate(_calibrate_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "demo":
+        from rewriter.demo import main as demo_main     # needs the repo's models/ (and torch)
+        return demo_main(argv[1:])
+    return cmd_rewrite(_rewrite_parser().parse_args(argv))
+
+
 def _main(argv: list[str], debug: bool) -> int:
     try:
-        if argv and argv[0] == "verify":
-            return cmd_verify(_verify_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "explain":
-            return cmd_explain(_explain_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "bench":
-            return bench_main(argv[1:])
-        if argv and argv[0] == "calibrate":
-            return cmd_calibrate(_calibrate_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "demo":
-            from rewriter.demo import main as demo_main     # needs the repo's models/ (and torch)
-            return demo_main(argv[1:])
-        return cmd_rewrite(_rewrite_parser().parse_args(argv))
+        code = _command(argv)
+        sys.stdout.flush()          # a closed pipe shows here, not as a traceback at exit
+        return code
     except RewriterError as exc:
         if debug:
             traceback.print_exc()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:         # `... | head`: not an error of ours, and nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_PIPE_CLOSED
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

@@ -20,9 +20,10 @@ EXIT_INTERNAL = 7          # a bug: an exception we did not foresee, or a rewrit
 EXIT_CANNOT_RUN = 8        # verification could not run the models at all (onnxruntime refused to
                            # load or run one): nothing is known about their outputs, unlike 1
 EXIT_INTERRUPTED = 130     # Ctrl-C (nothing written)
+EXIT_PIPE_CLOSED = 141     # whoever read our standard output stopped reading (`| head`), as SIGPIPE would
 
 DOCUMENTED_EXIT_CODES = (EXIT_OK, EXIT_VERIFY_FAILED, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_UNSUPPORTED,
-                         EXIT_OUTPUT, EXIT_NOTHING, EXIT_INTERNAL, EXIT_CANNOT_RUN, EXIT_INTERRUPTED)
+                         EXIT_OUTPUT, EXIT_NOTHING, EXIT_INTERNAL, EXIT_CANNOT_RUN, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED)
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

@@ -548,3 +548,19 @@ def test_bench_on_a_missing_file_is_exit_3(which, dirs):
     args = [src / "nope.onnx"] if which == "original" else [src / "m.onnx", src / "nope.onnx"]
     code, _, err = cli("bench", *args, "--tokens", "1")
     assert_error(code, err, EXIT_BAD_INPUT, "nope.onnx")
+
+
+def test_a_closed_output_pipe_is_exit_141_without_a_traceback(dirs):
+    """`python -m rewriter verify m.onnx | head -1`: the reader is gone before we finish printing."""
+    src = dirs[0] / "m.onnx"
+    onnx.save(llama_like_block(), src)
+    read_end, write_end = os.pipe()
+    os.close(read_end)                  # whoever reads our output has gone already
+    try:
+        done = subprocess.run([sys.executable, "-m", "rewriter", "verify", str(src), str(src)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
