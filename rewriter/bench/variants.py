@@ -144,7 +144,8 @@ def prepare_variants(original, rewritten=None, *, workdir, mode: str = "defer", 
     def rewrite(src, name, m, **opts):
         report = rewrite_file(src, file_for(name), overwrite=True, **(opts or {"mode": m}))
         return file_for(name), {"sites_found": report.found, "sites_rewritten": report.rewritten,
-                                "skipped": dict(report.skipped)}
+                                "skipped": dict(report.skipped),
+                                "op_delta": _op_delta(op_counts(src), op_counts(file_for(name)))}
 
     def fused(name, method):
         return file_for(name), make_best_fused(original, file_for(name), method=method, model_type=model_type,
