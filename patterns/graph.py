@@ -344,7 +344,10 @@ class GraphEditor:
                 self._names.add(name)
                 return name
 
-    def initializer(self, tensor_or_array, hint: str, dtype: ir.DataType | None = None) -> ir.Value:
+    def initializer(self, tensor_or_array, hint: str, dtype: ir.DataType | None = None,
+                    graph: ir.Graph | None = None) -> ir.Value:
+        """A new initializer of this graph, or of `graph` (an enclosing scope: what several
+        subgraphs read)."""
         tensor = tensor_or_array
         if isinstance(tensor_or_array, np.ndarray) or np.isscalar(tensor_or_array):
             tensor = ir.tensor(np.asarray(tensor_or_array), dtype=dtype)
@@ -352,7 +355,7 @@ class GraphEditor:
         tensor.name = name
         value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
                          const_value=tensor)
-        self.graph.register_initializer(value)
+        (graph or self.graph).register_initializer(value)
         return value
 
     def node(self, op_type: str, inputs: Sequence[ir.Value | None], attributes=None, *,

@@ -21,6 +21,7 @@ Inside an export pipeline, compose it with other passes:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -32,7 +33,7 @@ from rewriter.errors import RewriterError, first_line
 from rewriter.io import DECLARED
 from rewriter.patterns import RULES, find_sites
 from rewriter.patterns.graph import initializers
-from rewriter.plan import Decision, Options, make_plan
+from rewriter.plan import Decision, Options, agreeing_weights, make_plan
 from rewriter.report import Report
 from rewriter.scale import Step
 from rewriter.transform import apply_plan
@@ -65,19 +66,29 @@ class FlashNormPass(ir.passes.InPlacePass):
                          "(as onnxruntime does when it loads the model)")
         self.plan, self.trace, cancelled = [], [], 0
         chooser = chooser_for(options)
+        # weights that only sites with the same gain read, across scopes, are folded once
+        agreed = agreeing_weights([site for graph in model.graphs() for site in find_sites(graph)[0]])
+        folded_once: dict = {}
         # the main graph, then every subgraph (If branches, Loop/Scan bodies): each is its own scope
         for index, graph in enumerate(list(model.graphs())):
             sites, misses = find_sites(graph)
-            plan = make_plan(sites, misses, options, chooser=chooser)
+            plan = make_plan(sites, misses, options, chooser=chooser, agreed=agreed)
             self.plan += plan
             if any(d.rewritten for d in plan):
                 rewriter = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx,
-                                      graph=graph, prefix="flashnorm" if index == 0 else f"flashnorm/sub{index}")
+                                      graph=graph, prefix="flashnorm" if index == 0 else f"flashnorm/sub{index}",
+                                      folded_once=folded_once)
                 self.trace += rewriter.scales.trace
                 cancelled += len(rewriter.scales.cancelled)
         if options.approx and any(d.rewritten for d in self.plan):
             notes.append(f"--approx: {cancelled} deferred scale(s) cancelled in a following norm "
                          "(exact only for ε = 0; see the measured error below)")
+        # a reader left unrewritten keeps the original; readers folding differently get a copy each
+        copies = Counter(weight for weight, _, _ in folded_once)
+        extra = sorted({w.name for w, n in copies.items() if n > 1 or w.uses()})
+        if extra:
+            notes.append(f"{len(extra)} weight(s) shared by sites are held twice or more: their readers were not "
+                         f"all rewritten alike (e.g. {extra[0]!r})")
         self.report = Report.from_plan(options.target or options.default_strategy, self.plan)
         self.report.notes += notes
         return FlashNormResult(model, self.report.rewritten > 0 or inlined > 0, self.report)

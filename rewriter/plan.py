@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
+
 from rewriter.patterns import Linear, Miss, Site
 from rewriter.patterns.graph import op, users
 
@@ -92,6 +94,8 @@ class Decision:
     reason: str = ""
     cloned: list[Linear] = field(default_factory=list)   # shared weights folded into a copy
     gain_kept: list[Linear] = field(default_factory=list)   # shared weights kept: gain on the input
+    folded_once: list[Linear] = field(default_factory=list)  # weights only sites with this gain read:
+                                                              # one folded copy, read by them all
     strategy: str = ""           # one of STRATEGIES ("" for a miss)
     evidence: str = ""           # the measured costs behind a chosen strategy
 
@@ -127,6 +131,36 @@ def owns_weight(linear: Linear) -> bool:
         value = node.outputs[0]
 
 
+def agreeing_weights(sites: list[Site]) -> set[ir.Value]:
+    """Shared weights whose every reader is a linear of one of `sites` — in any scope: the
+    branches of optimum's merged decoders read the same outer weights — reading it as stored,
+    after norms of one kind and the same gain. Such a weight is folded once, into one copy all
+    of them read (the original then has no reader left); any other reader (a tied embedding's
+    Gather) keeps the gain on the linear's input instead."""
+    readers: dict[ir.Value, list[tuple[Site, Linear]]] = {}
+    for site in sites:
+        for linear in site.linears:
+            ref = linear.weight
+            if (linear.stacked_axis is None and not linear.conv and not ref.steps
+                    and ref.source.is_initializer() and not owns_weight(linear)):
+                readers.setdefault(ref.source, []).append((site, linear))
+    agreed = set()
+    for source, group in readers.items():
+        nodes = {linear.node for _, linear in group}
+        first_site, first_linear = group[0]
+        if (not source.is_graph_input() and not source.is_graph_output()
+                and all(node in nodes for node, _ in users(source))
+                and all(site.kind == first_site.kind and _same(site.gain, first_site.gain)
+                        and linear.weight.transposed == first_linear.weight.transposed for site, linear in group)):
+            agreed.add(source)
+    return agreed
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.dtype == b.dtype
+                                         and a.shape == b.shape and bool(np.array_equal(a, b)))
+
+
 def is_trivial(site: Site) -> bool:
     """Nothing to fold: unit (or absent) gain, zero (or absent) β, and no scale to defer."""
     unit = site.gain is None or bool(np.all(site.gain == 1))
@@ -148,7 +182,8 @@ def applicable(site: Site, strategy: str) -> str:
     return strategy
 
 
-def decide(site: Site, options: Options, strategy: str | None = None, evidence: str = "") -> Decision:
+def decide(site: Site, options: Options, strategy: str | None = None, evidence: str = "",
+           agreed: set[ir.Value] = frozenset()) -> Decision:
     asked = strategy or options.default_strategy
     strategy = applicable(site, asked)
     if asked in DEFERRING and strategy == "fold" and site.defer_blocker:
@@ -160,7 +195,8 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
     if action == "fold" and is_trivial(site) and strategy != "fold-fused":
         return Decision(site, None, "skip", "nothing to fold: unit gain and no β (already folded?)",
                         strategy=strategy, evidence=evidence)
-    shared = [linear for linear in site.linears if not owns_weight(linear)]
+    once = [linear for linear in site.linears if linear.weight.source in agreed]
+    shared = [linear for linear in site.linears if linear.weight.source not in agreed and not owns_weight(linear)]
     reason = "fold gain into weights" if action == "fold" else "fold gain, defer 1/RMS past the linears"
     if site.kind == "layer":
         reason = ("fold γ, β into weights/bias" if action == "fold"
@@ -169,6 +205,9 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
         reason += "; norm fused into one onnxruntime kernel"
     if strategy == "defer-normop":
         reason += " (1/RMS from one onnxruntime norm kernel)"
+    if once:
+        reason += (f"; {len(once)} weight(s) read only by sites with this gain (e.g. both branches "
+                   "of a merged decoder): folded once, into one copy they all read")
     if shared and options.clone_shared:
         reason += f"; folded into a copy of {len(shared)} shared weight(s)"
     elif shared:
@@ -177,20 +216,21 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
     if evidence:
         reason += f" [{evidence}]"
     cloned, kept = (shared, []) if options.clone_shared else ([], shared)
-    return Decision(site, None, action, reason, cloned=cloned, gain_kept=kept, strategy=strategy,
-                    evidence=evidence)
+    return Decision(site, None, action, reason, cloned=cloned, gain_kept=kept, folded_once=once,
+                    strategy=strategy, evidence=evidence)
 
 
-def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=None) -> list[Decision]:
+def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=None,
+              agreed: set[ir.Value] = frozenset()) -> list[Decision]:
     """`chooser(site) -> (strategy, evidence)` picks per site (rewriter.costs); without one,
-    every site takes the options' default strategy."""
+    every site takes the options' default strategy. `agreed`: see agreeing_weights."""
     plan = []
     for site in sites:
         strategy, evidence = chooser(site) if chooser is not None else (None, "")
-        plan.append(decide(site, options, strategy, evidence))
+        plan.append(decide(site, options, strategy, evidence, agreed))
     plan += [Decision(None, miss, "skip", miss.reason) for miss in misses]
     return plan
 
 
-__all__ = ["DEFERRING", "Decision", "MODES", "Options", "STRATEGIES", "TARGETS", "applicable",
+__all__ = ["DEFERRING", "Decision", "MODES", "Options", "STRATEGIES", "TARGETS", "agreeing_weights", "applicable",
            "decide", "make_plan", "owns_weight"]

@@ -13,6 +13,7 @@ from rewriter.patterns import Linear, Site
 from rewriter.patterns.linear import weight_dtype
 from rewriter.patterns.graph import (GraphEditor, attr, const_array, dtype_of, exact_source, holds, op,
                                      rank_of, residual_add, set_dtype, users)
+from rewriter.conv import conv_beta_delta, folded_conv_weight
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight
@@ -22,16 +23,6 @@ F32 = ir.DataType.FLOAT
 
 def _alpha(linear: Linear) -> float:
     return float(attr(linear.node, "alpha", 1.0)) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
-
-
-def _conv_channels(linear: Linear, per_channel: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """A per-input-channel vector laid out against a Conv weight [O, C/group, k...]: entry
-    [o, j] is input channel (o // (O/group))·(C/group) + j."""
-    group = int(attr(linear.node, "group", 1))
-    out, width = w.shape[0], w.shape[1]
-    channels = (np.arange(out)[:, None] // (out // group)) * width + np.arange(width)[None, :]
-    values = np.broadcast_to(per_channel, (width * group,))[channels]
-    return values.reshape(values.shape + (1,) * (w.ndim - 2))
 
 
 class Rewriter:
@@ -47,6 +38,7 @@ class Rewriter:
         self._constants: dict = {}
         self._mirrors: dict = {}
         self._stacks: set = set()
+        self.folded_once: dict = {}     # (weight, gain, center) → its folded copy, in the weight's scope
         self.replaced: dict[ir.Value, ir.Value] = {}    # redirect()'s old → new, for later sites
         self.approx = approx
 
@@ -103,11 +95,12 @@ class Rewriter:
         return self.edit.cast(value, dtype) if dtype is not None else value
 
     # -- weights --------------------------------------------------------------------------
-    def fold_linear(self, site: Site, linear: Linear, center: bool, keep_weight: bool = False
-                    ) -> np.ndarray | None:
+    def fold_linear(self, site: Site, linear: Linear, center: bool, keep_weight: bool = False,
+                    once: bool = False) -> np.ndarray | None:
         """Replace the linear's weight by diag(gain)·W (centered over the input axis for a
-        deferred LayerNorm) — unless `keep_weight` (a shared weight: `gain_before` applies the
-        gain to its input instead). Returns the bias delta α·β·W, or None when β is absent."""
+        deferred LayerNorm) — in place, or in one copy its readers share (`once`, see
+        Decision.folded_once), or not at all (`keep_weight`: `gain_before` scales the input).
+        Returns the bias delta α·β·W, or None when β is absent."""
         ref = linear.weight
         if keep_weight:
             return self.beta_delta(site, linear)
@@ -126,7 +119,12 @@ class Rewriter:
             return ir.Tensor(folded_weight(ref, gain, center, dtype), dtype=dtype)
 
         tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(out_shape))
-        if owns_weight(linear) and not ref.steps and ref.source.is_initializer():
+        if once:        # before owns_weight: the last reader would own what the others left
+            key = (ref.source, None if gain is None else gain.tobytes(), center)
+            if key not in self.folded_once:
+                self.folded_once[key] = self.edit.initializer(tensor, "folded_weight", graph=ref.source.graph)
+            linear.node.replace_input_with(1, self.folded_once[key])
+        elif owns_weight(linear) and not ref.steps and ref.source.is_initializer():
             tensor.name = ref.source.name
             ref.source.const_value = tensor
         else:
@@ -139,14 +137,9 @@ class Rewriter:
         delta, exact when the Conv does not pad)."""
         ref = linear.weight
         if site.gain is not None and not np.all(site.gain == 1):
-            gain = site.gain.astype(np.float64).reshape(-1)
-            dtype = ref.tensor.dtype
-
-            def folded() -> ir.TensorProtocol:
-                w = ref.tensor.numpy().astype(np.float64)
-                return ir.Tensor((w * _conv_channels(linear, gain, w)).astype(dtype.numpy()), dtype=dtype)
-
-            tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
+            gain, dtype = site.gain.astype(np.float64).reshape(-1), ref.tensor.dtype
+            tensor = ir.LazyTensor(lambda: ir.Tensor(folded_conv_weight(linear, gain), dtype=dtype),
+                                   dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
             linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_conv_weight"))
         return self.beta_delta(site, linear)
 
@@ -165,9 +158,7 @@ class Rewriter:
         def folded() -> ir.TensorProtocol:
             w = ref.tensor.numpy().astype(np.float64)
             if gain is not None:
-                shape = [1, 1, 1]
-                shape[axis] = -1
-                w = w * np.broadcast_to(gain, (w.shape[axis],)).reshape(shape)
+                w = w * np.broadcast_to(gain, (w.shape[axis],)).reshape([-1 if i == axis else 1 for i in range(3)])
             if center:
                 w = w - w.mean(axis=axis, keepdims=True)
             return ir.Tensor(w.astype(dtype.numpy()), dtype=dtype)
@@ -188,9 +179,7 @@ class Rewriter:
         if site.beta is None or not np.any(site.beta):
             return None
         if linear.conv:
-            w = linear.weight.tensor.numpy().astype(np.float64)
-            beta = _conv_channels(linear, site.beta.astype(np.float64).reshape(-1), w)
-            return (w * beta).sum(axis=tuple(range(1, w.ndim)))
+            return conv_beta_delta(linear, site.beta.astype(np.float64).reshape(-1))
         return _alpha(linear) * beta_through_weight(linear.weight, site.beta.astype(np.float64))
 
     def gain_before(self, site: Site, linear: Linear, center: bool) -> None:
@@ -280,7 +269,7 @@ class Rewriter:
         dtype = dtype_of(source)
         if size is None or dtype not in (F32, ir.DataType.FLOAT16) or (centered and self.edit.opset < 17):
             return None
-        ones = self.ones((size,), dtype)
+        ones = self.constant(1, (size,), dtype)
         attrs = {"epsilon": eps, "axis": -1, "stash_type": 1}
         if centered:
             node = self.edit.node("LayerNormalization", [source, ones], attrs, num_outputs=3, hint="inv_std")
@@ -349,7 +338,8 @@ class Rewriter:
         defer = decision.action == "defer" and site.kind in ("rms", "layer")
         center = defer and site.kind == "layer"
         kept = {id(linear) for linear in decision.gain_kept}
-        deltas = [self.fold_linear(site, linear, center, keep_weight=id(linear) in kept)
+        once = {id(linear) for linear in decision.folded_once}
+        deltas = [self.fold_linear(site, linear, center, keep_weight=id(linear) in kept, once=id(linear) in once)
                   for linear in site.linears]
         if defer:
             self.defer(site, deltas, norm_kernel=decision.strategy == "defer-normop")
@@ -402,7 +392,7 @@ class Rewriter:
             gain = site.anchor.inputs[site.gain_input]
             dtype = dtype_of(gain)
             shape = tuple(gain.shape) if gain.shape is not None else site.gain.shape
-            site.anchor.replace_input_with(site.gain_input, self.ones(shape, dtype))
+            site.anchor.replace_input_with(site.gain_input, self.constant(1, shape, dtype))
         if site.beta_input is not None:
             # β is in the linears' bias now. A zero β (not none) keeps the op's signature, so that
             # the ecosystem's Add + LayerNormalization(γ, β) → SkipLayerNormalization still matches
@@ -423,7 +413,7 @@ class Rewriter:
         dtype = dtype_of(x)
         if dtype not in (F32, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             return False
-        self.fuse_norm(x, site.output, site.kind, site.eps, self.ones((n,), dtype))
+        self.fuse_norm(x, site.output, site.kind, site.eps, self.constant(1, (n,), dtype))
         return True
 
     def fuse_norm(self, x: ir.Value, output: ir.Value, kind: str, eps: float, gain: ir.Value,
@@ -465,9 +455,6 @@ class Rewriter:
         else:
             self.scales.stop_at(readers)
 
-    def ones(self, shape, dtype: ir.DataType) -> ir.Value:
-        return self.constant(1, shape, dtype)
-
     def constant(self, value: int, shape, dtype: ir.DataType) -> ir.Value:
         """One shared initializer per (value, shape, dtype): unit gains, zero biases."""
         key = (value, tuple(shape), dtype)
@@ -484,10 +471,14 @@ class Rewriter:
 
 
 def apply_plan(model: ir.Model, plan: list[Decision], push_scales: bool = True,
-               approx: bool = False, graph: ir.Graph | None = None, prefix: str = "flashnorm") -> Rewriter:
+               approx: bool = False, graph: ir.Graph | None = None, prefix: str = "flashnorm",
+               folded_once: dict | None = None) -> Rewriter:
     """Rewrite every non-skipped site of `plan` — sites of `graph` (default: the main graph) —
-    in `model` (in place)."""
+    in `model` (in place). `folded_once`: the copies of weights folded once for all their
+    readers (Decision.folded_once), shared by the calls for every scope of the model."""
     rewriter = Rewriter(model, push_scales, approx, graph, prefix)
+    if folded_once is not None:
+        rewriter.folded_once = folded_once
     done = 0
     for decision in plan:
         if decision.rewritten:

@@ -22,8 +22,10 @@ def fused_ops(path) -> Counter:
     """Fused ops in `path` after onnxscript's ORT fusions; none when onnxruntime cannot load
     what the peer made (it made no fusion anyone can run)."""
     model, _ = optimize_for_ort(ir.load(str(path)))
-    try:
-        session(ir.to_proto(model).SerializeToString(), "cpu")
+    proto = ir.to_proto(model)
+    proto.graph.ClearField("value_info")    # its shape declarations can hide a broken graph (GPT-2:
+    try:                                    # it loads, then its Gemm fails at run time)
+        session(proto.SerializeToString(), "cpu")
     except Exception:       # noqa: BLE001
         return Counter()
     return Counter(n.op_type for n in model.graph.all_nodes() if n.op_type in FUSED)

@@ -22,7 +22,7 @@ LAYERS = {
     "rewriter.patterns": 5,
     "rewriter.feeds": 9,
     "rewriter.validate": 10, "rewriter.files": 10, "rewriter.verify": 10, "rewriter.scale": 10,
-    "rewriter.weights": 10, "rewriter.plan": 10,
+    "rewriter.weights": 10, "rewriter.conv": 10, "rewriter.plan": 10,
     "rewriter.io": 11, "rewriter.report": 11, "rewriter.costs": 11,
     "rewriter.transform": 12, "rewriter.passes": 13, "rewriter.api": 14, "rewriter.folders": 14.5, "rewriter.explain": 15,
     "rewriter.bench.timing": 16, "rewriter.bench.graphs": 16, "rewriter.bench.passes": 16,

@@ -101,3 +101,51 @@ def test_norm_in_a_local_function_is_inlined_and_rewritten(tmp_path):
     assert report.rewritten == 1 and any("inlined 1 call" in n for n in report.notes), report.table()
     assert_exact(diffs)
     assert "RMSNorm" not in [n.op_type for n in out.graph.node]
+
+
+def merged_decoder(same_gain: bool, embedding_reads_weight: bool = False):
+    """optimum's merged decoder in miniature: both If branches normalize the outer x and read one
+    outer weight, after norms with the same gain (or not)."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 5, N])
+    g.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    w = g.weight(N, H)
+    gain = g.gain(N)
+    out = g.name("if_out")
+    g.nodes.append(helper.make_node("If", ["cond"], [out], then_branch=branch("then", x, gain, w),
+                                    else_branch=branch("else", x, gain if same_gain else g.gain(N), w)))
+    g.outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, [2, 5, H]))
+    if embedding_reads_weight:          # a tied embedding: Gather rows of the same weight
+        ids = g.input("ids", [2, 5], np.int64)
+        g.output(g.op("Gather", [w, ids], axis=0), shape=[2, 5, H])
+    return g.model(), w
+
+
+@pytest.mark.parametrize("strategy", ["defer", "fold", "fold-fused"])
+def test_a_weight_both_branches_read_after_the_same_gain_is_folded_once(strategy, tmp_path):
+    proto, w = merged_decoder(same_gain=True)
+    for flag in (True, False):
+        feeds = {"x": (rng.standard_normal((2, 5, N)) * 4 + 1).astype(np.float32), "cond": np.array(flag)}
+        report, diffs, out = rewrite_and_run(proto, tmp_path, feeds=feeds, strategy=strategy)
+        assert (report.found, report.rewritten, report.bytes_added) == (2, 2, 0), report.table()
+        assert_exact(diffs)
+    branches = [a.g for n in out.graph.node if n.op_type == "If" for a in n.attribute]
+    weights = {next(m for m in b.node if m.op_type == "MatMul").input[1] for b in branches}
+    assert len(weights) == 1 and w not in weights, weights       # one folded copy, read by both
+    assert w not in {i.name for i in out.graph.initializer}      # the original has no reader left
+    assert not any("shared_gain" in i for b in branches for m in b.node for i in m.input)
+    assert all("folded once" in s["reason"] for s in report.to_dict()["sites"]), report.table()
+
+
+@pytest.mark.parametrize("case", ["different-gains", "embedding-reads-it"])
+def test_a_weight_read_elsewhere_or_after_other_gains_keeps_the_gain_on_the_input(case, tmp_path):
+    proto, w = merged_decoder(same_gain=case != "different-gains", embedding_reads_weight=case == "embedding-reads-it")
+    feeds = {"x": (rng.standard_normal((2, 5, N)) * 4 + 1).astype(np.float32), "cond": np.array(True)}
+    if case == "embedding-reads-it":
+        feeds["ids"] = rng.integers(0, N, (2, 5)).astype(np.int64)
+    report, diffs, out = rewrite_and_run(proto, tmp_path, feeds=feeds, strategy="fold")
+    assert report.rewritten == 2 and report.bytes_added == 0
+    assert_exact(diffs)
+    assert w in {i.name for i in out.graph.initializer}
+    assert not any("folded once" in s["reason"] for s in report.to_dict()["sites"])
+    assert all("shared weight(s) kept" in s["reason"] for s in report.to_dict()["sites"]), report.table()
