@@ -19,8 +19,9 @@ bytes written under its output folder are sampled and printed every `--interval`
 (the timeline goes to the JSON, so the peak can be placed: before the first byte is written
 = load/shape inference/matching/validation, during = save with folding, after = checker).
 
-Targets (issue 5): peak RSS <= 1.25 x the largest single tensor + 2 GiB; rewrite time
-<= 2 x the copy time. Sanity checks of the output: onnx.checker (path based), the data file's
+Targets: peak RSS <= 1.25 x the largest single tensor + 2 GiB (issue 5); rewrite time
+<= 1.3 x the copy time (issue 13; was 2 x). Throughput is reported for both as GB/s and s/GB
+of the input's bytes (GB = 10^9 bytes). Sanity checks of the output: onnx.checker (path based), the data file's
 size (input's + the bytes the report says were added, e.g. the tied head's clone), the
 report's norm count (2 per layer + the final one), and for models under `--verify-max-gb`
 an onnxruntime CPU run of original vs rewritten (`python -m rewriter verify --seq 8`).
@@ -50,7 +51,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 RSS_FACTOR = 1.25
 RSS_SLACK = 2 * GiB
-TIME_FACTOR = 2.0
+TIME_FACTOR = 1.3
+GB = 10**9                  # throughput unit (decimal, as disk speeds are quoted)
 DEFAULT_PRESETS = "llama-3.2-1b,llama-3.1-8b"
 
 
@@ -265,6 +267,11 @@ def bench_preset(preset: str, args, caches_notes: list[str]) -> dict:
     result["rewrite"]["caches"] = "cold" if not note else note
     result["rewrite"]["peak"] = peak_phase(result["rewrite"]["timeline"])
 
+    for op in (result["copy"], result["rewrite"]):
+        if op["seconds"]:
+            op["gb_per_s"] = round(total / GB / op["seconds"], 3)
+            op["s_per_gb"] = round(op["seconds"] / (total / GB), 3)
+
     # targets
     rss_limit = RSS_FACTOR * stats["largest_tensor_bytes"] + RSS_SLACK
     time_limit = TIME_FACTOR * result["copy"]["seconds"]
@@ -272,7 +279,7 @@ def bench_preset(preset: str, args, caches_notes: list[str]) -> dict:
     result["ratio"] = round(rw["seconds"] / cp["seconds"], 3) if cp["seconds"] else None
     result["ratio_synced"] = round(rw["synced_s"] / cp["synced_s"], 3) if cp["synced_s"] else None
     result["targets"] = dict(rss_limit_bytes=int(rss_limit), time_limit_s=round(time_limit, 3),
-                             rss="1.25 x largest tensor + 2 GiB", time="2 x copy time")
+                             rss="1.25 x largest tensor + 2 GiB", time=f"{TIME_FACTOR} x copy time")
     result["pass"] = dict(rss=rw["rc"] == 0 and rw["peak_rss_bytes"] <= rss_limit,
                           time=rw["rc"] == 0 and rw["seconds"] <= time_limit,
                           time_synced=rw["rc"] == 0 and rw["synced_s"] <= TIME_FACTOR * cp["synced_s"])
@@ -379,7 +386,7 @@ def stage_profile(src: str, dst: str) -> int:
 def table(results: list[dict], caches: str) -> str:
     head = (f"{'preset':14s} {'data GiB':>8s} {'copy s':>7s} {'rewrite s':>9s} {'ratio':>6s} "
             f"{'synced':>6s} {'peak RSS':>8s} {'largest':>8s} {'RSS tgt':>8s} {'RSS':>4s} {'time':>4s} "
-            f"{'norms':>6s} {'max rel':>9s}")
+            f"{'norms':>6s} {'max rel':>9s} {'copy GB/s':>9s} {'rw GB/s':>7s} {'rw s/GB':>7s}")
     lines = [head, "-" * len(head)]
     for r in results:
         rw, cp = r["rewrite"], r["copy"]
@@ -393,10 +400,12 @@ def table(results: list[dict], caches: str) -> str:
             f"{gb(r['largest_tensor_bytes']):>8s} {gb(r['targets']['rss_limit_bytes']):>8s} "
             f"{'pass' if r['pass']['rss'] else 'FAIL':>4s} {'pass' if r['pass']['time'] else 'FAIL':>4s} "
             f"{(str(norms.get('rewritten')) + '/' + str(norms.get('expected'))) if norms else '-':>6s} "
-            f"{(f'{rel:.2e}' if rel is not None else verify.get('skipped') and 'skipped' or '-'):>9s}")
+            f"{(f'{rel:.2e}' if rel is not None else verify.get('skipped') and 'skipped' or '-'):>9s} "
+            f"{cp.get('gb_per_s', 0):9.3f} {rw.get('gb_per_s', 0):7.3f} {rw.get('s_per_gb', 0):7.2f}")
     lines.append("")
-    lines.append("GiB = 2^30 bytes. ratio = rewrite/copy wall time (target <= 2); synced = both incl. the "
-                 "final sync; RSS tgt = 1.25 x largest tensor + 2 GiB; peak RSS = ru_maxrss of the child.")
+    lines.append(f"GiB = 2^30 bytes. ratio = rewrite/copy wall time (target <= {TIME_FACTOR}); synced = both "
+                 "incl. the final sync; RSS tgt = 1.25 x largest tensor + 2 GiB; peak RSS = ru_maxrss of the "
+                 "child; GB/s, s/GB: input bytes (model + data, GB = 10^9 bytes) per wall second.")
     lines.append(f"page cache: {caches}")
     for r in results:
         peak = r["rewrite"].get("peak")
@@ -470,7 +479,7 @@ def main(argv=None) -> int:
     doc = dict(benchmark="rewrite_memory", date=time.strftime("%Y-%m-%d %H:%M:%S"),
                total_s=round(time.time() - started, 1), machine=machine(), caches=caches,
                settings=dict(presets=presets, dtype=args.dtype, workdir=args.workdir,
-                             rss_target="1.25 x largest tensor + 2 GiB", time_target="2 x copy"),
+                             rss_target="1.25 x largest tensor + 2 GiB", time_target=f"{TIME_FACTOR} x copy"),
                results=results)
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))

@@ -10,10 +10,12 @@ optimum's `model.onnx_data`, the Hugging Face cache's symlinks). Loading validat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -232,6 +234,46 @@ def _referenced_files(model: ir.Model) -> set[str]:
     return files
 
 
+SAVE_INLINE_BYTES = 256    # ir.save's size_threshold_bytes: tensors this small stay in the proto
+
+
+@contextlib.contextmanager
+def _fold_ahead(model: ir.Model):
+    """While ir.save writes one tensor, compute the next lazily folded one in the background.
+
+    ir.save writes (serially) the initializers of `model.graphs()` in order; the lazy ones among
+    them are swapped for thunks that hand over a result computed one step ahead, so folding
+    overlaps writing (and the in-kernel copies of the unchanged tensors in between). One
+    worker, one tensor ahead: at most one folded tensor beyond the one being written is held."""
+    values = [v for graph in model.graphs() for v in graph.initializers.values()
+              if isinstance(v.const_value, ir.LazyTensor) and v.const_value.nbytes > SAVE_INLINE_BYTES]
+    lazies = [v.const_value for v in values]
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fold-ahead")
+    pending: dict = {}
+
+    def start(i: int) -> None:
+        if i < len(lazies) and i not in pending:
+            pending[i] = pool.submit(lazies[i].raw)
+
+    def take(i: int):
+        start(i)
+        future = pending.pop(i)
+        start(i + 1)
+        return future.result()
+
+    for i, (value, lazy) in enumerate(zip(values, lazies)):
+        value.const_value = ir.LazyTensor(lambda i=i: take(i), dtype=lazy.dtype, shape=lazy.shape,
+                                          name=lazy.name)
+    start(0)        # the first fold overlaps the copies written before it
+    try:
+        yield
+    finally:
+        for value, lazy in zip(values, lazies):
+            value.const_value = lazy
+        pending.clear()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: bool = False,
          source: str | os.PathLike | None = None, check: bool = True, progress=None,
          before_commit=None, also_writes: dict | None = None) -> Path:
@@ -289,9 +331,11 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
             def callback(tensor, info):
                 progress(info.index + 1, info.total, tensor.name)
         try:
-            # one weight at a time: folded weights are computed when written (bounded memory)
-            ir.save(model, tmp_model, format="protobuf", external_data=external_data, callback=callback,
-                    max_workers=1)
+            # one weight written at a time (unchanged external ones copied in the kernel), the
+            # next folded one computed meanwhile: bounded memory
+            with _fold_ahead(model) if external_data else contextlib.nullcontext():
+                ir.save(model, tmp_model, format="protobuf", external_data=external_data,
+                        callback=callback, size_threshold_bytes=SAVE_INLINE_BYTES, max_workers=1)
         except (OSError, KeyboardInterrupt):
             raise
         except Exception as exc:
