@@ -72,8 +72,12 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="choose each site's strategy for this runtime from measured costs "
                         "(built-in tables, or --costs): portable = the paper's form everywhere; "
                         "ort-cuda/ort-cpu = the fastest measured of keep, fold, fold-fused, defer, "
-                        "defer-normop, never one measured slower than the reference (ort-cuda: "
-                        "fold-fused; ort-cpu: defer)")
+                        "defer-normop, never one measured slower than the reference (fold-fused "
+                        "on both); then onnxscript's ORT fusions (see --compose)")
+    p.add_argument("--compose", choices=("auto", "always", "never"), default="auto",
+                   help="ort-* targets: run onnxscript's ORT fusions (attention, rotary, skip norms, "
+                        "GELU) on the rewrite — auto: where the target's measurements say so (not on "
+                        "KV-cache graphs on ORT CPU, where its attention made decoding slower)")
     p.add_argument("--costs", metavar="JSON", help="cost file from `python -m rewriter calibrate` "
                    "(default: the target's built-in table)")
     p.add_argument("--tokens", metavar="N,N", help="token counts the chooser optimizes for "
@@ -185,8 +189,9 @@ def _options(args) -> Options:
                          "(and no --strategy)")
     choice = {"target": args.target, "strategy": args.strategy, "costs": _costs(args.costs),
               "tokens": _tokens(args.tokens)}
+    compose = {"auto": None, "always": True, "never": False}[getattr(args, "compose", "auto")]
     return Options(mode=args.mode, clone_shared=args.clone_shared, push_scales=not args.no_push,
-                   approx=args.approx, **{k: v for k, v in choice.items() if v is not None})
+                   approx=args.approx, compose=compose, **{k: v for k, v in choice.items() if v is not None})
 
 
 def _printing_check(quiet: bool, **settings):

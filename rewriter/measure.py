@@ -1,7 +1,7 @@
 """Choose on the whole model (`--measure`): the per-site cost table is the prior, not the
 verdict. Candidate whole-model rewrites — the options as given, each strategy everywhere, and
 `keep` (for an ort-* target: the peer's fusions alone), and for an ort-* target the options as
-given without the peer's fusions and the original itself — are each checked exact against the
+given with and without the peer's fusions and the original itself — are each checked exact against the
 original on the provider, then timed side by side (interleaved, the bench harness); the
 fastest exact one is written. A candidate that fails its check is never chosen."""
 
@@ -31,7 +31,8 @@ def candidates(options: Options) -> dict[str, Options]:
     out = {"as-asked": options}
     for strategy in UNIFORM:
         out[strategy] = dataclasses.replace(options, strategy=strategy, costs=None, tokens=None)
-    if options.measured and options.compose:
+    if options.measured and options.compose is not False:
+        out["as-asked-fused"] = dataclasses.replace(options, compose=True)
         out["as-asked-unfused"] = dataclasses.replace(options, compose=False)
         out["original"] = dataclasses.replace(options, strategy="keep", compose=False, costs=None, tokens=None)
     return out

@@ -33,7 +33,8 @@ from rewriter.errors import RewriterError, first_line
 from rewriter.io import DECLARED
 from rewriter.patterns import RULES, find_sites
 from rewriter.patterns.graph import initializers
-from rewriter.plan import Decision, Options, agreeing_weights, make_plan
+from rewriter.feeds import signature
+from rewriter.plan import TARGETS, Decision, Options, agreeing_weights, make_plan
 from rewriter.report import Report
 from rewriter.scale import Step
 from rewriter.transform import apply_plan
@@ -163,8 +164,8 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
     try:
         if ir.passes.PassManager([shape_inference(), flash])(model).modified and flash.report.rewritten:
             cleanup()(model)
-        if options.measured and options.compose:
-            flash.report.notes.append(ort_fusions(model, declared))
+        if options.measured and options.compose is not False:
+            flash.report.notes.append(_compose(model, options, declared))
     except ir.passes.PassError as exc:
         raise _original(exc) from exc
     finally:
@@ -173,6 +174,15 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
 
 
 ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def _compose(model: ir.Model, options: Options, declared) -> str:
+    """The peer's fusions where the target composes (TARGETS: not on a KV-cache graph on CPU)."""
+    if options.compose is None and not TARGETS[options.target]["compose_kv_cache"] and signature(model).has_past:
+        return ("onnxscript's ORT fusions not applied: a graph with a KV cache on ORT CPU, where its "
+                "MultiHeadAttention made decoding slower (see TARGETS; `--compose always` applies "
+                "them, --measure times both)")
+    return ort_fusions(model, declared)
 
 
 def ort_fusions(model: ir.Model, declared=None) -> str:

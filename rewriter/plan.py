@@ -34,12 +34,15 @@ DEFERRING = ("defer", "defer-normop")
 # was measured faster at every token count (docs/BENCHMARKS.md). On ORT CPU every strategy is
 # within ±5 % per site, and whole models are fastest folded, fused and then given onnxscript's
 # attention/rotary fusions (issue 13's measurements): fold-fused is the reference there too.
-# The ort-* targets compose: after the rewrite, onnxscript's ORT fusions run (Options.compose).
+# The ort-* targets compose: after the rewrite, onnxscript's ORT fusions run (Options.compose)
+# — on ORT CPU not on graphs with a KV cache (`compose_kv_cache`): there its MultiHeadAttention
+# made each decode step of real SmolLM2-135M 5 % (past 128) to 17 % (past 512) slower than the
+# rewrite alone (benchmarks/results/cpu/end_to_end_real_decode_compose.json).
 TARGETS = {
     "portable": dict(reference="defer", ep=None, candidates=("defer",)),
-    "ort-cpu": dict(reference="fold-fused", ep="cpu",
+    "ort-cpu": dict(reference="fold-fused", ep="cpu", compose_kv_cache=False,
                     candidates=("keep", "fold", "fold-fused", "defer", "defer-normop")),
-    "ort-cuda": dict(reference="fold-fused", ep="cuda",
+    "ort-cuda": dict(reference="fold-fused", ep="cuda", compose_kv_cache=True,
                      candidates=("keep", "fold", "fold-fused", "defer", "defer-normop")),
 }
 
@@ -56,7 +59,8 @@ class Options:
     strategy: str | None = None  # force one strategy (STRATEGIES) at every site
     costs: object = None         # a cost file path or CostTable (default: the target's built-in file)
     tokens: tuple[int, ...] | None = None   # token counts the chooser optimizes for (None: all measured)
-    compose: bool = True         # ort-* targets: then run onnxscript's ORT fusions (attention, rotary, ...)
+    compose: bool | None = None  # ort-* targets: then run onnxscript's ORT fusions (attention, rotary, ...);
+                                 # None: where the target's measurements say so (TARGETS), True: always
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:

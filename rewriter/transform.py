@@ -1,7 +1,8 @@
 """Carry out a plan: the only stage that edits the graph.
 
-Weights are folded lazily: each new weight is an `ir.LazyTensor` computed (in float64, cast
-back once) when the model is saved or run, so nothing holds the whole model in memory.
+Weights are folded lazily: each new weight is an `ir.LazyTensor` computed (the exact product
+rounded once: rewriter/weights.py) when the model is saved or run, so nothing holds the whole
+model in memory.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
+from onnx import TensorProto, helper
 
 from rewriter.patterns.base import WeightRef
 
@@ -173,7 +174,6 @@ def _fp16_multiply():
     cannot be built (the numpy path then does the same arithmetic)."""
     try:
         import onnxruntime as ort
-        from onnx import TensorProto, helper
         nodes = [helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT),
                  helper.make_node("Mul", ["w32", "g"], ["p"]),
                  helper.make_node("Cast", ["p"], ["o"], to=TensorProto.FLOAT16)]

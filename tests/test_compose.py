@@ -94,3 +94,34 @@ def test_a_peer_leaving_an_unregistered_op_is_undone(tmp_path):
     assert any("ORT fusions not applied" in note and "ai.onnxruntime._fusion:SDPA" in note
                for note in report.notes), report.notes
     assert [v.name for v in out.graph.value_info] == ["relu22"]     # the producer's declaration kept
+
+
+@pytest.mark.parametrize("target,compose,applied", [
+    ("ort-cpu", None, False),       # ORT CPU, KV cache: its attention made decoding slower
+    ("ort-cpu", True, True),        # --compose always
+    ("ort-cuda", None, True),
+    ("ort-cpu", False, None),       # --compose never: not even tried
+])
+def test_the_peer_runs_on_a_kv_cache_graph_where_the_target_says(target, compose, applied, tmp_path):
+    from rewriter.api import rewrite_file
+    from test_kv_verify import gqa_decoder
+    src = tmp_path / "decoder.onnx"
+    __import__("onnx").save(gqa_decoder(), src)
+    report = rewrite_file(src, tmp_path / "out.onnx", target=target, compose=compose)
+    assert report.rewritten == 1
+    notes = [n for n in report.notes if "ORT fusions" in n]
+    if applied is None:
+        assert notes == [], notes
+    else:
+        assert len(notes) == 1 and ("then onnxscript's ORT fusions" in notes[0]) == applied, notes
+        assert applied or "a graph with a KV cache on ORT CPU" in notes[0]
+
+
+def test_the_cli_passes_compose(tmp_path):
+    from rewriter.cli import main
+    from test_kv_verify import gqa_decoder
+    src, rep = tmp_path / "decoder.onnx", tmp_path / "r.json"
+    __import__("onnx").save(gqa_decoder(), src)
+    assert main([str(src), "-o", str(tmp_path / "o.onnx"), "--target", "ort-cpu", "--compose", "always",
+                 "--report", str(rep), "--quiet"]) == 0
+    assert any("then onnxscript's ORT fusions" in n for n in __import__("json").loads(rep.read_text())["notes"])
