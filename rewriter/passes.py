@@ -217,19 +217,24 @@ def _new_unregistered_op(model: ir.Model, allowed: set[str]) -> str:
     return ""
 
 
+def ort_load_error(model: ir.Model) -> str:
+    """Why onnxruntime cannot load `model`'s graph, or ''. Weights become typed inputs (nothing
+    is read) and value_info is dropped: declarations that contradict the graph can let a broken
+    one load (onnxscript's MultiHeadAttention on GPT-2: it loads, then its Gemm fails)."""
+    proto = skeleton(model, for_checker=False)
+    proto.graph.ClearField("value_info")
+    try:
+        session(proto.SerializeToString(), "cpu")          # its optimizers re-check shapes
+    except Exception as exc:    # noqa: BLE001 - any refusal is the answer
+        return first_line(exc, 200)
+    return ""
+
+
 def _ort_cannot_load(model: ir.Model, unless_also: ir.Model) -> str:
-    """Why onnxruntime cannot load `model`'s graph (weights as typed inputs, nothing read), or
-    '' — also when it cannot load `unless_also` either (the reason is not the peer's)."""
-    def error(m: ir.Model) -> str:
-        proto = skeleton(m, for_checker=False)
-        proto.graph.ClearField("value_info")    # what the file will say: the pipeline restores
-        try:                                    # only the producer's declarations
-            session(proto.SerializeToString(), "cpu")      # its optimizers re-check shapes
-        except Exception as exc:    # noqa: BLE001 - any refusal is the answer
-            return first_line(exc, 200)
-        return ""
-    problem = error(model)
-    return f"onnxruntime cannot load the result ({problem})" if problem and not error(unless_also) else ""
+    """Why onnxruntime cannot load `model`, or '' — also when it cannot load `unless_also`
+    either (the reason is not the peer's)."""
+    problem = ort_load_error(model)
+    return f"onnxruntime cannot load the result ({problem})" if problem and not ort_load_error(unless_also) else ""
 
 
 def _put_back(model: ir.Model, backup: ir.Model, copies: dict, declared) -> None:
@@ -258,4 +263,4 @@ def _original(exc: BaseException) -> BaseException:
     return exc
 
 
-__all__ = ["FlashNormPass", "FlashNormResult", "infer_shapes", "run_pipeline"]
+__all__ = ["FlashNormPass", "FlashNormResult", "infer_shapes", "ort_load_error", "run_pipeline"]
