@@ -67,12 +67,16 @@ class FlashNormPass(ir.passes.InPlacePass):
                          "(as onnxruntime does when it loads the model)")
         self.plan, self.trace, cancelled = [], [], 0
         chooser = chooser_for(options)
+        graphs = list(model.graphs())
+        found = [find_sites(graph) for graph in graphs]
         # weights that only sites with the same gain read, across scopes, are folded once
-        agreed = agreeing_weights([site for graph in model.graphs() for site in find_sites(graph)[0]])
+        agreed = agreeing_weights([site for sites, _ in found for site in sites])
         folded_once: dict = {}
+        changed = False
         # the main graph, then every subgraph (If branches, Loop/Scan bodies): each is its own scope
-        for index, graph in enumerate(list(model.graphs())):
-            sites, misses = find_sites(graph)
+        for index, graph in enumerate(graphs):
+            # matched again once an enclosing scope was rewritten: its values may have moved
+            sites, misses = find_sites(graph) if changed else found[index]
             plan = make_plan(sites, misses, options, chooser=chooser, agreed=agreed)
             self.plan += plan
             if any(d.rewritten for d in plan):
@@ -81,6 +85,7 @@ class FlashNormPass(ir.passes.InPlacePass):
                                       folded_once=folded_once)
                 self.trace += rewriter.scales.trace
                 cancelled += len(rewriter.scales.cancelled)
+                changed = True
         if options.approx and any(d.rewritten for d in self.plan):
             notes.append(f"--approx: {cancelled} deferred scale(s) cancelled in a following norm "
                          "(exact only for ε = 0; see the measured error below)")

@@ -157,14 +157,19 @@ def folded_weight(ref: WeightRef, gain: np.ndarray | None, center: bool, dtype: 
             block *= gain[None, :] if flip else gain[r0:r1, None]
         if center:                      # W = Sᵀ: each S row is one output column
             block -= column_mean[None, :] if not flip else block.mean(axis=1, keepdims=True)
-        if out_is_source:
-            out[r0:r1] = block
-        else:                           # narrow first: the strided transposed write is the slow part
-            out[:, r0:r1] = block.astype(out.dtype).T
+        _store(out, out_is_source, r0, r1, block)
 
     with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(fold, _spans(ref)))
     return out
+
+
+def _store(out: np.ndarray, out_is_source: bool, r0: int, r1: int, block: np.ndarray) -> None:
+    """Rows r0:r1 of S, folded, into `out` (S's layout, or Sᵀ's)."""
+    if out_is_source:
+        out[r0:r1] = block
+    else:               # narrow first: the strided transposed write is the slow part
+        out[:, r0:r1] = block.astype(out.dtype, copy=False).T
 
 
 @functools.lru_cache(maxsize=1)
@@ -204,20 +209,14 @@ def _fold_fp32(ref: WeightRef, source, gain: np.ndarray | None, flip: bool, out_
         if multiply is not None:
             r0, r1 = span
             block = multiply(np.ascontiguousarray(stored), g32[None, :] if flip else g32[r0:r1, None])
-            if out_is_source:
-                out[r0:r1] = block
-            else:
-                out[:, r0:r1] = block.T
+            _store(out, out_is_source, r0, r1, block)
             return
         for r0 in range(span[0], span[1], step):
             r1 = min(span[1], r0 + step)
             block = stored[r0 - span[0]:r1 - span[0]].astype(np.float32)
             if g32 is not None:
                 block *= g32[None, :] if flip else g32[r0:r1, None]
-            if out_is_source:
-                out[r0:r1] = block
-            else:                       # narrow first: the strided transposed write is the slow part
-                out[:, r0:r1] = block.astype(out.dtype).T
+            _store(out, out_is_source, r0, r1, block)
 
     with ThreadPoolExecutor(WORKERS) as pool:
         list(pool.map(fold, _spans(ref)))

@@ -121,3 +121,31 @@ def test_the_cli_passes_compose(tmp_path):
     assert main([str(src), "-o", str(tmp_path / "o.onnx"), "--target", "ort-cpu", "--compose", "always",
                  "--report", str(rep), "--quiet"]) == 0
     assert any("then onnxscript's ORT fusions" in n for n in __import__("json").loads(rep.read_text())["notes"])
+
+
+@pytest.mark.parametrize("with_beta", [True, False], ids=["beta", "no-beta"])
+def test_a_folded_layernorm_keeps_a_zero_beta_only_where_it_had_one(with_beta, tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) + 1, "gamma"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W")]
+    norm_inputs = ["x", "gamma"]
+    if with_beta:
+        inits.append(numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "beta"))
+        norm_inputs.append("beta")
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", norm_inputs, ["y"], axis=-1, epsilon=1e-5),
+         helper.make_node("MatMul", ["y", "W"], ["out"])], "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 8])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    feeds = {"x": (rng.standard_normal((2, 3, 16)) * 3 + 1).astype(np.float32)}
+    report, diffs, out = rewrite_and_run(proto, tmp_path, feeds=feeds, mode="fold")
+    assert report.rewritten == 1
+    assert_exact(diffs)
+    ln = next(n for n in out.graph.node if n.op_type == "LayerNormalization")
+    assert len([i for i in ln.input if i]) == (3 if with_beta else 2), ln.input
+    if with_beta:
+        zero = next(t for t in out.graph.initializer if t.name == ln.input[2])
+        assert not numpy_helper.to_array(zero).any()

