@@ -153,7 +153,11 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
         c = node.inputs[2]
         if const_array(c) is None:
             return fail("Gemm bias is not constant", c)
-        return Linear(node, ref, path, bias=c)
+        found = Linear(node, ref, path, bias=c)
+        shape = const_array(c).shape     # C' = β·C + α·β_LN·W must broadcast to [M, N] as C did
+        if len(shape) > 2 or shape and shape[-1] not in (1, found.weight_shape[1]):
+            return fail(f"Gemm C of shape {list(shape)} does not broadcast to the output", c)
+        return found
     bias, add = _bias_after(node)
     return Linear(node, ref, path, bias=bias, bias_add=add)
 

@@ -17,7 +17,7 @@ from rewriter.patterns.graph import (GraphEditor, attr, const_array, dtype_of, e
 from rewriter.conv import conv_beta_delta, folded_conv_weight
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
-from rewriter.weights import beta_through_weight, folded_weight
+from rewriter.weights import beta_through_weight, folded_weight, gemm_bias
 
 F32 = ir.DataType.FLOAT
 
@@ -212,12 +212,14 @@ class Rewriter:
                 node.replace_input_with(2, bias)
             return
         gemm_c = op(node, "Gemm", domain="") and linear.bias is not None
-        if gemm_c and not detach_gemm_bias:
-            if delta is not None:
-                c = const_array(linear.bias)
-                beta = float(attr(node, "beta", 1.0))
-                node.replace_input_with(2, self.edit.initializer(
-                    (c.astype(np.float64) + delta / beta).astype(c.dtype), "bias"))
+        if op(node, "Gemm", domain="") and not detach_gemm_bias and (gemm_c or linear.bias_add is None):
+            if delta is not None:       # C' = β·C + α·β_LN·W, beta := 1 (β may be 0: C' is exact for any β)
+                c = const_array(linear.bias) if gemm_c else None
+                dtype = c.dtype if c is not None else (dtype_of(linear.output) or F32).numpy()
+                new = delta if c is None else gemm_bias(c, float(attr(node, "beta", 1.0)), delta)
+                node.resize_inputs(3)
+                node.replace_input_with(2, self.edit.initializer(new.astype(dtype), "bias"))
+                node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
             return
         if gemm_c:          # the scale must come before the bias: take C out of the Gemm
             c = const_array(linear.bias).astype(np.float64) * float(attr(node, "beta", 1.0))
@@ -378,7 +380,7 @@ class Rewriter:
         self.redirect(site.output, root)
         if self.approx and not site.skip_inputs:
             # a scale arriving at x may cancel: s_B(s·t)·(s·t)W = s_B(t)·tW up to ε
-            self.scales.cancel_in(x, [node for node, _ in users(x) if node not in before])
+            self.scales.cancel_in(x, [node for node, _ in users(x) if node not in before], site.axes)
         for linear, delta in zip(site.linears, deltas):
             self.add_bias(linear, linear.output, delta, detach_gemm_bias=True)
             self.scales.seed(linear.output, self.scale_for(linear, scale, root))

@@ -233,3 +233,10 @@ def beta_through_weight(ref: WeightRef, beta: np.ndarray) -> np.ndarray:
         else:
             total += beta[r0:r1] @ block
     return total
+
+
+def gemm_bias(c: np.ndarray, beta: float, delta: np.ndarray) -> np.ndarray:
+    """β·C + delta in float64, for a Gemm whose beta becomes 1 (exact for any β, 0 included;
+    C' = C + delta/β would divide by zero and round twice). C broadcasts against the output
+    [M, N] (checked by the pattern), so C' does too."""
+    return beta * c.astype(np.float64) + delta
