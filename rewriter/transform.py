@@ -380,7 +380,7 @@ class Rewriter:
         self.redirect(site.output, root)
         if self.approx and not site.skip_inputs:
             # a scale arriving at x may cancel: s_B(s·t)·(s·t)W = s_B(t)·tW up to ε
-            self.scales.cancel_in(x, [node for node, _ in users(x) if node not in before], site.axes)
+            self.scales.cancel_in(x, [node for node, _ in users(x) if node not in before])
         for linear, delta in zip(site.linears, deltas):
             self.add_bias(linear, linear.output, delta, detach_gemm_bias=True)
             self.scales.seed(linear.output, self.scale_for(linear, scale, root))
