@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from rewriter.errors import BadInput, InternalError, OutputError, Unsupported, first_line
+from rewriter.errors import BadInput, InternalError, OutputError, Unsupported, UsageError, first_line
 from rewriter.files import (Siblings, check_also_written, check_target, commit, output_data_name,
                             remove_stale_temporaries, temp_prefix, temporary_model_name)
 from rewriter.patterns.graph import has_external_data, initializers, weight_bytes
@@ -64,7 +64,7 @@ def load(source) -> tuple[ir.Model, str]:
     elif kind == "onnxprogram":
         model = source.model        # rewritten in place, like an onnx_ir.Model
     else:
-        import onnx_graphsurgeon as gs
+        gs = _graphsurgeon()
         try:
             proto = gs.export_onnx(source)
         except Exception as exc:
@@ -217,8 +217,17 @@ def to_kind(model: ir.Model, kind: str, source=None):
     proto = ir.to_proto(model)
     if kind == "proto":
         return proto
-    import onnx_graphsurgeon as gs
-    return gs.import_onnx(proto)
+    return _graphsurgeon().import_onnx(proto)
+
+
+def _graphsurgeon():
+    """onnx_graphsurgeon, an optional dependency: only graphsurgeon inputs need it."""
+    try:
+        import onnx_graphsurgeon
+    except ImportError as exc:
+        raise UsageError("a graphsurgeon Graph needs onnx-graphsurgeon: pip install 'flashnorm-onnx[graphsurgeon]'"
+                         ) from exc
+    return onnx_graphsurgeon
 
 
 
@@ -331,11 +340,11 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
             def callback(tensor, info):
                 progress(info.index + 1, info.total, tensor.name)
         try:
-            # one weight written at a time (unchanged external ones copied in the kernel), the
-            # next folded one computed meanwhile: bounded memory
+            # one weight written at a time (onnx-ir's default: serial; unchanged external ones
+            # copied in the kernel), the next folded one computed meanwhile: bounded memory
             with _fold_ahead(model) if external_data else contextlib.nullcontext():
                 ir.save(model, tmp_model, format="protobuf", external_data=external_data,
-                        callback=callback, size_threshold_bytes=SAVE_INLINE_BYTES, max_workers=1)
+                        callback=callback, size_threshold_bytes=SAVE_INLINE_BYTES)
         except (OSError, KeyboardInterrupt):
             raise
         except Exception as exc:
