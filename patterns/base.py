@@ -106,6 +106,12 @@ class Site:
         return self.anchor.op_type if self.form == "fused" else ""
 
     @property
+    def axes(self) -> tuple[int, ...]:
+        """The axes of `x` the norm normalizes over: the last one only, for every form the
+        rules match (a reduction or a fused op's `axis` over anything else is a Miss)."""
+        return (-1,)
+
+    @property
     def size(self) -> int | None:
         if self.gain is not None and self.gain.size > 1:
             return int(self.gain.size)

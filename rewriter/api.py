@@ -64,6 +64,21 @@ def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance:
     return diffs
 
 
+def check_approx(src, rewritten, report: Report, diffs: list | None = None) -> None:
+    """--approx: the rewritten model is run against the original (CPU, inputs from the
+    signature) and its measured error goes into the report's notes; beyond the tolerance it is
+    refused (VerificationFailed, nothing written). `diffs`: a comparison already made."""
+    try:
+        diffs = diffs if diffs is not None else check_outputs(src, rewritten, provider="cpu")
+    except VerificationFailed as exc:
+        raise VerificationFailed(f"--approx: {exc}: a scale cancelled in a following norm is not exact enough "
+                                 "here (its ε against the row's mean square); nothing written — rewrite "
+                                 "without --approx", exc.diffs) from exc
+    worst = max((d.max_rel for d in diffs), default=0.0)
+    report.notes.append(f"--approx: measured worst-case error {worst:.3e} relative "
+                        "(max |Δ| / max |original| over outputs, random inputs, CPU)")
+
+
 def failed_name(dst) -> Path:
     """Where --keep-failed puts a model that failed verification: flash.onnx -> flash.failed.onnx."""
     dst = Path(dst)
@@ -96,7 +111,8 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
     also_writes: {what: path} of files the caller writes afterwards (the report); they are
     refused before anything is written if they are a file the input or the output uses.
     With approx=True the rewritten model is run against the original and the measured
-    worst-case relative error is added to the report's notes. `options` (or its `fields` as
+    worst-case relative error is added to the report's notes; beyond the tolerance nothing is
+    written (VerificationFailed). `options` (or its `fields` as
     keywords) say how each site is rewritten."""
     opts = options if options is not None else Options(**fields)
     io.check_target(Path(dst), "output")        # fail before a long rewrite, not after
@@ -107,12 +123,9 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
     checker = check_outputs if verify is True else (verify or None)
 
     def before_commit(tmp_model):
-        if checker is not None:
-            checker(src, tmp_model)
+        diffs = checker(src, tmp_model) if checker is not None else None
         if opts.approx and report.rewritten:
-            worst = max(d.max_rel for d in compare_outputs(src, tmp_model, provider="cpu"))
-            report.notes.append(f"--approx: measured worst-case error {worst:.3e} relative "
-                                "(max |Δ| / max |original| over outputs, random inputs, CPU)")
+            check_approx(src, tmp_model, report, diffs if isinstance(diffs, list) else None)
     try:
         io.save(model, dst, external_data=external_data, overwrite=overwrite, source=src, progress=progress,
                 before_commit=before_commit, also_writes=also_writes)

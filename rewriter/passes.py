@@ -65,7 +65,7 @@ class FlashNormPass(ir.passes.InPlacePass):
         if inlined:
             notes.append(f"inlined {inlined} call(s) of model-local functions holding a norm "
                          "(as onnxruntime does when it loads the model)")
-        self.plan, self.trace, cancelled = [], [], 0
+        self.plan, self.trace, cancelled, kept = [], [], 0, {}
         chooser = chooser_for(options)
         graphs = list(model.graphs())
         found = [find_sites(graph) for graph in graphs]
@@ -85,10 +85,14 @@ class FlashNormPass(ir.passes.InPlacePass):
                                       folded_once=folded_once)
                 self.trace += rewriter.scales.trace
                 cancelled += len(rewriter.scales.cancelled)
+                kept.update(rewriter.scales.kept)
                 changed = True
         if options.approx and any(d.rewritten for d in self.plan):
             notes.append(f"--approx: {cancelled} deferred scale(s) cancelled in a following norm "
                          "(exact only for ε = 0; see the measured error below)")
+            if kept:
+                notes.append(f"--approx: {len(kept)} scale(s) applied before a following norm instead: not "
+                             f"constant over its normalized axis (e.g. at {next(iter(kept.values()))})")
         # a reader left unrewritten keeps the original; readers folding differently get a copy each
         copies = Counter(weight for weight, _, _ in folded_once)
         extra = sorted({w.name for w, n in copies.items() if n > 1 or w.uses()})

@@ -313,10 +313,12 @@ class ScaleWalker:
     def __init__(self, graph: ir.Graph, edit: GraphEditor, take_output_slot, push: bool = True):
         self.graph = graph
         self.push = push        # False: apply every scale right after its linear
-        # --approx: (node, input) pairs through which a following RMSNorm reads its input;
-        # a scale reaching them is dropped: RMSNorm(s·t) = RMSNorm(t) up to ε (Prop. 3)
-        self.cancels: set[tuple[ir.Node, ir.Value]] = set()
+        # --approx: (node, input) → the axes that norm normalizes over, for each edge through
+        # which a following norm reads its input; a scale reaching them is dropped where it is
+        # constant over those axes: RMSNorm(s·t) = RMSNorm(t) up to ε (Prop. 3)
+        self.cancels: dict[tuple[ir.Node, ir.Value], tuple[int, ...]] = {}
         self.cancelled: set[ir.Value] = set()      # norm inputs where a scale was dropped
+        self.kept: dict[ir.Value, str] = {}        # norm inputs where it could not be: why
         self.stops: set[ir.Node] = set()
         self.stop_edges: set[tuple[ir.Node, ir.Value]] = set()   # apply the scale on these edges
         self.edit = edit
@@ -331,9 +333,24 @@ class ScaleWalker:
         """Apply any scale before these nodes (a norm's readers: one Mul on its input)."""
         self.stops.update(nodes)
 
-    def cancel_in(self, norm_input: ir.Value, readers) -> None:
-        """Let the scale cancel in the RMSNorm whose nodes `readers` read `norm_input`."""
-        self.cancels.update((node, norm_input) for node in readers)
+    def cancel_in(self, norm_input: ir.Value, readers, axes: tuple[int, ...]) -> None:
+        """Let the scale cancel in the norm whose nodes `readers` read `norm_input`, normalizing
+        it over `axes` — only where the scale is constant over them (`cancel_blocker`)."""
+        self.cancels.update(((node, norm_input), tuple(axes)) for node in readers)
+
+    def cancel_blocker(self, node: ir.Node, edges) -> str:
+        """Why the scales on `edges` ((value, state) read by a norm's `node`) do not cancel in
+        it, or '': each must be constant over exactly the normalized axes — none of them a row
+        axis, the rank known (off its rows the scale has size 1, so it broadcasts over them)."""
+        for value, state in edges:
+            rank, axes = rank_of(value), self.cancels[(node, value)]
+            if state.rows is None or rank is None:
+                return f"the rank of {value.name!r} is unknown: where its scale varies is not known"
+            moved = [a for a in axes if _axis(a, rank) is None or _axis(a, rank) in state.rows]
+            if moved:
+                return (f"the norm normalizes {value.name!r} over axis {moved[0]}, along which the scale "
+                        f"varies (row axes {list(state.rows)})")
+        return ""
 
     def seed(self, value: ir.Value, scale: ir.Value) -> None:
         rank = rank_of(value)
@@ -390,19 +407,23 @@ class ScaleWalker:
                     ins[index] = None
             if not any(ins):
                 continue
-            if any((node, v) in self.cancels for v, st in zip(node.inputs, ins) if st is not None) \
-                    and all(st is None or (node, v) in self.cancels for v, st in zip(node.inputs, ins)):
-                self.cancelled.update(v for v, st in zip(node.inputs, ins) if st is not None)
-                self.trace.append(Step(node, scaled, "cancels in this norm (--approx)", False))
-                continue            # the norm reads the raw tensor; its output is unscaled
+            edges = [(v, st) for v, st in zip(node.inputs, ins) if st is not None]
+            if all((node, v) in self.cancels for v, _ in edges):
+                blocker = self.cancel_blocker(node, edges)
+                if not blocker:
+                    self.cancelled.update(v for v, _ in edges)
+                    self.trace.append(Step(node, scaled, "cancels in this norm (--approx)", False))
+                    continue            # the norm reads the raw tensor; its output is unscaled
+                self.kept.update((v, f"{node.op_type} node {node.name!r}: {blocker}") for v, _ in edges)
+                self.trace.append(Step(node, scaled, f"applied before it: --approx cannot cancel it: {blocker}", False))
+                self._apply_before(node, ins)
+                continue
             outs = self.rule(node, ins)
             if outs is not None and any(out in self.states for out in node.outputs):
                 outs = None         # a linear of another deferred norm: its own scale is seeded here
             if outs is None:
                 self.trace.append(Step(node, scaled, "applied before it: " + self.why_not(node), False))
-                for index, state in enumerate(ins):
-                    if state is not None:
-                        node.replace_input_with(index, self.apply(node.inputs[index], state))
+                self._apply_before(node, ins)
                 continue
             self.trace.append(Step(node, scaled, f"passes (rule {rule_for(node).__name__})", True))
             for value, state in zip(node.outputs, outs):
@@ -414,6 +435,11 @@ class ScaleWalker:
                 self.trace.append(Step(None, (value,), "applied before the graph output", False))
                 applied = self.apply(value, self.states[value])
                 self.take_output_slot(value, applied)
+
+    def _apply_before(self, node: ir.Node, ins: list[Scaled | None]) -> None:
+        for index, state in enumerate(ins):
+            if state is not None:
+                node.replace_input_with(index, self.apply(node.inputs[index], state))
 
     def rule(self, node: ir.Node, ins: list[Scaled | None]) -> list[Scaled | None] | None:
         """Output states when the scale passes `node`, None when it must be applied before."""
