@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from .base import Failure, Linear, Miss, Site, WeightRef, fail
 from .fused import FUSED_NORMS, FusedNormRule
+from .graph import bind_scopes
 from .layernorm import DecomposedDyT, DecomposedLayerNorm
 from .linear import beta_blocker, defer_blocker, match_linears
 from .rmsnorm import DecomposedRMSNorm
@@ -20,7 +21,8 @@ RULES = (DecomposedRMSNorm(), DecomposedLayerNorm(), DecomposedDyT(), FusedNormR
 
 def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
     """Every normalization in `graph` with the linears it feeds, or the reason it can't be
-    rewritten. Only reads the graph."""
+    rewritten. Only reads the graph (and records on its nested bodies the opsets they are read at)."""
+    bind_scopes(graph)
     by_anchor: dict[str, list] = {}
     for rule in rules:
         for anchor in rule.anchors:

@@ -27,9 +27,9 @@ class FusedNorm:
 FUSED_NORMS: dict[tuple[str, str], FusedNorm] = {
     ("", "RMSNormalization"): FusedNorm("rms", gain=1),
     ("", "LayerNormalization"): FusedNorm("layer", gain=1, beta=2, extra_outputs=(1, 2)),
-    # ORT registers SimplifiedLayerNormalization in the ONNX domain, the Skip* ops in com.microsoft
+    # ORT registers SimplifiedLayerNormalization in the ONNX domain only (none in com.microsoft:
+    # no runtime defines that op, or its defaults), the Skip* ops in com.microsoft
     ("", "SimplifiedLayerNormalization"): FusedNorm("rms", gain=1, extra_outputs=(1,)),
-    ("com.microsoft", "SimplifiedLayerNormalization"): FusedNorm("rms", gain=1, extra_outputs=(1,)),
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): FusedNorm(
         "rms", gain=2, skip=1, bias=3, residual_out=3, extra_outputs=(1, 2), has_axis=False),
     ("com.microsoft", "SkipLayerNormalization"): FusedNorm(
@@ -57,7 +57,7 @@ class FusedNormRule:
             return None
         form = self.form
         if spec.has_axis:
-            axis = attr(node, "axis", -1)
+            axis = attr(node, "axis")
             rank = rank_of(node.inputs[0])
             if axis != -1 and (rank is None or axis != rank - 1):
                 return Miss(node, spec.kind, fail(f"normalizes over axes {axis}.. (not only the last)", node), form)
@@ -84,7 +84,7 @@ class FusedNormRule:
             if spec.residual_out < len(node.outputs) and is_used(node.outputs[spec.residual_out]):
                 residual = node.outputs[spec.residual_out]
         return Site(spec.kind, form, node, None if skip_inputs else node.inputs[0], node.outputs[0],
-                    float(attr(node, "epsilon", 1e-5)),
+                    float(attr(node, "epsilon")),
                     gain=np.asarray(gain).reshape(-1),
                     beta=None if beta is None else np.asarray(beta).reshape(-1),
                     nodes=(node,), skip_inputs=skip_inputs, residual_out=residual,

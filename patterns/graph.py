@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
+from .schema import attr, bind_scopes, node_opset, opset_imports
 
 
 def op(node: ir.Node | None, *op_types: str, domain: str | None = None) -> bool:
@@ -104,9 +105,9 @@ def static_shape(value: ir.Value, depth: int = 8) -> list[int] | None:
     if depth and node is not None:
         if op(node, "Cast", "Identity", domain=""):
             return static_shape(node.inputs[0], depth - 1)
-        if op(node, "Pad", domain="") and len(node.inputs) > 1:
-            pads = folded_constant(node.inputs[1])
-            if pads is not None and not np.any(pads) and (len(node.inputs) < 4 or node.inputs[3] is None):
+        if op(node, "Pad", domain=""):
+            pads, _, _ = pad_spec(node, rank_of(node.inputs[0]))
+            if pads is not None and not np.any(pads):
                 return static_shape(node.inputs[0], depth - 1)
     return None
 
@@ -143,7 +144,7 @@ def folded_constant(value: ir.Value | None, limit: int = 80) -> np.ndarray | Non
         owner = nodes[0].graph
         position = {id(n): i for i, n in enumerate(owner)} if owner is not None else {}
         nodes.sort(key=lambda n: position.get(id(n), 0))
-        version = owner.opset_imports.get("", 18) if owner is not None else 18
+        version = node_opset(nodes[0])
         graph = onnx.helper.make_graph(
             [ir.serde.serialize_node(n) for n in nodes], "fold", [],
             [onnx.helper.make_tensor_value_info(value.name, 0, None)],
@@ -292,18 +293,94 @@ def set_dtype(value: ir.Value, dtype: ir.DataType | None) -> None:
         value.dtype = dtype
 
 
-def attr(node: ir.Node, name: str, default=None):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
+# -- the inputs of ops whose signature changed across opsets: one accessor per op kind ---------
+
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if index < len(node.inputs) else None
 
 
-def reduce_axes(node: ir.Node) -> list[int] | None:
-    """Axes of a Reduce* node whether given as attribute (opset < 18) or input."""
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        axes = folded_constant(node.inputs[1])       # dynamo: Reshape(Constant [-1], Constant [-1])
-        return None if axes is None else [int(a) for a in np.atleast_1d(axes)]
-    axes = attr(node, "axes")
-    return None if axes is None else [int(a) for a in axes]
+def reduce_axes(node: ir.Node, rank: int | None = None) -> list[int] | None:
+    """The axes a Reduce* node reduces: an attribute before opset 18 (ReduceSum: 13), an input
+    from then on. Absent (or empty) axes reduce every axis (None when `rank` is unknown), or
+    none with noop_with_empty_axes ([]). None when the axes are not constant."""
+    as_input = node_opset(node) >= (13 if node.op_type == "ReduceSum" else 18)
+    if as_input:
+        given = _input(node, 1)
+        axes = None if given is None else folded_constant(given)   # dynamo: Reshape(Constant, Constant)
+        if given is not None and axes is None:
+            return None
+    else:
+        axes = attr(node, "axes")
+    if axes is None or np.size(axes) == 0:
+        if as_input and attr(node, "noop_with_empty_axes"):
+            return []
+        return None if rank is None else list(range(rank))
+    return [int(a) for a in np.atleast_1d(axes)]
+
+
+def pad_spec(node: ir.Node, rank: int | None) -> tuple[np.ndarray | None, object, str]:
+    """(pads as [2, rank] begins/ends, the constant fill value, mode) of a Pad: pads and value
+    are attributes before opset 11 and inputs from then on (constant_value optional: 0), with
+    an `axes` input from opset 18 naming the padded axes. pads is None when not constant (or
+    given for some axes of an unknown rank), the value None when not constant."""
+    mode = attr(node, "mode")
+    if node_opset(node) < 11:
+        pads, value = attr(node, "pads"), attr(node, "value")
+        return (None if pads is None else np.asarray(pads, np.int64).reshape(2, -1)), value, mode
+    given = _input(node, 1)
+    pads = None if given is None else folded_constant(given)
+    fill = _input(node, 2)
+    value = 0.0 if fill is None else const_array(fill)
+    if pads is None:
+        return None, value, mode
+    pads = np.asarray(pads, np.int64).reshape(2, -1)
+    axes_in = _input(node, 3)
+    if axes_in is not None:
+        axes = folded_constant(axes_in)
+        if axes is None or rank is None:
+            return None, value, mode
+        full = np.zeros((2, rank), np.int64)
+        for i, a in enumerate(np.atleast_1d(axes)):
+            full[:, int(a) % rank] = pads[:, i]
+        pads = full
+    return pads, value, mode
+
+
+def slice_axes(node: ir.Node) -> list[int] | None:
+    """The axes a Slice cuts: starts/axes are attributes before opset 10 and inputs from then
+    on; absent axes are the leading len(starts) axes. None when not constant."""
+    if node_opset(node) < 10:
+        starts, axes = attr(node, "starts"), attr(node, "axes")
+    else:
+        given = _input(node, 3)
+        axes = None if given is None else folded_constant(given)
+        if given is not None and axes is None:
+            return None
+        starts = folded_constant(_input(node, 1)) if axes is None else None
+    if axes is not None:
+        return [int(a) for a in np.atleast_1d(axes)]
+    return None if starts is None else list(range(np.size(starts)))
+
+
+def transpose_perm(node: ir.Node, rank: int | None) -> list[int] | None:
+    """A Transpose's perm; absent, the axes reversed (None when `rank` is unknown)."""
+    perm = attr(node, "perm")
+    if perm is None:
+        return None if rank is None else list(range(rank))[::-1]
+    return [int(p) for p in perm]
+
+
+def reshape_target(node: ir.Node) -> np.ndarray | None:
+    """A Reshape's target shape (0 copies the input's dim): an attribute before opset 5, an
+    input from then on. None when not constant, or when allowzero (opset 14) makes a 0 a
+    zero-sized dim."""
+    if node_opset(node) < 5:
+        shape = attr(node, "shape")
+        return None if shape is None else np.asarray(shape, np.int64)
+    target = folded_constant(_input(node, 1))
+    if target is not None and node_opset(node) >= 14 and attr(node, "allowzero") and not np.all(target):
+        return None
+    return target
 
 
 def rank_of(value: ir.Value) -> int | None:
@@ -318,8 +395,7 @@ def last_dim(value: ir.Value) -> int | None:
 
 
 def opset(model_or_graph: ir.Model | ir.Graph, domain: str = "") -> int:
-    imports = model_or_graph.opset_imports if isinstance(model_or_graph, ir.Graph) \
-        else model_or_graph.graph.opset_imports
+    imports = opset_imports(model_or_graph if isinstance(model_or_graph, ir.Graph) else model_or_graph.graph)
     return int(imports.get(domain, imports.get("ai.onnx", 0)))
 
 
@@ -331,6 +407,7 @@ class GraphEditor:
     def __init__(self, graph: ir.Graph, prefix: str = "flashnorm", main: ir.Graph | None = None):
         self.graph = graph
         self.main = main or graph
+        bind_scopes(self.main)
         self.prefix = prefix
         self.opset = opset(self.main)
         self._names = {v.name for v in _all_values(graph)} | {n.name for n in graph.all_nodes()}

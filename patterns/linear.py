@@ -308,15 +308,19 @@ def _conv(node: ir.Node, index: int, at: Where, n: int | None) -> Linear | Failu
     if bias is not None and const_array(bias) is None:
         return fail("Conv bias is not constant", bias)
     kernel = tuple(int(d) for d in tensor.shape[2:])
+    defer = fail("the Conv mixes rows" if any(k > 1 for k in kernel)      # the reason that always holds
+                 else "the deferred 1/RMS is not carried past a Conv", node)
+    return Linear(node, WeightRef(node.inputs[1], tensor), bias=bias, defer_blocker=defer, beta_blocker=at.beta)
+
+
+def conv_pads(node: ir.Node) -> bool:
+    """Whether a tap of the Conv reads its zero padding: there β's part of the output differs
+    from the interior's (rewriter/conv.py adds it as a map)."""
     pads = attr(node, "pads") or ()
     auto = attr(node, "auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
-    beta = at.beta
-    if any(pads) or auto not in ("NOTSET", "VALID") and any(k > 1 for k in kernel):
-        beta = beta or fail("Conv pads its input: β is not exact at the padded borders", node)
-    defer = fail("the Conv mixes rows" if any(k > 1 for k in kernel)      # the reason that always holds
-                 else "the deferred 1/RMS is not carried past a Conv", node)
-    return Linear(node, WeightRef(node.inputs[1], tensor), bias=bias, defer_blocker=defer, beta_blocker=beta)
+    kernel = const_tensor(node.inputs[1]).shape[2:]
+    return any(pads) or auto not in ("NOTSET", "VALID") and any(int(k) > 1 for k in kernel)
 
 
 # ops between a Concat's parts and their common source (Swin's roll: two Slices of one tensor)
@@ -466,7 +470,12 @@ def defer_blocker(site: Site) -> Failure | None:
         if weight_dtype(linear) == ir.DataType.FLOAT16:
             return fail(f"{linear.node.op_type} computes in fp16: its un-normalized output x·W (RMS(x) times "
                         "the original's) can overflow fp16 where the original's cannot", linear.node)
-    return next((linear.defer_blocker for linear in site.linears if linear.defer_blocker), None)
+    found = next((linear.defer_blocker for linear in site.linears if linear.defer_blocker), None)
+    padded = any(linear.conv and conv_pads(linear.node) for linear in site.linears)
+    if found and padded and site.beta is not None and np.any(site.beta):
+        found = fail(f"{found.reason} (it pads its input: β's part, which differs at the borders, is added "
+                     "after it by a Conv of ones)", found.at)
+    return found
 
 
 def beta_blocker(site: Site) -> Failure | None:
@@ -486,4 +495,4 @@ def weight_dtype(linear: Linear) -> ir.DataType:
     return dtype_of(linear.node.inputs[1]) or linear.weight.tensor.dtype
 
 
-__all__ = ["Linear", "ROW_MOVES", "WeightRef", "beta_blocker", "defer_blocker", "match_linears", "resolve_weight", "weight_dtype"]
+__all__ = ["Linear", "ROW_MOVES", "WeightRef", "beta_blocker", "conv_pads", "defer_blocker", "match_linears", "resolve_weight", "weight_dtype"]

@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from .base import Failure, Miss, Site, fail
 from .graph import (attr, broadcast_scalar, const_array, is_float, op, rank_of, reduce_axes,
-                              same_source, value_users)
+                    reshape_target, same_source, value_users)
 
 
 DEFERRED = "1/RMS is not applied to its own input (a deferred scale: already rewritten)"
@@ -39,9 +39,9 @@ def squared_input(node: ir.Node | None) -> ir.Value | None:
 
 def is_last_axis_reduce(node: ir.Node, x: ir.Value) -> bool:
     """A ReduceMean over the last axis only, keeping it (a per-row statistic)."""
-    axes = reduce_axes(node)
     rank = rank_of(x)
-    return attr(node, "keepdims", 1) == 1 and axes is not None and len(axes) == 1 and (
+    axes = reduce_axes(node, rank)
+    return attr(node, "keepdims") == 1 and axes is not None and len(axes) == 1 and (
         axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
 
 
@@ -187,7 +187,7 @@ def match_group_merge(value: ir.Value, nodes: list[ir.Node]):
     if merge is None or shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[-2:]):
         return None
     groups, n = int(shape[-2]), int(shape[-1])
-    target, out = const_array(merge.inputs[1]), merge.outputs[0].shape
+    target, out = reshape_target(merge), merge.outputs[0].shape
     last = int(target[-1]) if target is not None and target.size else \
         (out[-1] if out is not None and len(out) and isinstance(out[-1], int) else None)
     rank = target.size if target is not None else (len(out) if out is not None else None)

@@ -11,7 +11,7 @@ from rewriter.patterns.graph import attr
 def conv_channels(linear: Linear, per_channel: np.ndarray, w: np.ndarray) -> np.ndarray:
     """A per-input-channel vector laid out against the Conv weight `w`: entry [o, j] is input
     channel (o // (O/group))·(C/group) + j."""
-    group = int(attr(linear.node, "group", 1))
+    group = int(attr(linear.node, "group"))
     out, width = w.shape[0], w.shape[1]
     channels = (np.arange(out)[:, None] // (out // group)) * width + np.arange(width)[None, :]
     values = np.broadcast_to(per_channel, (width * group,))[channels]

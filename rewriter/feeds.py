@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.errors import BadInput, CannotRun
-from rewriter.patterns.graph import attr, const_tensor, op
+from rewriter.patterns.graph import attr, bind_scopes, const_tensor, op
 
 # attention-cache ops: {input index of a past: (output index of its present, cache axis)}
 KV_OPS = {
@@ -154,6 +154,7 @@ def signature(source) -> Signature:
     not read)."""
     model = load(source)
     graph = model.graph
+    bind_scopes(graph)      # attributes read in nested bodies take their defaults at the model's opset
     inputs = []
     for value in graph.inputs:
         if value.name in graph.initializers:      # IR < 4: an initializer listed as an input
@@ -264,7 +265,7 @@ def _cache_use(value: ir.Value):
     rank = len(value.shape) if value.shape is not None else None
     for node, idx in _forward(value):
         if op(node, "Concat", domain="") and rank:
-            axis = attr(node, "axis", 0) % rank
+            axis = attr(node, "axis") % rank
             present = _concatenated_output(node, axis, rank)
             if present:
                 return present, axis, _concat_sizes(node, value, axis)
@@ -284,7 +285,7 @@ def _concatenated_output(node: ir.Node, axis: int, rank: int, depth: int = 0) ->
     if present or depth > 3:
         return present
     for reader, _ in _forward(node.outputs[0]):
-        if op(reader, "Concat", domain="") and attr(reader, "axis", 0) % rank == axis:
+        if op(reader, "Concat", domain="") and attr(reader, "axis") % rank == axis:
             found = _concatenated_output(reader, axis, rank, depth + 1)
             if found:
                 return found
@@ -340,10 +341,10 @@ def _width(value: ir.Value | None, depth: int = 0) -> int | None:
         return None
     if op(node, "MatMul", "FusedMatMul") and const_tensor(node.inputs[1]) is not None:
         dims = const_tensor(node.inputs[1]).shape
-        return int(dims[-2] if attr(node, "transB", 0) else dims[-1])
+        return int(dims[-2] if node.op_type == "FusedMatMul" and attr(node, "transB") else dims[-1])
     if op(node, "Gemm") and const_tensor(node.inputs[1]) is not None:
         dims = const_tensor(node.inputs[1]).shape
-        return int(dims[0] if attr(node, "transB", 0) else dims[1])
+        return int(dims[0] if attr(node, "transB") else dims[1])
     if op(node, "MatMulNBits", domain="com.microsoft"):
         return attr(node, "N")
     if op(node, "Add", "Sub", *PASS_THROUGH):

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter.patterns.graph import (GraphEditor, attr, cast_to, const_array, const_tensor, dtype_of, holds,
-                                     op, rank_of, reads_type_only, set_dtype, users)
+                                     op, rank_of, reads_type_only, set_dtype, slice_axes, users)
 
 D = ir.DataType
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
@@ -218,19 +218,15 @@ def slice_(w, node, ins) -> Outs:
     state = ins[0]
     if not state or not _only(ins, 0):
         return None
-    if len(node.inputs) > 3 and node.inputs[3] is not None:
-        axes = const_array(node.inputs[3])
-    else:       # no axes: the starts cover the leading axes
-        starts = const_array(node.inputs[1])
-        axes = None if starts is None else np.arange(np.atleast_1d(starts).size)
-    ok = axes is not None and _off_rows(np.atleast_1d(axes), state, rank_of(node.inputs[0]))
+    axes = slice_axes(node)
+    ok = axes is not None and _off_rows(axes, state, rank_of(node.inputs[0]))
     return [state] if ok else None
 
 
 def split(w, node, ins) -> Outs:
     """Splitting along a feature axis: every part keeps the factor."""
     state = ins[0]
-    ok = state and _only(ins, 0) and _off_rows([attr(node, "axis", 0)], state, rank_of(node.inputs[0]))
+    ok = state and _only(ins, 0) and _off_rows([attr(node, "axis")], state, rank_of(node.inputs[0]))
     return [state] * len(node.outputs) if ok else None
 
 
@@ -239,7 +235,7 @@ def concat(w, node, ins) -> Outs:
     first = ins[0]
     if first is None or not all(first.same_factor(s) for s in ins):
         return None
-    return [first] if _off_rows([attr(node, "axis", 0)], first, rank_of(node.inputs[0])) else None
+    return [first] if _off_rows([attr(node, "axis")], first, rank_of(node.inputs[0])) else None
 
 
 def rotary(w, node, ins) -> Outs:

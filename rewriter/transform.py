@@ -14,7 +14,7 @@ from rewriter.patterns import Linear, Site
 from rewriter.patterns.linear import weight_dtype
 from rewriter.patterns.graph import (GraphEditor, attr, const_array, dtype_of, exact_source, holds, op,
                                      rank_of, residual_add, set_dtype, users)
-from rewriter.conv import conv_beta_delta, folded_conv_weight
+from rewriter.conv import add_conv_beta, conv_beta_kernel, folded_conv_weight
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight, gemm_bias
@@ -134,8 +134,8 @@ class Rewriter:
         return self.beta_delta(site, linear)
 
     def fold_conv(self, site: Site, linear: Linear) -> np.ndarray | None:
-        """W[:, c, ...]·γ[c] (float64, cast back once); returns Σ W[o, c, ...]·β[c] (the bias
-        delta, exact when the Conv does not pad)."""
+        """W[:, c, ...]·γ[c] (float64, cast back once); returns β's part, Σ_c W[o, c, ...]·β[c]
+        per tap (rewriter/conv.py)."""
         ref = linear.weight
         if site.gain is not None and not np.all(site.gain == 1):
             gain, dtype = site.gain.astype(np.float64).reshape(-1), ref.tensor.dtype
@@ -176,11 +176,12 @@ class Rewriter:
 
     @staticmethod
     def beta_delta(site: Site, linear: Linear) -> np.ndarray | None:
-        """α·β·W: what β adds after the linear (None when β is absent)."""
+        """α·β·W: what β adds after the linear (a Conv: its kernel, conv_beta_kernel; None when
+        β is absent)."""
         if site.beta is None or not np.any(site.beta):
             return None
         if linear.conv:
-            return conv_beta_delta(linear, site.beta.astype(np.float64).reshape(-1))
+            return conv_beta_kernel(linear, site.beta.astype(np.float64).reshape(-1))
         return _alpha(linear) * beta_through_weight(linear.weight, site.beta.astype(np.float64))
 
     def gain_before(self, site: Site, linear: Linear, center: bool) -> None:
@@ -201,15 +202,10 @@ class Rewriter:
         """Apply the linear's bias (+ β·W delta) after `after`: in place when the bias stays
         where it is, otherwise as an Add following `after`."""
         node = linear.node
-        if linear.conv:         # fold only: the delta joins the Conv's bias
-            if delta is not None:
-                c = const_array(linear.bias) if linear.bias is not None else None
-                dtype = dtype_of(linear.output) or F32
-                new = delta if c is None else c.astype(np.float64) + delta
-                bias = self.edit.initializer(new.astype(c.dtype if c is not None else dtype.numpy()), "conv_bias")
-                if len(node.inputs) < 3:
-                    node.resize_inputs(3)
-                node.replace_input_with(2, bias)
+        if linear.conv:         # fold only: β's part joins the Conv's bias, or (padded) follows it
+            border = add_conv_beta(self.edit, linear, delta) if delta is not None else None
+            if border is not None:
+                self.insert_after(after, lambda v: self.edit.op1("Add", v, border, hint="beta_border"))
             return
         gemm_c = op(node, "Gemm", domain="") and linear.bias is not None
         if op(node, "Gemm", domain="") and not detach_gemm_bias and (gemm_c or linear.bias_add is None):

@@ -22,6 +22,10 @@ KNOWN_DOMAINS = {"", "ai.onnx", "com.microsoft", "ai.onnx.ml", "pkg.onnxscript.t
 
 
 MAX_ONNX_OPSET = onnx.defs.onnx_opset_version()
+# onnxruntime guarantees opset 7 and later (it warns below that and has no kernel for most ops
+# before 7, e.g. Mul-6 with its broadcast/axis attributes); the patterns read every op of 7 and
+# later by its own signature (rewriter.patterns.graph: Pad, Slice, Reduce*, Reshape accessors)
+MIN_ONNX_OPSET = 7
 
 
 # ops onnxruntime registers in the ONNX domain although the ONNX standard has no such op (at
@@ -41,6 +45,14 @@ def check_supported(model: ir.Model) -> None:
         raise Unsupported(f"opset {version} is newer than this onnx supports ({MAX_ONNX_OPSET})")
     if version < 1:
         raise Unsupported(f"invalid default opset version {version}")
+    if version < MIN_ONNX_OPSET:
+        raise Unsupported(f"opset {version} is older than onnxruntime supports ({MIN_ONNX_OPSET} and later): "
+                          "upgrade it first (onnx.version_converter.convert_version)")
+    for function in model.functions.values():
+        own = function.opset_imports.get("", function.opset_imports.get("ai.onnx"))
+        if own is not None and own < MIN_ONNX_OPSET:
+            raise Unsupported(f"function {function.name!r} imports opset {own}, older than onnxruntime "
+                              f"supports ({MIN_ONNX_OPSET} and later)")
     local = {domain for domain, _, _ in model.functions}
     for node in model.graph.all_nodes():
         if node.domain not in KNOWN_DOMAINS and node.domain not in local:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # module -> layer: a module imports only modules of a lower layer (README, Layout)
 LAYERS = {
     "rewriter.errors": 0, "rewriter.args": 1,
-    "rewriter.patterns.graph": 1, "rewriter.patterns.base": 2, "rewriter.patterns.rmsnorm": 3,
+    "rewriter.patterns.schema": 0.5, "rewriter.patterns.graph": 1, "rewriter.patterns.base": 2, "rewriter.patterns.rmsnorm": 3,
     "rewriter.patterns.fused": 4, "rewriter.patterns.layernorm": 4, "rewriter.patterns.linear": 4,
     "rewriter.patterns": 5,
     "rewriter.feeds": 9,
