@@ -110,11 +110,12 @@ def test_conv_with_padding_folds_gamma_only(tmp_path):
     assert_exact(diffs)
 
 
-def test_conv_with_padding_and_beta_does_not_fire(tmp_path):
+def test_conv_with_padding_and_beta_folds_gamma_and_adds_beta_by_border(tmp_path):
+    """Zero padding: β's part differs at the borders, added after the Conv (tests/test_conv_pad.py)."""
     report, diffs, _ = rewrite_and_run(conv_graph("layer", pads=(1, 1, 1, 1)), tmp_path)
-    assert report.rewritten == 0
-    assert report.sites[0].reason == "Conv pads its input: β is not exact at the padded borders"
-    assert_exact(diffs, tol=0)
+    assert (report.rewritten, report.sites[0].strategy) == (1, "fold")
+    assert "it pads its input" in report.sites[0].reason
+    assert_exact(diffs)
 
 
 def test_conv_reading_another_axis_as_channels_does_not_fire(tmp_path):
@@ -337,22 +338,18 @@ def test_concat_with_a_part_that_permutes_features_does_not_fire(tmp_path):
 
 
 @pytest.mark.parametrize("group", [2, C])
-@pytest.mark.parametrize("kind,pads,fires", [("rms", 1, True), ("layer", 0, True), ("layer", 1, False)])
-def test_grouped_and_depthwise_conv(group, kind, pads, fires, tmp_path):
+@pytest.mark.parametrize("kind,pads", [("rms", 1), ("layer", 0), ("layer", 1)])
+def test_grouped_and_depthwise_conv(group, kind, pads, tmp_path):
     """ConvNeXt's depthwise 7×7 (here 3×3) after the stem LN: γ folds per input channel of each
-    group; β only without padding."""
+    group; β into the bias, or with padding as a map added after the Conv."""
     g = GraphBuilder()
     y = g.op("Transpose", [norm(g, g.input("x", [B, H, W, C]), kind)], perm=[0, 3, 1, 2])
     w = g.const(g.rng.standard_normal((2 * group, C // group, 3, 3)).astype(np.float32) * 0.2, "conv_w")
     b = g.const(g.rng.standard_normal(2 * group).astype(np.float32), "conv_b")
     g.output(g.op("Conv", [y, w, b], kernel_shape=[3, 3], pads=[pads] * 4, group=group))
     report, diffs, _ = rewrite_and_run(g.model(), tmp_path)
-    if fires:
-        assert (report.rewritten, report.sites[0].strategy) == (1, "fold")
-        assert_exact(diffs)
-    else:
-        assert report.rewritten == 0 and report.sites[0].reason.startswith("Conv pads its input")
-        assert_exact(diffs, tol=0)
+    assert (report.rewritten, report.sites[0].strategy) == (1, "fold")
+    assert_exact(diffs)
 
 
 def test_moe_experts_sliced_from_a_stacked_constant(tmp_path):
