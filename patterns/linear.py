@@ -13,9 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import Failure, Linear, Site, WeightRef, fail
-from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, folded_constant, holds,
-                    is_cast, op, static_shape,
-                    rank_of, reads_type_only, through_casts, users)
+from .graph import (attr, cast_to, const_array, const_tensor, dtype_of, exact_source, holds, is_cast, op,
+                    pad_spec, rank_of, reads_type_only, reshape_target, slice_axes, static_shape, through_casts,
+                    transpose_perm, users)
 
 # activation-side ops the normalized tensor may pass through on its way to a linear
 TRANSPARENT = ("Cast", "CastLike", "Identity", "Reshape")
@@ -35,7 +35,7 @@ def resolve_weight(value: ir.Value, transposed: bool) -> WeightRef | None:
         if expert is not None:          # one expert's matrix of a stacked [E, n, k] constant
             return WeightRef(value, expert, tuple(reversed(steps)), transposed)
         if op(node, "Transpose", domain=""):
-            steps.append(("transpose", tuple(attr(node, "perm", (1, 0)))))
+            steps.append(("transpose", tuple(transpose_perm(node, 2))))
         elif is_cast(node) and cast_to(node) is not None:
             steps.append(("cast", cast_to(node).numpy()))
         elif not op(node, "Identity", domain=""):
@@ -46,7 +46,7 @@ def resolve_weight(value: ir.Value, transposed: bool) -> WeightRef | None:
 def _expert_slice(node: ir.Node | None) -> ir.TensorProtocol | None:
     """Gather(stacked, constant scalar e, axis 0) of a constant [E, n, k] (transformers' MoE
     experts: gate_up_proj / down_proj stacked): expert e's matrix, as a tensor of its own."""
-    if not op(node, "Gather", domain="") or int(attr(node, "axis", 0)) != 0:
+    if not op(node, "Gather", domain="") or int(attr(node, "axis")) != 0:
         return None
     table, index = const_tensor(node.inputs[0]), const_array(node.inputs[1])
     if table is None or len(table.shape) != 3 or index is None or index.size != 1 or index.ndim > 1:
@@ -62,13 +62,13 @@ def _stacked_expert(node: ir.Node, path) -> Linear | Failure | None:
     while op(source.producer(), "Transpose", "Identity", domain=""):
         producer = source.producer()
         if op(producer, "Transpose", domain=""):
-            if tuple(attr(producer, "perm", (1, 0))) != (1, 0):
+            if tuple(transpose_perm(producer, 2)) != (1, 0):
                 return None
             flips += 1
         source = producer.inputs[0]
     gather = source.producer()
     if not op(node, "MatMul", domain="") or not op(gather, "Gather", domain="") or \
-            int(attr(gather, "axis", 0)) != 0:
+            int(attr(gather, "axis")) != 0:
         return None
     table = const_tensor(gather.inputs[0])
     index = gather.inputs[1]
@@ -132,13 +132,13 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
     if op(node, "MatMul", domain=""):
         transposed = False
     elif op(node, "Gemm", domain=""):
-        if attr(node, "transA", 0):
+        if attr(node, "transA"):
             return fail("Gemm with transA=1 (normalized axis is not the contraction axis)", node)
-        transposed = bool(attr(node, "transB", 0))
+        transposed = bool(attr(node, "transB"))
     elif op(node, "FusedMatMul", domain="com.microsoft"):
-        if attr(node, "transA", 0) or attr(node, "transBatchA", 0) or attr(node, "transBatchB", 0):
+        if attr(node, "transA") or attr(node, "transBatchA") or attr(node, "transBatchB"):
             return fail("FusedMatMul with transposed A", node)
-        transposed = bool(attr(node, "transB", 0))
+        transposed = bool(attr(node, "transB"))
     else:
         return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
     ref = resolve_weight(node.inputs[1], transposed)
@@ -170,7 +170,7 @@ def _keeps_last_axis(node: ir.Node, n: int | None) -> bool:
         return True
     if op(node, "Reshape", domain="") and n is not None:
         # rows may be merged or split, the last axis must stay whole: [.., n] → [.., n]
-        target = folded_constant(node.inputs[1])
+        target = reshape_target(node)
         if target is not None and target.size >= 1 and int(target[-1]) == -1:    # inferred: from the sizes
             src = static_shape(node.inputs[0])
             rest = [int(d) if d != 0 else (src[i] if src and i < len(src) else 0) for i, d in enumerate(target[:-1])]
@@ -224,9 +224,9 @@ def row_move(node: ir.Node, index: int, at: Where, from_norm) -> Where | Failure
     `node` is not one."""
     rank = rank_of(node.outputs[0])
     if op(node, "Transpose"):
-        perm = attr(node, "perm")
+        perm = transpose_perm(node, rank_of(node.inputs[0]) or at.rank)
         if perm is None:
-            return fail("Transpose without perm", node)
+            return fail("Transpose without perm, rank unknown", node)
         r = len(perm)
         pos = tuple(perm).index(r + at.axis) if -r <= at.axis < 0 else None
         if pos is None:
@@ -235,18 +235,16 @@ def row_move(node: ir.Node, index: int, at: Where, from_norm) -> Where | Failure
     if index != 0 and not op(node, "Concat"):
         return fail(f"{node.op_type} reads the normalized tensor as input {index}", node)
     if op(node, "Slice"):
-        axes = const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else \
-            (np.arange(len(const_array(node.inputs[1]))) if const_array(node.inputs[1]) is not None else None)
-        return _axes_avoid(node, axes, at) or at.to(rank=rank or at.rank)
+        return _axes_avoid(node, slice_axes(node), at) or at.to(rank=rank or at.rank)
     if op(node, "Split"):
-        return _axes_avoid(node, [attr(node, "axis", 0)], at) or at.to(rank=rank or at.rank)
+        return _axes_avoid(node, [attr(node, "axis")], at) or at.to(rank=rank or at.rank)
     if op(node, "Concat"):
         for part in node.inputs:
             if not from_norm(part):
                 return fail("Concat joins the normalized rows with rows from elsewhere", part)
         return _axes_avoid(node, [attr(node, "axis")], at) or at.to(rank=rank or at.rank)
     if op(node, "Gather"):
-        g = at.neg(int(attr(node, "axis", 0)))
+        g = at.neg(int(attr(node, "axis")))
         if g is None:
             return fail("Gather axis cannot be placed (rank unknown)", node)
         if g == at.axis:
@@ -255,18 +253,18 @@ def row_move(node: ir.Node, index: int, at: Where, from_norm) -> Where | Failure
             return fail("Gather along an axis after the normalized one (not followed)", node)
         return at.to(rank=rank)
     if op(node, "Pad"):
-        pads = folded_constant(node.inputs[1]) if len(node.inputs) > 1 else attr(node, "pads")
-        if pads is None or len(node.inputs) > 3 and node.inputs[3] is not None:
+        pads, value, mode = pad_spec(node, rank_of(node.inputs[0]) or at.rank)
+        if pads is None:
             return fail("Pad amounts (or axes) are not constant", node)
-        pads = np.asarray(pads).reshape(2, -1)
         r = pads.shape[1]
         if not -r <= at.axis < 0 or pads[:, r + at.axis].any():
             return fail("Pad pads the normalized axis", node)
         if not pads.any():
             return at.to(rank=r)                              # no row added: an identity
-        value = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else 0.0
-        if attr(node, "mode", "constant") not in ("constant", b"constant") or value is None or np.any(value):
-            return fail("Pad adds rows that are not zero (a gain would scale them)", node)
+        if mode != "constant" or value is None or np.any(value):
+            why = f"mode {mode}" if mode != "constant" else "fill value not constant" if value is None else \
+                f"fill value {np.asarray(value).reshape(-1)[0]:g}"
+            return fail(f"Pad adds rows that are not zero ({why}): a gain would scale them", node)
         why = "Pad adds zero rows"
         return at.to(rank=r, defer=at.defer or fail(f"{why}: the deferred 1/RMS is not carried past it", node),
                      beta=at.beta or fail(f"{why}: β folded into a bias would appear on them", node))
@@ -278,7 +276,7 @@ def _reshape_rows(node: ir.Node, at: Where) -> Where | Failure:
     → [B, C, H, W] before its spatial-reduction Conv): a row move when every axis up to the
     normalized one keeps its size, so only the rows after it are relabeled. The deferred scale is
     not reshaped along (fold only)."""
-    target, src = folded_constant(node.inputs[1]), static_shape(node.inputs[0])
+    target, src = reshape_target(node), static_shape(node.inputs[0])
     if target is None or src is None or at.axis + len(src) < 0:
         return fail("Reshape of the transposed normalized tensor with sizes unknown", node)
     p = at.axis + len(src)
@@ -299,7 +297,7 @@ def _conv(node: ir.Node, index: int, at: Where, n: int | None) -> Linear | Failu
     rank = at.rank or rank_of(node.inputs[0])
     if rank is None or at.axis + rank != 1:
         return fail("Conv input channels are not the normalized axis", node)
-    group = int(attr(node, "group", 1))
+    group = int(attr(node, "group"))
     tensor = const_tensor(node.inputs[1])
     if tensor is None or len(users(node.inputs[1])) != 1 or \
             (n is not None and int(tensor.shape[1]) * group != n) or int(tensor.shape[0]) % group:
@@ -317,7 +315,7 @@ def conv_pads(node: ir.Node) -> bool:
     """Whether a tap of the Conv reads its zero padding: there β's part of the output differs
     from the interior's (rewriter/conv.py adds it as a map)."""
     pads = attr(node, "pads") or ()
-    auto = attr(node, "auto_pad", "NOTSET")
+    auto = attr(node, "auto_pad")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     kernel = const_tensor(node.inputs[1]).shape[2:]
     return any(pads) or auto not in ("NOTSET", "VALID") and any(int(k) > 1 for k in kernel)
@@ -400,8 +398,8 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
                 if not _keeps_last_axis(node, n):
                     return fail(f"{node.op_type} changes the normalized axis or dtype", node)
                 rank = rank_of(node.outputs[0])
-                if rank is None and op(node, "Reshape", domain="") and folded_constant(node.inputs[1]) is not None:
-                    rank = int(folded_constant(node.inputs[1]).size)
+                if rank is None and op(node, "Reshape", domain="") and reshape_target(node) is not None:
+                    rank = int(reshape_target(node).size)
                 failure = walk(node.outputs[0], path + (node,),
                                at.to(rank=rank if op(node, "Reshape", domain="") else rank or at.rank))
                 if failure:

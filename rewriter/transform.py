@@ -23,7 +23,7 @@ F32 = ir.DataType.FLOAT
 
 
 def _alpha(linear: Linear) -> float:
-    return float(attr(linear.node, "alpha", 1.0)) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
+    return float(attr(linear.node, "alpha")) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
 
 
 class Rewriter:
@@ -212,13 +212,13 @@ class Rewriter:
             if delta is not None:       # C' = β·C + α·β_LN·W, beta := 1 (β may be 0: C' is exact for any β)
                 c = const_array(linear.bias) if gemm_c else None
                 dtype = c.dtype if c is not None else (dtype_of(linear.output) or F32).numpy()
-                new = delta if c is None else gemm_bias(c, float(attr(node, "beta", 1.0)), delta)
+                new = delta if c is None else gemm_bias(c, float(attr(node, "beta")), delta)
                 node.resize_inputs(3)
                 node.replace_input_with(2, self.edit.initializer(new.astype(dtype), "bias"))
                 node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
             return
         if gemm_c:          # the scale must come before the bias: take C out of the Gemm
-            c = const_array(linear.bias).astype(np.float64) * float(attr(node, "beta", 1.0))
+            c = const_array(linear.bias).astype(np.float64) * float(attr(node, "beta"))
             node.resize_inputs(2)
             delta = c if delta is None else c + delta
         elif linear.bias_add is not None and delta is not None:
