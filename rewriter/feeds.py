@@ -155,7 +155,6 @@ def signature(source) -> Signature:
     model = load(source)
     graph = model.graph
     bind_scopes(graph)      # attributes read in nested bodies take their defaults at the model's opset
-    bind_scopes(graph)      # attributes read in nested bodies take their defaults at the model's opset
     inputs = []
     for value in graph.inputs:
         if value.name in graph.initializers:      # IR < 4: an initializer listed as an input
