@@ -16,12 +16,13 @@ is left unchanged).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import onnx_ir as ir
 
 from rewriter import io
-from rewriter.errors import CannotRun, NothingToRewrite, RewriterError, VerificationFailed, first_line
+from rewriter.errors import BadInput, CannotRun, NothingToRewrite, RewriterError, VerificationFailed, first_line
 from rewriter.passes import infer_shapes, run_pipeline  # noqa: F401 (infer_shapes: calibrate, tests)
 from rewriter.plan import Options
 from rewriter.report import Report
@@ -33,13 +34,16 @@ def rewrite_ir(model: ir.Model, options: Options) -> Report:
     return run_pipeline(model, options).report
 
 
-def rewrite(model, **options):
+def rewrite(model, *, base_dir=None, **options):
     """Rewrite `model` (path, ModelProto, onnx_ir.Model, graphsurgeon Graph or ONNXProgram).
 
     `options` are the fields of rewriter.Options (mode="defer"|"fold", target="portable"|
-    "ort-cpu"|"ort-cuda", clone_shared, push_scales, approx). Returns (the rewritten model
-    as the same kind of thing — an onnx_ir.Model for a path —, Report)."""
-    loaded, kind = io.load(model)
+    "ort-cpu"|"ort-cuda", clone_shared, push_scales, approx). `base_dir`: the folder the
+    external data of a model handed in memory lies in (`onnx.load(p, load_external_data=False)`:
+    p's folder; default: where an onnx_ir.Model's tensors say, else the current directory).
+    Returns (the rewritten model as the same kind of thing — an onnx_ir.Model for a path —,
+    Report). Bad input raises rewriter.errors.BadInput / Unsupported (see errors.py)."""
+    loaded, kind = io.load(model, base_dir=base_dir)
     report = rewrite_ir(loaded, Options(**options))
     return io.to_kind(loaded, kind, model), report
 
@@ -48,7 +52,11 @@ def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance:
                   provider: str | None = None, **shape) -> list:
     """Run both models under onnxruntime on the same inputs and compare their outputs.
     Returns the per-output diffs; raises VerificationFailed (with them) when any differs beyond
-    the tolerance, CannotRun when onnxruntime cannot load or run either model."""
+    the tolerance, CannotRun when onnxruntime cannot load or run either model, BadInput when a
+    path is no file."""
+    for model in (original, rewritten):
+        if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
+            raise BadInput(f"{model}: {'a directory' if Path(model).is_dir() else 'no such file'}, not a model file")
     try:
         diffs = compare_outputs(original, rewritten, inputs=inputs, tolerance=tolerance, provider=provider, **shape)
     except (RewriterError, KeyboardInterrupt):
@@ -99,6 +107,12 @@ def _keep_failed(model: ir.Model, src, dst, exc: RewriterError) -> RewriterError
     return kept
 
 
+def _unchanged(report: Report, options: Options) -> bool:
+    """No site was rewritten and no peer fusion was asked for (an ort-* target composes them):
+    the output is the input's own bytes, not a re-serialization of the same graph."""
+    return report.rewritten == 0 and not (options.measured and options.compose is not False)
+
+
 def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None = None,
                  require_norms: bool = True, progress=None, verify=False, keep_failed: bool = False,
                  also_writes: dict | None = None, options: Options | None = None, **fields) -> Report:
@@ -115,6 +129,9 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
     written (VerificationFailed). `options` (or its `fields` as
     keywords) say how each site is rewritten."""
     opts = options if options is not None else Options(**fields)
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"rewrite_file reads a model file: got a {type(src).__name__} (rewrite() takes "
+                        "a model in memory; save what it returns)")
     io.check_target(Path(dst), "output")        # fail before a long rewrite, not after
     model, _ = io.load(src)
     report = rewrite_ir(model, opts)
@@ -128,7 +145,7 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
             check_approx(src, tmp_model, report, diffs if isinstance(diffs, list) else None)
     try:
         io.save(model, dst, external_data=external_data, overwrite=overwrite, source=src, progress=progress,
-                before_commit=before_commit, also_writes=also_writes)
+                before_commit=before_commit, also_writes=also_writes, unchanged=_unchanged(report, opts))
     except (VerificationFailed, CannotRun) as exc:
         if keep_failed:
             raise _keep_failed(model, src, dst, exc) from exc

@@ -15,8 +15,9 @@ Exit codes (rewriter/errors.py):
     4  unsupported or invalid model: unknown opset or domain, dangling edge, cycle, a node or
        types/shapes that onnx.checker or strict shape inference reject
     5  cannot write the output: it (or --report, or the external data) would replace the input
-       or its external data without --overwrite, a file another model references, or something
-       that is not a regular file (a device, FIFO, directory or symlink); nothing is written
+       or its external data without --overwrite, the output itself, a file another model
+       references, a file of the input folder or one the output folder holds (folder mode), or
+       something that is not a regular file (a device, FIFO, directory or symlink); nothing is written
     6  no normalization found (nothing written)
     7  internal error, i.e. a bug: an exception nobody foresaw, or a rewritten model that fails
        its own checks (rerun with --debug, report it)

@@ -22,11 +22,15 @@ from rewriter.patterns.graph import initializers
 
 
 def check_external_name(name: str, path: Path) -> None:
+    """A data name is a plain file name, written beside the output `path`: a path (a separator,
+    `..`, absolute) is a usage error, never resolved somewhere else; the output's own name is
+    refused like every other file the run must not replace."""
     parts = Path(name).parts
     if not name or os.path.isabs(name) or len(parts) != 1 or name in (".", ".."):
         raise UsageError(f"--external-data {name!r}: give a file name (it is written beside the output)")
     if name == path.name:
-        raise UsageError(f"--external-data {name!r}: must differ from the output file name")
+        raise OutputError(f"--external-data {name!r}: is the output model's own name; refusing to write its "
+                          "weights over it (choose another name)")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError as exc:   # a name from os.fsdecode of non-UTF-8 bytes
@@ -56,7 +60,7 @@ def check_target(path: Path, what: str) -> None:
         raise OutputError(f"{what} {path}: is {kind}, not a regular file; refusing to replace it")
 
 
-def _proto_tensors(graph: onnx.GraphProto):
+def proto_tensors(graph: onnx.GraphProto):
     """Every TensorProto of `graph` and its subgraphs (initializers and tensor attributes)."""
     yield from graph.initializer
     for node in graph.node:
@@ -66,16 +70,16 @@ def _proto_tensors(graph: onnx.GraphProto):
             elif attr.type == onnx.AttributeProto.TENSORS:
                 yield from attr.tensors
             elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_tensors(attr.g)
+                yield from proto_tensors(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _proto_tensors(sub)
+                    yield from proto_tensors(sub)
 
 
 _LOCATION_ENTRY = b"\x0a\x08location"     # the serialized key of an external_data "location" entry
 
 
-def _mentions_external_data(model_path: Path) -> bool:
+def mentions_external_data(model_path: Path) -> bool:
     """False when the file cannot reference external data (no "location" key in its bytes):
     a byte search, so that a large model with inline weights is not parsed for nothing."""
     import mmap
@@ -89,14 +93,14 @@ def _mentions_external_data(model_path: Path) -> bool:
 def data_files_of(model_path: Path) -> set[str]:
     """Resolved paths of the external data files the model at `model_path` references (its
     graph is parsed, no weight is read); nothing for a file that is not a model."""
-    if not _mentions_external_data(model_path):
+    if not mentions_external_data(model_path):
         return set()
     try:
         proto = onnx.load(str(model_path), format="protobuf", load_external_data=False)
     except Exception:
         return set()
     return {str((model_path.parent / entry.value).resolve())
-            for tensor in _proto_tensors(proto.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for tensor in proto_tensors(proto.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
             for entry in tensor.external_data if entry.key == "location"}
 
 

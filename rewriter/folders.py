@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rewriter.api import rewrite_file
 from rewriter.errors import BadInput, OutputError, UsageError
-from rewriter.files import data_files_of, remove_stale_temporaries, temp_prefix
+from rewriter.files import check_external_name, data_files_of, remove_stale_temporaries, temp_prefix
 from rewriter.report import Report
 
 GENAI_CONFIG = "genai_config.json"
@@ -58,16 +58,29 @@ def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = Fal
         raise UsageError("--keep-failed is for a single model: on a folder nothing is written when "
                          "--verify fails (rewrite the decoder file itself to keep it)")
     _check_destination(src, dst, overwrite)
+    copies = _files_to_copy(src, decoder)
+    held = {path.relative_to(src) for path in copies} | {decoder.relative_to(src)}
+    data_name = settings.get("external_data")
+    _check_data_name(data_name, decoder.relative_to(src), held)
+    also_writes = settings.pop("also_writes", None) or {}
+    data = decoder.relative_to(src).with_name(str(data_name or f"{decoder.name}.data"))
+    _check_also_written(also_writes, src, dst, held | {data})
     remove_stale_temporaries(dst.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
     except OSError as exc:
         raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
     try:
-        _copy_others(src, tmp, decoder)
+        _copy(copies, src, tmp)
         target = tmp / decoder.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
-        report = rewrite_file(decoder, target, **settings)
+        # a file written later inside OUT_DIR is checked where it lies now, in the temporary
+        # folder: io.save then refuses it on the decoder's own output files (its data name)
+        inside = {what: _moved(Path(path), dst, tmp) for what, path in also_writes.items()}
+        try:
+            report = rewrite_file(decoder, target, also_writes=inside, **settings)
+        except OutputError as exc:      # say where the file will be, not where it is made
+            raise OutputError(str(exc).replace(str(tmp), str(dst))) from exc
         _commit(tmp, dst)
     except OSError as exc:
         raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
@@ -91,15 +104,55 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise OutputError(f"{dst}: folder exists and is not empty (pass --overwrite to replace it)")
 
 
-def _copy_others(src: Path, tmp: Path, decoder: Path) -> None:
-    """Every file of `src` but the decoder and the data files only it uses (symlinks are
-    copied as the files they point to: the Hugging Face cache's snapshots/ → blobs/)."""
+def _files_to_copy(src: Path, decoder: Path) -> list[Path]:
+    """Every file of `src` but the decoder and the data files only it uses."""
     others = [p for p in src.rglob("*") if p.is_file() and p != decoder]
     shared = set().union(*(data_files_of(p) for p in others if p.suffix.lower() == ".onnx"))
     own = data_files_of(decoder) - shared
-    for path in others:
-        if str(path.resolve()) in own:
-            continue
+    return [p for p in others if str(p.resolve()) not in own]
+
+
+def _check_data_name(name, decoder: Path, held: set[Path]) -> None:
+    """--external-data names a file beside the decoder in OUT_DIR: never one the folder holds
+    (its config, tokenizer, another component). The decoder's own data files are not copied,
+    so their names are free."""
+    if name is None:
+        return
+    check_external_name(str(name), decoder)
+    if decoder.parent / str(name) in held:
+        raise OutputError(f"--external-data {name!r}: the output folder holds {decoder.parent / str(name)} "
+                          "(copied from the input folder); refusing to write the decoder's weights over it "
+                          "(choose another name)")
+
+
+def _check_also_written(also_writes: dict, src: Path, dst: Path, held: set[Path]) -> None:
+    """Files the caller writes afterwards (the report) are none of the input folder's files
+    and none the output folder will hold (`held`: relative paths, the decoder's data file's
+    too; io.save checks once more on the data name it chooses)."""
+    files = [p for p in src.rglob("*") if p.is_file()]
+    # by the path inside the folder and by what it resolves to (a symlink into a blob store)
+    inputs = {str(p.resolve()) for p in files} | {str(src.resolve() / p.relative_to(src)) for p in files}
+    outputs = {str(dst.resolve() / rel) for rel in held}
+    for what, path in also_writes.items():
+        key = str(Path(path).resolve())
+        if key in inputs:
+            raise OutputError(f"{what} {path}: is a file of the input folder {src}; refusing to write over it")
+        if key in outputs or key == str(dst.resolve()):
+            raise OutputError(f"{what} {path}: is a file the output folder {dst} holds; refusing to write over it")
+
+
+def _moved(path: Path, dst: Path, tmp: Path) -> Path:
+    """`path` inside `tmp` if it lies inside `dst`, else itself."""
+    try:
+        return tmp / path.resolve().relative_to(dst.resolve())
+    except ValueError:
+        return path
+
+
+def _copy(copies: list[Path], src: Path, tmp: Path) -> None:
+    """Copy `copies` from `src` into `tmp` (symlinks are copied as the files they point to:
+    the Hugging Face cache's snapshots/ → blobs/)."""
+    for path in copies:
         target = tmp / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)

@@ -22,8 +22,9 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.errors import BadInput, InternalError, OutputError, Unsupported, UsageError, first_line
-from rewriter.files import (Siblings, check_also_written, check_target, commit, output_data_name,
-                            remove_stale_temporaries, temp_prefix, temporary_model_name)
+from rewriter.files import (Siblings, check_also_written, check_target, commit, mentions_external_data,
+                            output_data_name, proto_tensors, remove_stale_temporaries, temp_prefix,
+                            temporary_model_name)
 from rewriter.patterns.graph import has_external_data, initializers, weight_bytes
 from rewriter.validate import check_graph, check_structure, check_supported, drop_stale
 
@@ -49,12 +50,16 @@ def _kind(source) -> str:
                     "onnx_ir.Model, onnx_graphsurgeon.Graph or torch.onnx.ONNXProgram")
 
 
-def load(source) -> tuple[ir.Model, str]:
+def load(source, base_dir=None) -> tuple[ir.Model, str]:
     """(model, kind of `source`). A ModelProto or graphsurgeon graph is converted, never changed.
+    `base_dir`: the folder a handed model's external data lies in (default: where an
+    onnx_ir.Model says, else the current directory, as onnx_ir reads it); a path's own folder.
 
     Raises BadInput (not ONNX, truncated, missing external data) or Unsupported (unknown
     opset or domain, invalid graph) before anything is rewritten."""
     kind = _kind(source)
+    if kind == "path" and base_dir is not None:
+        raise UsageError("base_dir is for a model handed in memory: a path's external data lies beside it")
     if kind == "path":
         model = load_path(Path(source))
     elif kind == "proto":
@@ -70,6 +75,8 @@ def load(source) -> tuple[ir.Model, str]:
         except Exception as exc:
             raise Unsupported(f"invalid graph: graphsurgeon export failed ({first_line(exc)})") from exc
         model = _deserialize(proto, "model")
+    if kind != "path":
+        check_weights(model, base_dir)
     check_supported(model)
     for note in drop_stale(model, check_graph(model)):
         warnings.warn(note, stacklevel=2)
@@ -155,6 +162,23 @@ def _read_through_links(model: ir.Model) -> None:
                 base_dir=tensor.base_dir)
 
 
+def check_weights(model: ir.Model, base_dir=None) -> None:
+    """The external data of a model handed in memory (`base_dir`: the folder it lies in) is
+    where the model says, checked and read like a path's: a BadInput naming the tensor and the
+    file looked for, not the FileNotFoundError of the first read."""
+    if not has_external_data(model):
+        return
+    if base_dir is not None:
+        ir.external_data.set_base_dir(model.graph, str(base_dir))
+    try:
+        check_external_data(model, Path(base_dir) if base_dir is not None else Path.cwd())
+    except BadInput as exc:
+        raise BadInput(f"{exc}: pass the folder its weights lie in (rewrite(model, base_dir=...); "
+                       "onnx_ir: ir.external_data.set_base_dir(model.graph, folder)), or load the model "
+                       "with its external data") from exc
+    _read_through_links(model)
+
+
 def _readable(path: Path) -> str | None:
     """None when `path` opens for reading, else why not (stat alone does not say)."""
     try:
@@ -186,7 +210,8 @@ def check_external_data(model: ir.Model, base: Path) -> set[str]:
         if key not in sizes:
             sizes[key] = location.stat().st_size if location.is_file() else -1
         if sizes[key] < 0:
-            raise BadInput(f"external data file {tensor.location!r} of tensor {value.name!r} is missing")
+            raise BadInput(f"external data file {tensor.location!r} of tensor {value.name!r} is missing "
+                           f"(looked for {location})")
         if key not in unreadable:
             unreadable[key] = _readable(location)
         if unreadable[key]:
@@ -283,9 +308,47 @@ def _fold_ahead(model: ir.Model):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _copy_source(source: Path, tmp_model: Path, data_name: str | None) -> bool:
+    """Write the model file `source` unchanged as `tmp_model` (its weights in `data_name` beside
+    it): its own bytes, and its data file's, so a run that rewrote nothing hands on what it read.
+    When the data file is renamed, only the model's location entries change. False (nothing
+    written) where a copy cannot be the output: weights inline in one and external in the other,
+    or several data files to gather into one."""
+    locations = {entry.value for entry in _location_entries(_proto_without_weights(source))} \
+        if mentions_external_data(source) else set()
+    if not locations:
+        if data_name is not None:
+            return False
+        shutil.copyfile(source, tmp_model)
+        return True
+    if data_name is None or len(locations) != 1:
+        return False
+    (location,) = locations
+    shutil.copyfile(source.parent / location, tmp_model.parent / data_name)
+    if location == data_name:
+        shutil.copyfile(source, tmp_model)
+    else:
+        proto = _proto_without_weights(source)
+        for entry in _location_entries(proto):
+            entry.value = data_name
+        tmp_model.write_bytes(proto.SerializeToString())
+    return True
+
+
+def _proto_without_weights(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), format="protobuf", load_external_data=False)
+
+
+def _location_entries(proto: onnx.ModelProto):
+    """The "location" entries of every external tensor of `proto` (its graphs and subgraphs)."""
+    for tensor in proto_tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield from (entry for entry in tensor.external_data if entry.key == "location")
+
+
 def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: bool = False,
          source: str | os.PathLike | None = None, check: bool = True, progress=None,
-         before_commit=None, also_writes: dict | None = None) -> Path:
+         before_commit=None, also_writes: dict | None = None, unchanged: bool = False) -> Path:
     """Write `model` to `path` atomically: the graph is validated, everything goes to a
     temporary folder beside the target, is checked, then renamed into place (external data
     first, the model last); on any failure — an exception, Ctrl-C — nothing is left behind
@@ -296,7 +359,8 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
     itself with `overwrite`), or that another model in the folder references as external data.
     `before_commit(temporary_model_path)` runs on the complete, checked files before the rename
     (verification): when it raises, nothing is written. `also_writes` ({what: path}) names
-    files the caller writes afterwards (the report): refused if they are any of these files."""
+    files the caller writes afterwards (the report): refused if they are any of these files.
+    `unchanged`: `model` is `source` as it was read; its bytes are written (see _copy_source)."""
     path = Path(path)
     target_dir = path.parent if str(path.parent) else Path(".")
     if not target_dir.is_dir():
@@ -342,9 +406,10 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
         try:
             # one weight written at a time (onnx-ir's default: serial; unchanged external ones
             # copied in the kernel), the next folded one computed meanwhile: bounded memory
-            with _fold_ahead(model) if external_data else contextlib.nullcontext():
-                ir.save(model, tmp_model, format="protobuf", external_data=external_data,
-                        callback=callback, size_threshold_bytes=SAVE_INLINE_BYTES)
+            if not (unchanged and _copy_source(Path(source), tmp_model, external_data)):
+                with _fold_ahead(model) if external_data else contextlib.nullcontext():
+                    ir.save(model, tmp_model, format="protobuf", external_data=external_data,
+                            callback=callback, size_threshold_bytes=SAVE_INLINE_BYTES)
         except (OSError, KeyboardInterrupt):
             raise
         except Exception as exc:

@@ -30,7 +30,7 @@ from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from rewriter.costs import chooser_for
 from rewriter.errors import RewriterError, first_line
-from rewriter.io import DECLARED
+from rewriter.io import DECLARED, check_weights
 from rewriter.patterns import RULES, find_sites
 from rewriter.patterns.graph import initializers
 from rewriter.feeds import signature
@@ -60,6 +60,7 @@ class FlashNormPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> FlashNormResult:
         options = self.options
+        check_weights(model)        # missing weights: BadInput now, not an OSError mid-rewrite
         notes = []
         inlined = inline_norm_functions(model)
         if inlined:

@@ -231,7 +231,7 @@ def test_report_directory_missing_writes_nothing(dirs):
     assert list(out.iterdir()) == [] and digests(src) == before
 
 
-@pytest.mark.parametrize("name", ["sub/w.data", "../w.data", "/abs/w.data", "flash.onnx"])
+@pytest.mark.parametrize("name", ["sub/w.data", "../w.data", "/abs/w.data"])    # the output's name: exit 5
 def test_bad_external_data_name_is_a_usage_error(name, dirs):
     src, out = dirs
     onnx.save(llama_like_block(), src / "m.onnx")
