@@ -100,14 +100,19 @@ def test_folder_free_names_are_written(folder):
     assert json.loads((out / "r.json").read_text())["rewritten"] == 3
 
 
-def test_single_file_data_name_equal_to_the_output_is_refused(dirs):
-    src, out = dirs
+@pytest.mark.parametrize("name, says", [("flash.onnx", "output model's own name"),
+                                        ("model.onnx", "is a file of the input model"),
+                                        ("model.onnx.data", "is a file of the input model"),
+                                        ("r.json", "report")])
+def test_single_file_data_name_on_a_file_of_the_run_is_refused(name, says, dirs):
+    """Output beside the input: the data name is the output, the input, its data, the report."""
+    src, _ = dirs
     path = src / "model.onnx"
     save_external(llama_like_block(), path)
     before = digests(src)
-    code, _, err = cli(path, "-o", out / "flash.onnx", "--external-data", "flash.onnx")
-    assert_error(code, err, EXIT_OUTPUT, "output model's own name")
-    assert digests(src) == before and list(out.iterdir()) == []
+    code, _, err = cli(path, "-o", src / "flash.onnx", "--external-data", name, "--report", src / "r.json")
+    assert_error(code, err, EXIT_OUTPUT, says)
+    assert digests(src) == before
 
 
 # -- the Python API: typed errors ------------------------------------------------------------------
