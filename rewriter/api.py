@@ -143,9 +143,12 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
         diffs = checker(src, tmp_model) if checker is not None else None
         if opts.approx and report.rewritten:
             check_approx(src, tmp_model, report, diffs if isinstance(diffs, list) else None)
+    unchanged = _unchanged(report, opts)
+    if unchanged:
+        report.notes.append("no site rewritten: the output is the input model, unchanged")
     try:
         io.save(model, dst, external_data=external_data, overwrite=overwrite, source=src, progress=progress,
-                before_commit=before_commit, also_writes=also_writes, unchanged=_unchanged(report, opts))
+                before_commit=before_commit, also_writes=also_writes, unchanged=unchanged)
     except (VerificationFailed, CannotRun) as exc:
         if keep_failed:
             raise _keep_failed(model, src, dst, exc) from exc

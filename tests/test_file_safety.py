@@ -188,6 +188,7 @@ def _no_op(src: Path, dst: Path, *extra) -> dict:
     assert code == EXIT_OK, err
     data = json.loads(report.read_text())
     assert data["found"] == 1 and data["rewritten"] == 0
+    assert "no site rewritten: the output is the input model, unchanged" in data["notes"]
     return data
 
 
