@@ -6,11 +6,12 @@ Gemm(A, B, C) = α·A'·B' + β·C with A = n·γ + b gives α·(n·γ)·B' + α
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
-from onnx import TensorProto
 
 from builders import GraphBuilder
 from parity import assert_exact, rewrite_and_run
+from rewriter.patterns.linear import match_linears
 
 M, N, K = 6, 16, 12
 C_SHAPES = {"absent": None, "empty": "", "scalar": (), "one": (1, 1), "row": (K,), "row2d": (1, K), "column": (M, 1), "full": (M, K)}
@@ -103,3 +104,15 @@ def test_c_from_an_input_does_not_fire(mode, tmp_path):
     assert report.rewritten == 0
     assert report.sites[0].reason == "Gemm bias is not constant"
     assert_exact(diffs, tol=0)
+
+
+@pytest.mark.parametrize("c_shape", [(1, 1, K), (M, K + 1), (K - 1,)])
+def test_c_that_does_not_broadcast_is_refused(c_shape):
+    """onnxruntime rejects such a Gemm; the matcher must not fold β into it either (C' = β·C +
+    α·b·W would broadcast to a shape C never had). Matched directly: the loader refuses the model."""
+    proto = gemm_graph(0.5, 0.0, 0, c_shape)
+    model = ir.serde.deserialize_model(proto)
+    gemm = next(node for node in model.graph if node.op_type == "Gemm")
+    found = match_linears(gemm.inputs[0], N, model.graph)
+    assert found.reason == f"Gemm C of shape {list(c_shape)} does not broadcast to the output"
+    assert found.at is gemm.inputs[2]
