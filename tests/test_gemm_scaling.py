@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
-from builders import GraphBuilder
+from builders import GraphBuilder, float64_copy
 from parity import assert_exact, rewrite_and_run
 from rewriter.patterns.linear import match_linears
 
@@ -116,3 +117,22 @@ def test_c_that_does_not_broadcast_is_refused(c_shape):
     found = match_linears(gemm.inputs[0], N, model.graph)
     assert found.reason == f"Gemm C of shape {list(c_shape)} does not broadcast to the output"
     assert found.at is gemm.inputs[2]
+
+
+@pytest.mark.parametrize("strategy", ["fold", "defer"])
+@pytest.mark.parametrize("alpha,beta,c_shape", [(0.5, 0.0, (K,)), (1.0, 2.0, (M, K)), (0.5, 1.0, None)])
+def test_no_worse_than_the_original_against_float64(strategy, alpha, beta, c_shape, tmp_path):
+    """The rewrite's error against a float64 run of the original stays within 1.5× the
+    original's own (C' is summed in float64 and rounded once)."""
+    proto = gemm_graph(alpha, beta, 1, c_shape, form="decomposed")
+    feeds = {"x": (3 * np.random.default_rng(2).standard_normal((M, N)) + 0.5).astype(np.float32)}
+    report, _, out = rewrite_and_run(proto, tmp_path, strategy=strategy, feeds=feeds)
+    assert report.rewritten == 1
+    (ref,) = _run(float64_copy(proto), {"x": feeds["x"].astype(np.float64)})
+    (a,), (b,) = _run(proto, feeds), _run(out, feeds)
+    err_a, err_b = (np.abs(v - ref).max() / np.abs(ref).max() for v in (a, b))
+    assert err_b <= 1.5 * err_a + 1e-7, (err_a, err_b)
+
+
+def _run(proto, feeds):
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
