@@ -136,3 +136,19 @@ def test_no_worse_than_the_original_against_float64(strategy, alpha, beta, c_sha
 
 def _run(proto, feeds):
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("push", [True, False])
+@pytest.mark.parametrize("c_shape", [None, (K,), (M, K)])
+def test_deferred_scale_meets_c_before_the_next_linear(push, c_shape, tmp_path):
+    """Gemm(α, β, C) → Relu → MatMul: 1/RMS is applied before β·C (and the folded β's term) is
+    added — a scale pushed past the bias into Relu and the MatMul would scale C too."""
+    g = GraphBuilder(18)
+    y = g.rms(g.input("x", [M, N]), gain=g.gain(N))
+    inputs = [y, g.weight(N, K)] + ([g.const(g.rng.standard_normal(c_shape).astype(np.float32), "C")]
+                                    if c_shape else [])
+    h = g.op("Relu", [g.op("Gemm", inputs, alpha=0.5, beta=2.0)])
+    g.output(g.op("MatMul", [h, g.weight(K, 4)]), shape=[M, 4])
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path, push_scales=push)
+    assert (report.rewritten, report.sites[0].strategy) == (1, "defer")
+    assert_exact(diffs)
