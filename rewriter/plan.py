@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter.patterns import Linear, Miss, Site
-from rewriter.patterns.graph import op, users
+from rewriter.patterns.graph import dtype_of, last_dim, op, rank_of, residual_add, users
 
 MODES = ("defer", "fold")
 
@@ -172,9 +172,59 @@ def is_trivial(site: Site) -> bool:
     return unit and no_beta
 
 
-def applicable(site: Site, strategy: str) -> str:
-    """The strategy this site can take: DyT has no 1/RMS to defer, and an already fused norm
-    is its own fused kernel."""
+# -- onnxruntime's fused norm kernels: the shapes each accepts ------------------------------------
+# SimplifiedLayerNormalization / LayerNormalization (axis -1): any rank, a gain of the last
+# axis' size. Skip(Simplified)LayerNormalization (contrib_ops/cpu/skip_layer_norm_helper.h, the
+# CPU and CUDA kernels' check): input and skip of rank 2 or 3, the output taking the input's
+# shape, a 1-D gain of the hidden size.
+KERNEL_DTYPES = {"fold-fused": (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16),
+                 "defer-normop": (ir.DataType.FLOAT, ir.DataType.FLOAT16)}
+KERNEL_FALLBACK = {"fold-fused": "fold", "defer-normop": "defer"}
+
+
+def kernel_width(site: Site) -> int | None:
+    """The gain size of one norm kernel run on the site's input: its last axis (a gated group
+    norm's [.., G, n]: n per group, the Reshape merging the groups after the kernel)."""
+    n = last_dim(site.x) if site.x is not None else None
+    return n if n is not None or site.merge is not None else site.size
+
+
+def kernel_contract(site: Site, strategy: str) -> str:
+    """Why onnxruntime's kernel for `strategy` (fold-fused: the weightless norm as one op;
+    defer-normop: 1/RMS from one norm op's inverse std) would not accept this site, or ''.
+    A site without a graph (calibrate's shape-only stand-in: no `x`) is its probe's, which fits."""
+    if strategy not in KERNEL_DTYPES or getattr(site, "x", None) is None:
+        return ""
+    if kernel_width(site) is None:
+        return f"{strategy} not possible: the normalized axis' size is unknown (the kernel's gain needs it)"
+    dtype = dtype_of(site.output)
+    if dtype not in KERNEL_DTYPES[strategy]:
+        return f"{strategy} not possible: no onnxruntime norm kernel for {dtype} here"
+    return ""
+
+
+def _may_equal(a, b) -> bool:
+    """Two dims not proven different: equal sizes, or not both known — except a 1 against an
+    unknown size, which is a broadcast."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return a != 1 and b != 1
+
+
+def skip_operands(x: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(input, skip) where Skip*LayerNormalization can compute the norm of x = input + skip: a
+    residual Add of two activations, x of rank 2 or 3 (known), both operands of x's shape (no
+    dim of either proven to broadcast). Else None: the plain kernel normalizes the sum."""
+    add = x.producer()
+    if rank_of(x) not in (2, 3) or not residual_add(add):
+        return None
+    if all(v.shape is not None and len(v.shape) == len(x.shape) and all(map(_may_equal, v.shape, x.shape))
+           for v in add.inputs):
+        return add.inputs[0], add.inputs[1]
+    return None
+
+
+def _form_allows(site: Site, strategy: str) -> str:
     if site.kind == "dyt" and strategy in DEFERRING + ("fold-fused",):
         return "fold"
     if strategy in DEFERRING and site.defer_blocker:
@@ -186,12 +236,27 @@ def applicable(site: Site, strategy: str) -> str:
     return strategy
 
 
+def applicable(site: Site, strategy: str) -> str:
+    """The strategy this site can take: DyT has no 1/RMS to defer, an already fused norm is its
+    own fused kernel, and a kernel strategy needs a site its onnxruntime op accepts
+    (kernel_contract; else fold-fused → fold, defer-normop → defer)."""
+    strategy = _form_allows(site, strategy)
+    return KERNEL_FALLBACK[strategy] if kernel_contract(site, strategy) else strategy
+
+
+def kernels_refused(site: Site, strategies) -> str:
+    """Why the kernel strategies among `strategies` were not open to this site ('' if all were)."""
+    return "; ".join(dict.fromkeys(filter(None, (kernel_contract(site, _form_allows(site, s)) for s in strategies))))
+
+
 def decide(site: Site, options: Options, strategy: str | None = None, evidence: str = "",
            agreed: set[ir.Value] = frozenset()) -> Decision:
     asked = strategy or options.default_strategy
     strategy = applicable(site, asked)
     if asked in DEFERRING and strategy == "fold" and site.defer_blocker:
         evidence = "; ".join(filter(None, [f"fold only: {site.defer_blocker}", evidence]))
+    considered = TARGETS[options.target]["candidates"] if options.measured and not options.strategy else (asked,)
+    evidence = "; ".join(filter(None, [kernels_refused(site, considered), evidence]))
     if strategy == "keep":
         return Decision(site, None, "skip", "kept as exported: measured fastest on the target"
                         + (f" ({evidence})" if evidence else ""), strategy=strategy, evidence=evidence)
@@ -237,4 +302,4 @@ def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=N
 
 
 __all__ = ["DEFERRING", "Decision", "MODES", "Options", "STRATEGIES", "TARGETS", "agreeing_weights", "applicable",
-           "decide", "make_plan", "owns_weight"]
+           "decide", "kernel_contract", "kernel_width", "make_plan", "owns_weight", "skip_operands"]

@@ -12,9 +12,9 @@ import onnx_ir as ir
 
 from rewriter.patterns import Linear, Site
 from rewriter.patterns.linear import weight_dtype
-from rewriter.patterns.graph import (GraphEditor, attr, const_array, dtype_of, exact_source, holds, op,
-                                     rank_of, residual_add, set_dtype, users)
+from rewriter.patterns.graph import GraphEditor, attr, const_array, dtype_of, holds, op, set_dtype, users
 from rewriter.conv import add_conv_beta, conv_beta_kernel, folded_conv_weight
+from rewriter.kernels import NormKernels
 from rewriter.plan import Decision, owns_weight
 from rewriter.scale import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight, gemm_bias
@@ -26,7 +26,7 @@ def _alpha(linear: Linear) -> float:
     return float(attr(linear.node, "alpha")) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
 
 
-class Rewriter:
+class Rewriter(NormKernels):
     """Rewrites the sites of one graph of `model`: the main graph, or a subgraph (an If branch,
     a Loop body) whose new nodes and names get their own prefix."""
 
@@ -259,31 +259,6 @@ class Rewriter:
         root = e.op1("Sqrt", e.op1("Add", ms, e.initializer(np.array(eps, dtype.numpy()), "epsilon")))
         return e.op1("Reciprocal", root, hint="inv_rms")
 
-    def inverse_std_kernel(self, x: ir.Value, eps: float, centered: bool, size: int | None) -> ir.Value | None:
-        """The fp32 inverse-std output of SimplifiedLayerNormalization (LayerNormalization when
-        centered) run on x with a unit gain; its normalized output is not used. None when the
-        dtype or opset has no such kernel (fp64: the inverse std would be fp32 at best, so an
-        fp64 model takes inverse_rms's fp64 reduction)."""
-        source = self.lossless_source(x)
-        dtype = dtype_of(source)
-        if size is None or dtype not in (F32, ir.DataType.FLOAT16) or (centered and self.edit.opset < 17):
-            return None
-        ones = self.constant(1, (size,), dtype)
-        attrs = {"epsilon": eps, "axis": -1, "stash_type": 1}
-        if centered:
-            node = self.edit.node("LayerNormalization", [source, ones], attrs, num_outputs=3, hint="inv_std")
-        else:
-            node = self.edit.node("SimplifiedLayerNormalization", [source, ones], attrs, num_outputs=2,
-                                  hint="inv_rms")
-        set_dtype(node.outputs[0], dtype)
-        for out in node.outputs[1:]:
-            set_dtype(out, F32)
-        return node.outputs[-1]
-
-    @staticmethod
-    def lossless_source(value: ir.Value) -> ir.Value:
-        return exact_source(value)
-
     def scale_for(self, linear: Linear, scale: ir.Value, root: ir.Value | None = None) -> ir.Value:
         """The per-row scale (fp32) laid out like the linear's input: every row move and Reshape
         between `root` (what the norm's output became) and the linear is mirrored on the scale
@@ -398,49 +373,6 @@ class Rewriter:
             beta = site.anchor.inputs[site.beta_input]
             shape = tuple(beta.shape) if beta.shape is not None else site.beta.shape
             site.anchor.replace_input_with(site.beta_input, self.constant(0, shape, dtype_of(beta)))
-
-    def fuse(self, site: Site) -> bool:
-        """Replace a decomposed weightless norm by onnxruntime's fused kernel with a unit gain
-        (`fuse_norm`; never SkipLayerNormalization, LayerNormalization only from opset 17)."""
-        n = site.size
-        if n is None or site.kind not in ("rms", "layer") or (site.kind == "layer" and self.edit.opset < 17):
-            return False
-        x = self.current(site.x)
-        if holds(dtype_of(site.output), dtype_of(exact_source(x))):
-            x = self.narrow_source(x, dtype_of(site.output))   # an exact copy in the output's type
-        # else (fp32 norm → fp16 output, autocast): the kernel normalizes in x's type, the Cast after
-        dtype = dtype_of(x)
-        if dtype not in (F32, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
-            return False
-        self.fuse_norm(x, site.output, site.kind, site.eps, self.constant(1, (n,), dtype))
-        return True
-
-    def fuse_norm(self, x: ir.Value, output: ir.Value, kind: str, eps: float, gain: ir.Value,
-                  beta: ir.Value | None = None, *, skip_layernorm: bool = False,
-                  trust_unknown_shapes: bool = False) -> str:
-        """Replace the norm x → `output` ("rms" or "layer"; x already in output's dtype) by
-        onnxruntime's fused op weighted by `gain` (and `beta`). When a residual Add makes x:
-        SkipSimplifiedLayerNormalization (SkipLayerNormalization only with `skip_layernorm`)
-        on the Add's operands, its output 3 replacing the sum; else SimplifiedLayerNormalization
-        / LayerNormalization (fp32 statistics). `trust_unknown_shapes`: see patterns.graph.residual_add.
-        Returns the op type emitted."""
-        add = x.producer()
-        weights = [gain] if beta is None else [gain, beta]
-        skip_rank_ok = rank_of(x) in (None, 2, 3)     # the Skip* kernels take [batch, seq, hidden] or [tokens, hidden]
-        if (kind == "rms" or skip_layernorm) and skip_rank_ok and residual_add(add, trust_unknown_shapes):
-            op_type = "SkipSimplifiedLayerNormalization" if kind == "rms" else "SkipLayerNormalization"
-            fused = self.edit.node(op_type, [add.inputs[0], add.inputs[1], *weights], {"epsilon": float(eps)},
-                                   domain="com.microsoft", num_outputs=4, hint=op_type)
-            for stat in fused.outputs[1:3]:
-                set_dtype(stat, F32)
-            self.redirect(x, fused.outputs[3])
-        else:
-            op_type = "SimplifiedLayerNormalization" if kind == "rms" else "LayerNormalization"
-            fused = self.edit.node(op_type, [x, *weights], {"epsilon": float(eps), "axis": -1, "stash_type": 1},
-                                   hint=op_type)
-        set_dtype(fused.outputs[0], dtype_of(x))
-        self.redirect(output, self.edit.cast(fused.outputs[0], dtype_of(output)) if dtype_of(output) else fused.outputs[0])
-        return op_type
 
     def meet_untouched_norm(self, site: Site) -> None:
         """A scale reaching this (not rewritten) norm's input is applied once before it, or

@@ -23,7 +23,7 @@ LAYERS = {
     "rewriter.feeds": 9,
     "rewriter.validate": 10, "rewriter.files": 10, "rewriter.verify": 10, "rewriter.scale": 10,
     "rewriter.weights": 10, "rewriter.conv": 10, "rewriter.plan": 10,
-    "rewriter.io": 11, "rewriter.report": 11, "rewriter.costs": 11,
+    "rewriter.io": 11, "rewriter.report": 11, "rewriter.costs": 11, "rewriter.kernels": 11,
     "rewriter.transform": 12, "rewriter.passes": 13, "rewriter.api": 14, "rewriter.folders": 14.5, "rewriter.explain": 15,
     "rewriter.bench.timing": 16, "rewriter.bench.graphs": 16, "rewriter.bench.passes": 16,
     "rewriter.bench.variants": 17, "rewriter.bench.present": 18, "rewriter.calibrate": 18,
