@@ -22,12 +22,14 @@ def i64(*v):
 
 
 def padded_conv(*, spatial=(5, 7), kernel=(3, 3), beta=True, bias=True, group=1, kind="layer", pad_op=False,
-                **conv):
+                opset=18, fused=False, **conv):
     """x [B, spatial..., C] → norm over C → Transpose to [B, C, spatial...] (→ Pad) → Conv."""
-    g = GraphBuilder()
+    g = GraphBuilder(opset)
     x = g.input("x", [B, *spatial, C])
     if kind == "rms":
         y = g.rms(x, gain=g.gain(C))
+    elif fused:
+        y = g.op("LayerNormalization", [x, g.const(g.gain(C), "gamma"), g.const(g.gain(C) - 1, "beta")], axis=-1)
     else:
         y = g.layernorm(x, gain=g.gain(C), beta=(0.7 * g.rng.standard_normal(C)).astype(np.float32) if beta else None)
     rank = len(spatial) + 2
@@ -68,6 +70,15 @@ def test_padded_conv_folds_gamma_and_adds_beta_by_border(case, options, tmp_path
     assert_exact(diffs)
     types = op_types(out)
     assert types.count("Conv") == 2 and "ConstantOfShape" in types
+
+
+@pytest.mark.parametrize("opset,fused", [(9, False), (13, False), (17, True)])
+def test_padded_conv_across_opsets_and_the_fused_norm(opset, fused, tmp_path):
+    """Slice with attributes below opset 10; the LayerNormalization op (opset 17)."""
+    report, diffs, out = rewrite_and_run(padded_conv(pads=[1, 1, 1, 1], opset=opset, fused=fused), tmp_path)
+    assert report.rewritten == 1 and "it pads its input" in report.sites[0].reason, report.table()
+    assert_exact(diffs)
+    assert op_types(out).count("Conv") == 2
 
 
 def test_border_map_holds_for_every_input_size(tmp_path):
