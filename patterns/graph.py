@@ -461,6 +461,13 @@ class GraphEditor:
         out.dtype = to
         return out
 
+    def slice(self, value: ir.Value, starts: Sequence[int], ends: Sequence[int]) -> ir.Value:
+        """value[starts:ends] over its leading axes: inputs from opset 10, attributes before."""
+        if self.opset >= 10:
+            return self.op1("Slice", value, self.initializer(np.array(starts, np.int64), "starts"),
+                            self.initializer(np.array(ends, np.int64), "ends"))
+        return self.op1("Slice", value, starts=list(starts), ends=list(ends))
+
     def reduce_mean_last(self, value: ir.Value) -> ir.Value:
         return self.reduce_last("ReduceMean", value)
 

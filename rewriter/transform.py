@@ -294,8 +294,7 @@ class Rewriter(NormKernels):
             shape = self.edit.initializer(target, "scale_shape")
         else:       # the reshaped activation's shape with the last axis set to 1
             e = self.edit
-            rows = e.op1("Slice", e.op1("Shape", node.outputs[0]), e.initializer(np.array([0], np.int64), "zero"),
-                         e.initializer(np.array([-1], np.int64), "minus_one"))
+            rows = e.slice(e.op1("Shape", node.outputs[0]), [0], [-1])
             shape = e.op1("Concat", rows, e.initializer(np.array([1], np.int64), "one"), axis=0)
         return self.edit.op1("Reshape", s, shape, hint="scale_r")
 

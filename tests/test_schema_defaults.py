@@ -321,3 +321,20 @@ def test_opset_below_7_is_refused(tmp_path):
     with pytest.raises(Unsupported, match="opset 6"):
         rewrite_file(src, dst)
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_scale_through_a_computed_reshape_is_emitted_in_the_models_opset(opset, tmp_path):
+    """A Reshape whose target is computed (a Concat of constants): the deferred 1/RMS is reshaped
+    alike with a Slice of the reshaped value's shape, written as the opset's Slice (attributes
+    before opset 10)."""
+    g = GraphBuilder(opset)
+    x = g.input("x", [2, 5, N])
+    target = g.op("Concat", [g.const(np.array([-1], np.int64)), g.const(np.array([N], np.int64))], axis=0)
+    flat = g.op("Reshape", [g.rms(x, gain=g.gain(N)), target])
+    g.output(g.op("Relu", [g.op("MatMul", [flat, g.weight(N, K)])]), shape=[10, K])
+    report, diffs, out = rewrite_and_run(g.model(contrib=False), tmp_path, feeds=feeds_at(3.0, "x"), push_scales=False)
+    assert _single_site(report).action == "defer", report.table()
+    assert_exact(diffs)
+    assert "Slice" in [n.op_type for n in out.graph.node]
+    onnx.checker.check_model(out)
