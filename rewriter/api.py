@@ -66,9 +66,10 @@ def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance:
     bad = [d for d in diffs if not d.ok]
     if bad:
         worst = max(bad, key=lambda d: math.inf if math.isnan(d.max_rel) else d.max_rel)
+        floor = f", the original's own floor {worst.floor:.2e} by {worst.floor_by}" if worst.floor_by else ""
         raise VerificationFailed(f"verification failed: {len(bad)} of {len(diffs)} output(s) differ, worst "
-                                 f"{worst.name!r} {worst.max_rel:.3e} relative (tolerance {worst.tolerance:.0e})",
-                                 diffs)
+                                 f"{worst.name!r} {worst.max_rel:.3e} relative (bound {worst.bound:.1e}: tolerance "
+                                 f"{worst.tolerance:.0e}{floor})", diffs)
     return diffs
 
 

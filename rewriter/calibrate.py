@@ -35,7 +35,7 @@ from rewriter.bench.timing import Settings, Shape, Variant, device_name, error_t
 from rewriter.costs import CostTable, SiteShape, site_shape
 from rewriter.errors import UsageError
 from rewriter.plan import STRATEGIES, applicable
-from rewriter.verify import TOLERANCE, compare, make_inputs, ort_kernels, run
+from rewriter.verify import TOLERANCE, judge_runs, make_inputs, ort_kernels, run
 
 NUMPY = {"float32": np.float32, "float16": np.float16}
 
@@ -133,7 +133,8 @@ def calibrate(shapes: list[SiteShape], *, provider: str = "cpu", tokens=(1, 512)
                     report = rewrite_file(base, dst, strategy=strategy, overwrite=True)
                     if report.rewritten != layers:
                         raise RuntimeError(f"{report.rewritten}/{layers} sites rewritten")
-                    diffs = compare(reference, run(dst, feeds, provider=provider), TOLERANCE.get(shape.dtype))
+                    diffs = judge_runs(base, [(feeds, reference, run(dst, feeds, provider=provider), "")],
+                                       tolerance=TOLERANCE.get(shape.dtype), provider=provider)
                     if not all(d.ok for d in diffs):
                         raise RuntimeError(f"outputs differ on {provider}: max rel {max(d.max_rel for d in diffs):.2e}")
                     variants[strategy] = Variant(strategy, str(dst))

@@ -56,7 +56,7 @@ from rewriter.folders import rewrite_folder
 from rewriter.io import check_target
 from rewriter.measure import measured_rewrite
 from rewriter.plan import MODES, STRATEGIES, TARGETS, Options
-from rewriter.verify import format_diffs, load_npz
+from rewriter.verify import format_verdicts, load_npz, summary
 
 SUBCOMMANDS = ("verify", "explain", "bench", "calibrate", "demo")
 
@@ -202,10 +202,10 @@ def _printing_check(quiet: bool, **settings):
         try:
             diffs = check_outputs(original, rewritten, **settings)
         except VerificationFailed as exc:
-            print(format_diffs(exc.diffs))
+            print(format_verdicts(exc.diffs))
             raise
         if not quiet:
-            print(format_diffs(diffs))
+            print(summary(diffs))
         return diffs
     return check
 

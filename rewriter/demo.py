@@ -14,7 +14,7 @@ from pathlib import Path
 from rewriter.api import rewrite_file
 from rewriter.bench.cli import main as bench_main
 from rewriter.errors import EXIT_OK, EXIT_VERIFY_FAILED, UsageError
-from rewriter.verify import format_diffs, verify
+from rewriter.verify import format_verdicts, verify
 
 
 def main(argv=None) -> int:
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     step("3/4 verify: same inputs through both models under onnxruntime")
     diffs = verify(src, dst, seq=64)
-    print(format_diffs(diffs))
+    print(format_verdicts(diffs))
     ok = all(d.ok for d in diffs)
 
     if not args.no_bench:

@@ -1,17 +1,25 @@
-"""Run original and rewritten graphs under onnxruntime on the same inputs and compare.
+"""Run original and rewritten graphs under onnxruntime on the same inputs and judge them.
 
 Error measure per output: max |a − b| / max |a| (relative to the original's largest value).
 Default tolerances by output dtype: fp32/fp64 1e-5, fp16 1e-2, bf16 5e-2 (low-precision
 graphs are not bit-identical; judge them against an fp32 reference with `bench zero-loss`).
+An output beyond its tolerance fails only beyond FLOOR_K × the original's own noise floor:
+the original's error against a float64 run of it (models with up to F64_MAX_WEIGHT_BYTES of
+weights) and its move between onnxruntime's optimized and unoptimized runs, the larger. An
+ill-conditioned graph (LayerNorm over a large common mean, random all-positive weights) moves
+by more than 1e-5 under onnxruntime's own fusions; an exact rewrite moves by as much.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from rewriter.errors import BadInput, CannotRun, UsageError, first_line
 from rewriter.feeds import from_session, signature
@@ -96,50 +104,246 @@ def run(path, feeds, provider: str | None = None, sess=None) -> dict[str, np.nda
     return dict(zip(names, sess.run(names, feeds, quiet)))
 
 
+FLOOR_K = 3.0       # an output fails beyond max(tolerance, FLOOR_K × the original's own noise floor)
+F64_MAX_WEIGHT_BYTES = 1 << 30  # float64 floor for models with up to this many bytes of weights
+EVALUATOR_MAX_WEIGHT_BYTES = 64 << 20   # ... under onnx's reference evaluator (where ORT has no double kernel)
+
+
+def max_rel_diff(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(max |Δ|, max |Δ| / max |reference|) over the positions where the reference is finite;
+    inf when a shape differs or the candidate is Inf/NaN where the reference is finite (where
+    the reference itself is not finite there is no value to be exact to)."""
+    a, b = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    finite = np.isfinite(a)
+    if not finite.any():
+        return 0.0, 0.0
+    if not np.isfinite(b[finite]).all():
+        return float("inf"), float("inf")
+    max_abs = float(np.max(np.abs(a[finite] - b[finite])))
+    return max_abs, max_abs / max(float(np.max(np.abs(a[finite]))), 1e-30)
+
+
 @dataclass
-class OutputDiff:
+class OutputVerdict:
+    """One output judged: the rewritten model's max relative difference from the original, the
+    original's own noise floor (how far the original itself moves — its error against a float64
+    run of it, and its move between onnxruntime's optimized and unoptimized runs — `floor_by`
+    says which was measured) and the bound it is held to: max(tolerance, FLOOR_K × floor)."""
     name: str
     dtype: str
     max_abs: float
     max_rel: float
     tolerance: float
+    floor: float = 0.0
+    floor_by: str = ""      # what the floor was measured by ("" when not measured: within tolerance)
     step: str = ""          # KV-cache graphs: the run it was worst at (prefill, decode 1, ...)
 
     @property
+    def bound(self) -> float:
+        return max(self.tolerance, FLOOR_K * self.floor) if np.isfinite(self.floor) else self.tolerance
+
+    @property
     def ok(self) -> bool:
-        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.bound
 
 
-def compare(reference: dict, candidate: dict, tolerance: float | None = None) -> list[OutputDiff]:
-    diffs = []
+def judge(reference: dict, candidate: dict, tolerance: float | None = None,
+          floor: dict | None = None) -> list[OutputVerdict]:
+    """The one judgement of a rewrite every check of the project makes (verify, --verify, the
+    tests, the fuzzer, calibrate, --measure): per output of `reference` (the original's), its max
+    relative difference from `candidate`, held to max(tolerance — default by dtype, TOLERANCE —,
+    FLOOR_K × the original's noise floor). `floor`: {output: (value, what measured it)}, from
+    `noise_floor`; without it the bound is the tolerance alone."""
+    verdicts = []
     for name, ref in reference.items():
         got = candidate.get(name)
-        if got is None:
-            diffs.append(OutputDiff(name, str(ref.dtype), float("inf"), float("inf"), 0.0))
-            continue
-        a, b = ref.astype(np.float64), got.astype(np.float64)
-        if a.shape != b.shape:
-            diffs.append(OutputDiff(name, str(ref.dtype), float("inf"), float("inf"), 0.0))
-            continue
-        max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
-        scale = float(np.max(np.abs(a))) if a.size else 1.0
         tol = tolerance if tolerance is not None else TOLERANCE.get(str(ref.dtype), 1e-5)
-        diffs.append(OutputDiff(name, str(ref.dtype), max_abs, max_abs / max(scale, 1e-30), tol))
-    return diffs
+        max_abs, max_rel = max_rel_diff(ref, got) if got is not None else (float("inf"), float("inf"))
+        value, by = (floor or {}).get(name, (0.0, ""))
+        verdicts.append(OutputVerdict(name, str(ref.dtype), max_abs, max_rel, tol, value, by))
+    return verdicts
+
+
+def noise_floor(original, runs: list[tuple[dict, dict]], provider: str | None = None,
+                float64: bool | None = None) -> dict[str, tuple[float, str]]:
+    """Per float output of `original`, its own noise floor over `runs` ([(feeds, its outputs)],
+    worst run): the larger of its move between onnxruntime's optimized and unoptimized runs of
+    the same graph and — for models with at most F64_MAX_WEIGHT_BYTES of weights, or `float64`
+    True — its error against a float64 run of it (the graph promoted to DOUBLE). A model
+    onnxruntime cannot run either way gets the floors it can."""
+    measured: dict[str, list] = {}
+
+    def add(outputs_per_run: list[dict], by: str, truth: bool):
+        for (_, reference), outputs in zip(runs, outputs_per_run):
+            for name, ref in reference.items():
+                if ref.dtype.kind != "f" or name not in outputs:
+                    continue
+                rel = max_rel_diff(outputs[name], ref)[1] if truth else max_rel_diff(ref, outputs[name])[1]
+                if np.isfinite(rel):
+                    entry = measured.setdefault(name, [0.0, set()])
+                    entry[0] = max(entry[0], rel)
+                    entry[1].add(by)
+
+    unoptimized = _try_session(original, provider, optimize=False)
+    if unoptimized is not None:
+        add([run(None, feeds, sess=unoptimized) for feeds, _ in runs], "ort-opt", truth=False)
+        del unoptimized
+    if float64 is None:
+        float64 = weight_bytes(original) <= F64_MAX_WEIGHT_BYTES
+    if float64:
+        outputs = _float64_runs(original, [feeds for feeds, _ in runs], provider)
+        if outputs is not None:
+            add(outputs, "float64", truth=True)
+    return {name: (value, "+".join(sorted(by))) for name, (value, by) in measured.items()}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's float weights (initializers and Constant tensors, external ones
+    included), read from the proto without loading external data."""
+    proto = _load(model, weights=False)
+    total = 0
+
+    def add(t: onnx.TensorProto):
+        nonlocal total
+        if t.data_type in PROMOTED:
+            total += int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+    def graph(g: onnx.GraphProto):
+        for t in g.initializer:
+            add(t)
+        nodes(g.node)
+
+    def nodes(ns):
+        for n in ns:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    add(a.t)
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    graph(g)
+
+    graph(proto.graph)
+    for f in proto.functions:
+        nodes(f.node)
+    return total
+
+
+PROMOTED = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def promote(model: onnx.ModelProto, mapping: dict[int, int]) -> onnx.ModelProto:
+    """A copy of `model` with every tensor type in `mapping` replaced (FLOAT16 → FLOAT: an fp32
+    reference; FLOAT/FLOAT16/BFLOAT16 → DOUBLE: the float64 reference): inputs, outputs,
+    value infos, initializers, Constant and ConstantOfShape values, Cast targets, subgraphs
+    and functions."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+
+    def tensor(t: onnx.TensorProto) -> onnx.TensorProto:
+        if t.data_type not in mapping:
+            return t
+        arr = numpy_helper.to_array(t).astype(np.float64)
+        return numpy_helper.from_array(arr.astype(helper.tensor_dtype_to_np_dtype(mapping[t.data_type])), t.name)
+
+    def vinfo(v: onnx.ValueInfoProto):
+        tt = v.type.tensor_type
+        if v.type.HasField("tensor_type") and tt.elem_type in mapping:
+            tt.elem_type = mapping[tt.elem_type]
+
+    def nodes(ns):
+        for n in ns:
+            for a in n.attribute:
+                if n.op_type in ("Cast", "EyeLike", "RandomNormalLike") and a.name in ("to", "dtype") \
+                        and a.i in mapping:
+                    a.i = mapping[a.i]
+                if a.type == onnx.AttributeProto.TENSOR:
+                    a.t.CopyFrom(tensor(a.t))
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graph(a.g)
+                if a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        graph(g)
+
+    def graph(g: onnx.GraphProto):
+        for coll in (g.input, g.output, g.value_info):
+            for v in coll:
+                vinfo(v)
+        inits = [tensor(t) for t in g.initializer]
+        del g.initializer[:]
+        g.initializer.extend(inits)
+        nodes(g.node)
+
+    graph(m.graph)
+    for f in m.functions:
+        nodes(f.node)
+    return m
+
+
+def _load(model, weights: bool) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load(str(model), load_external_data=weights)
+
+
+def _try_session(model, provider, **options):
+    try:
+        return session(model, provider, **options)
+    except Exception:
+        return None
+
+
+def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] | None:
+    """The original promoted to DOUBLE, run on each feeds (float inputs promoted) under
+    onnxruntime — or, where it has no double kernel for an op (Conv), under onnx's reference
+    evaluator for models of up to EVALUATOR_MAX_WEIGHT_BYTES —; None where neither runs it.
+    Written with external data to a temporary folder: a promoted model passes protobuf's 2 GiB
+    sooner than its original."""
+    import tempfile
+    try:
+        promoted = promote(_load(original, weights=True), {t: onnx.TensorProto.DOUBLE for t in PROMOTED})
+    except Exception:
+        return None
+    doubles = {v.name for v in promoted.graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE}
+    feeds_per_run = [{k: v.astype(np.float64) if k in doubles else v for k, v in feeds.items()}
+                     for feeds in feeds_per_run]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "float64.onnx"
+        try:
+            onnx.save(promoted, str(path), save_as_external_data=True, location="float64.onnx.data",
+                      size_threshold=1024)      # (makes `promoted` refer to that file)
+            sess = session(path, provider)
+            return [run(None, feeds, sess=sess) for feeds in feeds_per_run]
+        except Exception:
+            if weight_bytes(original) > EVALUATOR_MAX_WEIGHT_BYTES:
+                return None
+        try:
+            onnx.load_external_data_for_model(promoted, tmp)
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                evaluator = ReferenceEvaluator(promoted)
+                names = [o.name for o in promoted.graph.output]
+                return [dict(zip(names, evaluator.run(None, feeds))) for feeds in feeds_per_run]
+        except Exception:
+            return None
 
 
 DECODE_STEPS = 2    # after the prefill: the cache is fed back, then grows once more
 
 
 def verify(original, rewritten, *, inputs: dict | None = None, provider: str | None = None,
-           tolerance: float | None = None, seed: int = 0, **shape) -> list[OutputDiff]:
-    """Compare the two models' outputs on the same inputs: `inputs` when they name every graph
-    input; else inputs made from the original's graph (rewriter.feeds), taking those `inputs`
-    gives (token ids: their batch and length). A KV-cache graph runs as a greedy generator runs
-    it: a prefill (past length 0 unless `past` is given), then DECODE_STEPS one-token steps fed
-    the original's presents and its most likely next token — both models get the same feeds at
-    every step, each output's worst step is reported. CannotRun when onnxruntime cannot load or
-    run either model (nothing was compared)."""
+           tolerance: float | None = None, seed: int = 0, floor: bool = True, **shape) -> list[OutputVerdict]:
+    """Judge the rewritten model's outputs against the original's on the same inputs: `inputs`
+    when they name every graph input; else inputs made from the original's graph
+    (rewriter.feeds), taking those `inputs` gives (token ids: their batch and length). A KV-cache
+    graph runs as a greedy generator runs it: a prefill (past length 0 unless `past` is given),
+    then DECODE_STEPS one-token steps fed the original's presents and its most likely next token —
+    both models get the same feeds at every step, each output's worst step is reported. Where an
+    output differs beyond the tolerance (and `floor`), the original's noise floor over the same
+    runs (noise_floor) decides: it fails beyond FLOOR_K × that floor. CannotRun when onnxruntime
+    cannot load or run either model (nothing was compared)."""
     check_arguments(tolerance, **shape)
     a = _open(original, "original", provider)
     b = _open(rewritten, "rewritten", provider)
@@ -149,29 +353,44 @@ def verify(original, rewritten, *, inputs: dict | None = None, provider: str | N
     if unknown:
         raise BadInput(f"inputs {', '.join(map(repr, unknown[:4]))}: not inputs of the model "
                        f"(it takes {', '.join(inp.name for inp in sig.inputs[:6])}...)")
+    runs: list[tuple[dict, dict, dict, str]] = []       # (feeds, original's, rewritten's, step)
     if inputs is not None and all(inp.name in given for inp in sig.inputs):
-        return compare(*_run_both(a, b, given), tolerance)      # the caller's feeds, as they are
-    batch, seq = sig.lengths(given) or (shape.get("batch", 1), shape.get("seq", 16))
-    past = shape.get("past", 0 if sig.has_past else 8)
-    rng = np.random.default_rng(seed)
-    feeds = sig.feeds(batch=batch, seq=seq, past=past, rng=rng, given=given)
-    if not sig.has_past:
-        return compare(*_run_both(a, b, feeds), tolerance)
-    worst: dict[str, OutputDiff] = {}
-    for step in range(DECODE_STEPS + 1):
-        label = f"decode {step}" if step else "prefill"
-        reference, candidate = _run_both(a, b, feeds, label)
-        for diff in compare(reference, candidate, tolerance):
-            diff.step = label
-            if diff.name not in worst or _badness(diff) > _badness(worst[diff.name]):
-                worst[diff.name] = diff
-        past += seq if step == 0 else 1
-        feeds = sig.feeds(batch=batch, seq=1, past=past, rng=rng, given=sig.next_step(reference))
-    return list(worst.values())
+        runs.append((given, *_run_both(a, b, given), ""))       # the caller's feeds, as they are
+    else:
+        batch, seq = sig.lengths(given) or (shape.get("batch", 1), shape.get("seq", 16))
+        past = shape.get("past", 0 if sig.has_past else 8)
+        rng = np.random.default_rng(seed)
+        feeds = sig.feeds(batch=batch, seq=seq, past=past, rng=rng, given=given)
+        for step in range(DECODE_STEPS + 1 if sig.has_past else 1):
+            label = (f"decode {step}" if step else "prefill") if sig.has_past else ""
+            runs.append((feeds, *_run_both(a, b, feeds, label), label))
+            past += seq if step == 0 else 1
+            feeds = sig.feeds(batch=batch, seq=1, past=past, rng=rng, given=sig.next_step(runs[-1][1]))
+    del b
+    return judge_runs(original, runs, tolerance=tolerance, provider=provider, floor=floor)
 
 
-def _badness(diff: OutputDiff) -> float:
-    return np.inf if not np.isfinite(diff.max_rel) else diff.max_rel
+def judge_runs(original, runs: list[tuple[dict, dict, dict, str]], *, tolerance: float | None = None,
+               provider: str | None = None, floor: bool = True) -> list[OutputVerdict]:
+    """`judge` over runs [(feeds, the original's outputs, the rewritten's, step)]: per output,
+    its verdict at the run where it differed most. The original's noise floor over the same
+    runs is measured only when an output is beyond its tolerance (and `floor`)."""
+    worst: dict[str, OutputVerdict] = {}
+    for _, reference, candidate, step in runs:
+        for v in judge(reference, candidate, tolerance):
+            v.step = step
+            if v.name not in worst or _badness(v) > _badness(worst[v.name]):
+                worst[v.name] = v
+    verdicts = list(worst.values())
+    if floor and any(np.isfinite(v.max_rel) and not v.ok for v in verdicts):
+        floors = noise_floor(original, [(feeds, reference) for feeds, reference, _, _ in runs], provider)
+        for v in verdicts:
+            v.floor, v.floor_by = floors.get(v.name, (0.0, ""))
+    return verdicts
+
+
+def _badness(verdict: OutputVerdict) -> float:
+    return np.inf if not np.isfinite(verdict.max_rel) else verdict.max_rel
 
 
 def _open(path, which: str, provider: str | None):
@@ -211,12 +430,28 @@ def load_npz(path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def format_diffs(diffs: list[OutputDiff]) -> str:
-    steps = any(d.step for d in diffs)      # a KV-cache graph: say at which run each was worst
-    lines = [f"{'output':<32} {'dtype':<9} {'max abs':>11} {'max rel':>11} {'tol':>8}  ok"
-             + ("   worst at" if steps else "")]
-    for d in diffs:
-        line = (f"{d.name[:32]:<32} {d.dtype:<9} {d.max_abs:>11.3e} {d.max_rel:>11.3e} "
-                f"{d.tolerance:>8.0e}  {'yes' if d.ok else 'NO':<3}")
-        lines.append(f"{line}  {d.step}" if steps else line.rstrip())
+def format_verdicts(verdicts: list[OutputVerdict]) -> str:
+    """The table: per output the rewritten model's max relative difference, the original's own
+    floor (what measured it) and the bound max(tolerance, FLOOR_K × floor)."""
+    steps = any(v.step for v in verdicts)      # a KV-cache graph: say at which run each was worst
+    lines = [f"{'output':<32} {'dtype':<9} {'max abs':>10} {'max rel':>10} {'floor':>10} {'by':<15} "
+             f"{'bound':>8}  ok" + ("   worst at" if steps else "")]
+    for v in verdicts:
+        floor = f"{v.floor:>10.2e} {v.floor_by:<15}" if v.floor_by else f"{'-':>10} {'':<15}"
+        line = (f"{v.name[:32]:<32} {v.dtype:<9} {v.max_abs:>10.3e} {v.max_rel:>10.3e} {floor} "
+                f"{v.bound:>8.1e}  {'yes' if v.ok else 'NO':<3}")
+        lines.append(f"{line}  {v.step}" if steps else line.rstrip())
     return "\n".join(lines)
+
+
+def summary(verdicts: list[OutputVerdict]) -> str:
+    """One line: how many outputs were judged and the one nearest its bound."""
+    if not verdicts:
+        return "verified: the models have no outputs"
+    worst = max(verdicts, key=lambda v: _badness(v) / max(v.bound, 1e-300))
+    ok = sum(v.ok for v in verdicts)
+    floor = f", the original's own floor {worst.floor:.2e} ({worst.floor_by})" if worst.floor_by else ""
+    at = f" at {worst.step}" if worst.step else ""
+    head = "verified" if ok == len(verdicts) else "verification failed"
+    return (f"{head}: {ok} of {len(verdicts)} output(s) within bound; nearest {worst.name!r}{at}: max rel "
+            f"{worst.max_rel:.3e}{floor}, bound {worst.bound:.1e}")

@@ -4,8 +4,9 @@ and rewritten on the same inputs at several scales, and say what is wrong.
 
 Criteria (issue 10):
 - fp32 graphs (onnxruntime CPU): every fp32 output within FP32_TOL relative (max |Δ| /
-  max |original|) of the original — or NOISE_FACTOR × the original's own move under 1-ulp
-  weight/input changes where that is larger (an output that cancels to near zero) —, finite
+  max |original|) of the original — or rewriter.verify.FLOOR_K × the original's own move under 1-ulp
+  weight/input changes where that is larger (an output that cancels to near zero; the judgement
+  is rewriter.verify.judge, the one `verify` makes) —, finite
   where the original is finite, and — where a float64
   reference can be computed (the graph promoted to float64) — no more than F64_RATIO × the
   original's own error against it (worst over the feed sets) + a floor: the larger of
@@ -42,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.api import rewrite
 from rewriter.errors import EXIT_INTERNAL, RewriterError
+from rewriter.verify import judge, promote
 
 FP32_TOL = 1e-5         # max |Δ| / max |original|: the product's fp32 exactness bar
 FP64_TOL = 1e-11        # fp64 graphs: a float64 graph must stay float64-exact
@@ -247,54 +249,6 @@ def run_reference(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
 
 def _np_type(elem: int):
     return helper.tensor_dtype_to_np_dtype(elem)
-
-
-def promote(model: onnx.ModelProto, mapping: dict[int, int]) -> onnx.ModelProto:
-    """A copy of `model` with every tensor type in `mapping` replaced (FLOAT16 → FLOAT: the fp32
-    reference; FLOAT/FLOAT16/BFLOAT16 → DOUBLE: the float64 reference): inputs, outputs,
-    value infos, initializers, Constant and ConstantOfShape values, Cast targets, subgraphs
-    and functions."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-
-    def tensor(t: onnx.TensorProto) -> onnx.TensorProto:
-        if t.data_type not in mapping:
-            return t
-        arr = numpy_helper.to_array(t).astype(np.float64).astype(_np_type(mapping[t.data_type]))
-        return numpy_helper.from_array(arr, t.name)
-
-    def vinfo(v: onnx.ValueInfoProto):
-        tt = v.type.tensor_type
-        if v.type.HasField("tensor_type") and tt.elem_type in mapping:
-            tt.elem_type = mapping[tt.elem_type]
-
-    def nodes(ns):
-        for n in ns:
-            for a in n.attribute:
-                if n.op_type in ("Cast", "EyeLike", "RandomNormalLike") and a.name in ("to", "dtype") \
-                        and a.i in mapping:
-                    a.i = mapping[a.i]
-                if a.type == onnx.AttributeProto.TENSOR:
-                    a.t.CopyFrom(tensor(a.t))
-                if a.type == onnx.AttributeProto.GRAPH:
-                    graph(a.g)
-                if a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        graph(g)
-
-    def graph(g: onnx.GraphProto):
-        for coll in (g.input, g.output, g.value_info):
-            for v in coll:
-                vinfo(v)
-        inits = [tensor(t) for t in g.initializer]
-        del g.initializer[:]
-        g.initializer.extend(inits)
-        nodes(g.node)
-
-    graph(m.graph)
-    for f in m.functions:
-        nodes(f.node)
-    return m
 
 
 def perturb(model: onnx.ModelProto, rel: float, rng) -> onnx.ModelProto:
@@ -547,13 +501,13 @@ class Checker:
                     failures.append(Failure(name, "nonfinite", f"{out} ({a.dtype}): {bad} Inf/NaN where the "
                                             f"original is finite, {where}"))
                     continue
-                if not self.lowp:
-                    tol = FP64_TOL if a.dtype == np.float64 and self.pure_f64 else \
-                        max(FP32_TOL, NOISE_FACTOR * self.noise.get(out, 0.0))
-                    err = rel_error(a, b)
-                    if err > tol:
-                        failures.append(Failure(name, "mismatch", f"{out} ({a.dtype}): max rel {err:.3e} > "
-                                                f"{tol:.0e}, {where}"))
+                if not self.lowp:       # rewriter.verify.judge, its floor the original's 1-ulp move
+                    exact = a.dtype == np.float64 and self.pure_f64
+                    (v,) = judge({out: a}, {out: b}, FP64_TOL if exact else FP32_TOL,
+                                 None if exact else {out: (self.noise.get(out, 0.0), "1-ulp move")})
+                    if not v.ok:
+                        failures.append(Failure(name, "mismatch", f"{out} ({a.dtype}): max rel {v.max_rel:.3e} > "
+                                                f"{v.bound:.0e}, {where}"))
                         continue
                     if a.dtype != np.float32:
                         continue

@@ -53,7 +53,7 @@ def test_bench_with_given_rewritten(tiny, tmp_path):
 def test_norm_free_and_hand_fused_graphs(tiny, tmp_path):
     from rewriter.bench.passes import count_norms
     from rewriter.bench.variants import make_hand_fused, make_norm_free
-    from rewriter.verify import compare, make_inputs, run
+    from rewriter.verify import judge, make_inputs, run
     nf, hf = tmp_path / "nf.onnx", tmp_path / "hf.onnx"
     assert make_norm_free(tiny, nf)["removed"] == 5
     fused = make_hand_fused(tiny, hf)["fused"]
@@ -61,7 +61,7 @@ def test_norm_free_and_hand_fused_graphs(tiny, tmp_path):
     assert count_norms(nf) == {"fused": {}, "decomposed": 0}
     feeds = make_inputs(tiny, seq=8)
     ref = run(tiny, feeds, "cpu")
-    assert all(d.ok for d in compare(ref, run(hf, feeds, "cpu"), tolerance=1e-4))
+    assert all(d.ok for d in judge(ref, run(hf, feeds, "cpu"), tolerance=1e-4))
     assert np.isfinite(run(nf, feeds, "cpu")["logits"]).all()
 
 
@@ -101,7 +101,7 @@ def test_hand_fused_layernorm_keeps_gain_rewriter_unit_gain(tmp_path):
     from rewriter.api import rewrite_file
     from rewriter.bench.passes import op_counts
     from rewriter.bench.variants import make_hand_fused
-    from rewriter.verify import compare, make_inputs, run
+    from rewriter.verify import judge, make_inputs, run
 
     g = GraphBuilder()
     h = g.op("Add", [g.input("x", ["B", "S", 16]), g.input("r", ["B", "S", 16])])
@@ -118,8 +118,8 @@ def test_hand_fused_layernorm_keeps_gain_rewriter_unit_gain(tmp_path):
     assert {k: v for k, v in op_counts(rw).items() if k in norms} == {"LayerNormalization": 2}
     feeds = make_inputs(src, seq=8)
     ref = run(src, feeds, "cpu")
-    assert all(d.ok for d in compare(ref, run(hf, feeds, "cpu"), tolerance=1e-5))
-    assert all(d.ok for d in compare(ref, run(rw, feeds, "cpu"), tolerance=1e-5))
+    assert all(d.ok for d in judge(ref, run(hf, feeds, "cpu"), tolerance=1e-5))
+    assert all(d.ok for d in judge(ref, run(rw, feeds, "cpu"), tolerance=1e-5))
 
 
 def test_norm_free_keeps_a_norm_output_that_is_a_graph_output(tmp_path):
@@ -174,7 +174,7 @@ def test_variant_builders_are_passes_in_a_pass_manager(tiny):
     from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
     from rewriter.bench.passes import FuseNorms, NormFree, count_norms
-    from rewriter.verify import compare, make_inputs, run
+    from rewriter.verify import judge, make_inputs, run
 
     feeds = make_inputs(tiny, seq=8)
     ref = run(tiny, feeds, "cpu")
@@ -184,7 +184,7 @@ def test_variant_builders_are_passes_in_a_pass_manager(tiny):
     assert result.modified and fuse.info == {"fused": {"SimplifiedLayerNormalization": 1,
                                                        "SkipSimplifiedLayerNormalization": 4}, "kept": []}
     assert count_norms(fused)["decomposed"] == 0
-    assert all(d.ok for d in compare(ref, run(ir.to_proto(fused).SerializeToString(), feeds, "cpu"), tolerance=1e-4))
+    assert all(d.ok for d in judge(ref, run(ir.to_proto(fused).SerializeToString(), feeds, "cpu"), tolerance=1e-4))
     again = FuseNorms()
     assert not again(fused).modified and again.info == {"fused": {}, "kept": []}     # nothing left to fuse
 

@@ -23,7 +23,7 @@ from parity import FP32_TOL, assert_exact, op_types, rewrite_and_run
 from rewriter import calibrate as calib
 from rewriter.costs import FORMAT, NOISE, CostTable, SiteShape, choose
 from rewriter.plan import STRATEGIES, TARGETS
-from rewriter.verify import compare, make_inputs, run
+from rewriter.verify import judge, make_inputs, run
 from test_api_cli import llama_like_block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,7 +379,7 @@ def test_rewrite_cli_with_calibrated_costs(calibrated):
         assert site["evidence"].startswith("no probe at this site's shape (rms/decomposed")     # calibrated at 32, 64
         assert ("kept as exported" in site["reason"]) == (site["strategy"] == "keep")
     feeds = make_inputs(src, batch=2, seq=5)
-    assert_exact(compare(run(src, feeds, provider="cpu"), run(dst, feeds, provider="cpu")), FP32_TOL)
+    assert_exact(judge(run(src, feeds, provider="cpu"), run(dst, feeds, provider="cpu")), FP32_TOL)
 
 
 def test_calibrate_probe_builds_and_every_candidate_rewrites(tmp_path):

@@ -13,7 +13,7 @@ from onnx import TensorProto
 import rewriter.io as rio
 from parity import assert_exact
 from rewriter.errors import EXIT_OK
-from rewriter.verify import compare, run
+from rewriter.verify import judge, run
 from test_api_cli import llama_like_block
 from test_faults import cli, digests, save_external
 
@@ -63,7 +63,7 @@ def test_layout_rewrites_to_external_data_with_parity(layout, dirs):
     assert sorted(p.name for p in out.iterdir()) == ["flash.onnx", "flash.onnx.data"]
     locations = external_locations(out / "flash.onnx")
     assert locations and set(locations.values()) == {"flash.onnx.data"}
-    assert_exact(compare(expected, run(out / "flash.onnx", feeds(), provider="cpu")))
+    assert_exact(judge(expected, run(out / "flash.onnx", feeds(), provider="cpu")))
 
 
 @pytest.mark.parametrize("layout", ["one_file_per_tensor", "optimum_onnx_data"])
@@ -74,7 +74,7 @@ def test_external_data_name_is_the_users(layout, dirs):
     assert code == EXIT_OK, err
     assert sorted(p.name for p in out.iterdir()) == ["flash.onnx", "weights.custom"]
     assert set(external_locations(out / "flash.onnx").values()) == {"weights.custom"}
-    assert_exact(compare(expected, run(out / "flash.onnx", feeds(), provider="cpu")))
+    assert_exact(judge(expected, run(out / "flash.onnx", feeds(), provider="cpu")))
 
 
 def test_output_beside_the_input_with_relative_paths(dirs, monkeypatch):
@@ -102,7 +102,7 @@ def test_inline_input_stays_inline_unless_asked(dirs):
     assert set(external_locations(out / "ext.onnx").values()) == {"ext.bin"}
     assert sorted(p.name for p in out.iterdir()) == ["ext.bin", "ext.onnx", "inline.onnx"]
     for name in ("inline.onnx", "ext.onnx"):
-        assert_exact(compare(expected, run(out / name, feeds(), provider="cpu")))
+        assert_exact(judge(expected, run(out / name, feeds(), provider="cpu")))
 
 
 def test_model_past_the_protobuf_limit_gets_external_data(dirs, monkeypatch):
@@ -124,4 +124,4 @@ def test_overwrite_reuses_the_inputs_data_file(layout, dirs):
     assert code == EXIT_OK, err
     assert sorted(p.name for p in src.iterdir()) == sorted(["model.onnx", data_name])
     assert set(external_locations(path).values()) == {data_name}
-    assert_exact(compare(expected, run(path, feeds(), provider="cpu")))
+    assert_exact(judge(expected, run(path, feeds(), provider="cpu")))

@@ -24,7 +24,7 @@ from parity import assert_exact, random_feeds
 from rewriter.cli import main
 from rewriter.errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOTHING, EXIT_OK,
                              EXIT_OUTPUT, EXIT_UNSUPPORTED, EXIT_USAGE)
-from rewriter.verify import compare, run, session
+from rewriter.verify import judge, run, session
 from test_api_cli import llama_like_block
 
 
@@ -286,10 +286,10 @@ def test_overwrite_replaces_the_input_atomically(external, dirs):
     assert names == (["model.onnx", "model.onnx.data"] if external else ["model.onnx"])
     rewritten = onnx.load(str(path), load_external_data=False)
     assert any(t.data_location == TensorProto.EXTERNAL for t in rewritten.graph.initializer) == external
-    assert_exact(compare(expected, run(path, feeds, provider="cpu")))
+    assert_exact(judge(expected, run(path, feeds, provider="cpu")))
     code, stdout, err = cli(path, "-o", path, "--overwrite")      # and again: nothing to do
     assert code == EXIT_OK and "rewritten             0" in stdout, err
-    assert_exact(compare(expected, run(path, feeds, provider="cpu")))
+    assert_exact(judge(expected, run(path, feeds, provider="cpu")))
 
 
 # -- interrupted runs leave nothing -------------------------------------------------------------
@@ -445,4 +445,4 @@ def test_metadata_is_kept(dirs):
     sess = session(out / "flash.onnx", "cpu")
     assert [i.name for i in sess.get_inputs()] == ["tokens_in"]
     feeds = random_feeds(sess)
-    assert_exact(compare(run(src / "m.onnx", feeds, provider="cpu"), run(out / "flash.onnx", feeds, provider="cpu")))
+    assert_exact(judge(run(src / "m.onnx", feeds, provider="cpu"), run(out / "flash.onnx", feeds, provider="cpu")))

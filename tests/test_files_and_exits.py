@@ -32,7 +32,7 @@ from rewriter.cli import main
 from rewriter.costs import FORMAT
 from rewriter.errors import (EXIT_BAD_INPUT, EXIT_CANNOT_RUN, EXIT_INTERNAL, EXIT_OK, EXIT_OUTPUT,
                              EXIT_USAGE, EXIT_VERIFY_FAILED)
-from rewriter.verify import compare, run
+from rewriter.verify import judge, run
 from test_api_cli import llama_like_block
 from test_faults import assert_error, cli, digests, save_external
 
@@ -51,7 +51,7 @@ def locations(path) -> set[str]:
 
 
 def assert_runs_like_the_original(path) -> None:
-    assert_exact(compare(expected(), run(path, feeds(), provider="cpu")))
+    assert_exact(judge(expected(), run(path, feeds(), provider="cpu")))
 
 
 def external_input(src: Path) -> Path:

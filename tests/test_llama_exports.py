@@ -9,7 +9,7 @@ import pytest
 
 from models_cache import exported
 from parity import FP32_TOL, assert_exact, rewrite_and_run
-from rewriter.verify import compare, make_inputs, run
+from rewriter.verify import judge, make_inputs, run
 
 EXPORTS = [("dynamo", 18), ("dynamo", 23), ("torchscript", 17)]
 
@@ -38,8 +38,8 @@ def test_fp16_no_worse_than_original_against_fp32(exporter, opset, tmp_path):
     ref = run(ref_path, feeds, provider="cpu")
     original = run(src, feeds, provider="cpu")
     rewritten = run(tmp_path / "model_defer.onnx", feeds, provider="cpu")
-    err_original = compare(ref, original)[0].max_rel
-    err_rewritten = compare(ref, rewritten)[0].max_rel
+    err_original = judge(ref, original)[0].max_rel
+    err_rewritten = judge(ref, rewritten)[0].max_rel
     assert err_rewritten <= 1.25 * err_original + 1e-4, (err_rewritten, err_original)
 
 

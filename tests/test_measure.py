@@ -5,7 +5,7 @@ import re
 
 from models_cache import exported
 from parity import assert_exact
-from rewriter.verify import compare, make_inputs, run, session
+from rewriter.verify import judge, make_inputs, run, session
 from test_faults import cli
 
 
@@ -26,5 +26,5 @@ def test_measure_writes_the_fastest_exact_candidate(tmp_path):
     assert winner == min(timed, key=lambda n: timed[n][0] * timed[n][1]), line
     a, b = session(src, "cpu"), session(dst, "cpu")
     feeds = make_inputs(src, sess=a)
-    assert_exact(compare(run(src, feeds, sess=a), run(dst, feeds, sess=b)))
+    assert_exact(judge(run(src, feeds, sess=a), run(dst, feeds, sess=b)))
     assert not list(tmp_path.glob(".flashnorm-*"))          # the candidates are gone

@@ -31,7 +31,7 @@ import fixtures_onnxscript as F
 from parity import FP32_TOL
 from rewriter import rewrite_file
 from rewriter.errors import InternalError, Unsupported
-from rewriter.verify import compare
+from rewriter.verify import judge
 
 GRAPH_OUTPUT = "norm output is a graph output"
 RESIDUAL = "consumer Add is not a linear on the normalized axis"
@@ -299,7 +299,7 @@ def test_rewrite_is_exact(case, tmp_path_factory, request):
     """fp32 within 1e-5 relative on the fixture's inputs; where nothing is rewritten, the graph it
     read and bit-identical outputs at onnxruntime's default optimization level."""
     result = outcome(case, tmp_path_factory, request.config)
-    diffs = compare(result.before, result.after, tolerance=FP32_TOL)
+    diffs = judge(result.before, result.after, tolerance=FP32_TOL)
     assert diffs and all(np.isfinite(d.max_rel) for d in diffs), diffs
     if result.report.rewritten == 0:
         assert result.same_graph, "nothing was rewritten, but the graph written differs from the one read"
@@ -336,7 +336,7 @@ def test_weights_in_constant_nodes_as_external_data(tmp_path):
     report = rewrite_file(src, dst)
     found, rewritten, reasons = EXPECTED["whisper_encoder"]
     assert (report.found, report.rewritten, dict(report.skipped)) == (found, rewritten, reasons), report.table()
-    for d in compare(before, ort_run(dst, feeds), tolerance=FP32_TOL):
+    for d in judge(before, ort_run(dst, feeds), tolerance=FP32_TOL):
         assert d.max_rel <= FP32_TOL, d
 
 

@@ -12,7 +12,7 @@ from builders import GraphBuilder
 from parity import assert_exact
 from rewriter import rewrite
 from rewriter.passes import FlashNormPass, FlashNormResult
-from rewriter.verify import compare
+from rewriter.verify import judge
 
 N, H = 16, 24
 
@@ -43,7 +43,7 @@ def test_flashnorm_pass_in_a_pass_manager():
     kept = [n.op_type for n in model.graph if not n.name.startswith("flashnorm/")]
     assert sorted(kept) == ["Add", "MatMul", "MatMul"], kept                      # both norms gone
     feeds = {"x": (np.random.default_rng(0).standard_normal((2, 5, N)) * 3 + 1).astype(np.float32)}
-    assert_exact(compare(run(proto, feeds), run(ir.to_proto(model), feeds)))
+    assert_exact(judge(run(proto, feeds), run(ir.to_proto(model), feeds)))
 
 
 def test_a_second_run_modifies_nothing():

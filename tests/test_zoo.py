@@ -81,12 +81,12 @@ def test_unseen_llama_descendant_needs_no_new_code(tmp_path):
 def test_zoo_fp16_no_worse_than_original(family, tmp_path):
     """fp16: the rewritten model is no further from the fp32 reference than the fp16 original
     (25 % slack for rounding luck)."""
-    from rewriter.verify import compare, run
+    from rewriter.verify import judge, run
     ref_path, src = exported(family, "dynamo", 18, "fp32"), exported(family, "dynamo", 18, "fp16")
     report, _, _ = rewrite_and_run(src, tmp_path)
     assert report.rewritten == EXPECTED[family][1]
     feeds = make_inputs(ref_path, batch=2, seq=7)
     ref = run(ref_path, feeds, provider="cpu")
-    err_original = compare(ref, run(src, feeds, provider="cpu"))[0].max_rel
-    err_rewritten = compare(ref, run(tmp_path / "model_defer.onnx", feeds, provider="cpu"))[0].max_rel
+    err_original = judge(ref, run(src, feeds, provider="cpu"))[0].max_rel
+    err_rewritten = judge(ref, run(tmp_path / "model_defer.onnx", feeds, provider="cpu"))[0].max_rel
     assert err_rewritten <= 1.25 * err_original + 1e-4, (err_rewritten, err_original)
