@@ -219,7 +219,11 @@ class Rewriter(NormKernels):
             return
         if gemm_c:          # the scale must come before the bias: take C out of the Gemm
             c = const_array(linear.bias).astype(np.float64) * float(attr(node, "beta"))
-            node.resize_inputs(2)
+            if self.edit.opset < 11:        # Gemm-7..10 require C: a zero one
+                zero = np.zeros(1, const_array(linear.bias).dtype)
+                node.replace_input_with(2, self.edit.initializer(zero, "zero_c", dtype=dtype_of(linear.bias)))
+            else:
+                node.resize_inputs(2)
             delta = c if delta is None else c + delta
         elif linear.bias_add is not None and delta is not None:
             index = 0 if linear.bias_add.inputs[0] is linear.bias else 1

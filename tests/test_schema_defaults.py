@@ -338,3 +338,17 @@ def test_scale_through_a_computed_reshape_is_emitted_in_the_models_opset(opset, 
     assert_exact(diffs)
     assert "Slice" in [n.op_type for n in out.graph.node]
     onnx.checker.check_model(out)
+
+
+@pytest.mark.parametrize("opset", [9, 10, 11])
+def test_gemm_c_taken_out_for_the_scale_stays_a_required_input(opset, tmp_path):
+    """Deferring past a Gemm moves its C after the scale; Gemm-7..10 require a C (a zero one
+    stays; was: an invalid model, exit 7)."""
+    g = GraphBuilder(opset)
+    x = g.input("x", [10, N])
+    c = g.const(g.rng.standard_normal(K).astype(np.float32), "C")
+    g.output(g.op("Gemm", [g.rms(x, gain=g.gain(N)), g.weight(N, K), c], beta=0.5), shape=[10, K])
+    report, diffs, out = rewrite_and_run(g.model(contrib=False), tmp_path, feeds=feeds_at(3.0, "x", shape=(10, N)))
+    assert _single_site(report).action == "defer"
+    assert_exact(diffs)
+    onnx.checker.check_model(out)
