@@ -94,9 +94,9 @@ def _moe():
     return MoEBlock(), "ids"
 
 
-def _mamba2():
+def _mamba2(groups: int = 2):
     from transformers import Mamba2Config, Mamba2ForCausalLM
-    cfg = Mamba2Config(vocab_size=128, hidden_size=32, state_size=8, num_heads=4, head_dim=16, n_groups=2,
+    cfg = Mamba2Config(vocab_size=128, hidden_size=32, state_size=8, num_heads=4, head_dim=16, n_groups=groups,
                        expand=2, num_hidden_layers=1, conv_kernel=4, chunk_size=8, tie_word_embeddings=False)
     return _Ids(Mamba2ForCausalLM(cfg)), "ids"
 
@@ -123,8 +123,8 @@ def _swin():
     return _Pixels(SwinModel(cfg)), "pixels"
 
 
-BUILDERS = {"t5": _t5, "moe": _moe, "mixtral": _mixtral, "mamba2": _mamba2, "convnext": _convnext,
-            "segformer": _segformer, "swin": _swin}
+BUILDERS = {"t5": _t5, "moe": _moe, "mixtral": _mixtral, "mamba2": _mamba2, "mamba2-1g": lambda: _mamba2(groups=1),
+            "convnext": _convnext, "segformer": _segformer, "swin": _swin}
 
 
 def build(name: str, seed: int = 0):
@@ -143,7 +143,7 @@ def example(kind: str, seed: int = 0):
 
 
 # TorchScript's Mamba2 graph is invalid (a Transpose with negative perm entries); dynamo's is fine
-DYNAMO = {"mamba2"}
+DYNAMO = {"mamba2", "mamba2-1g"}
 
 
 def export(name: str, path, opset: int = 17) -> Path:
@@ -164,7 +164,7 @@ def export(name: str, path, opset: int = 17) -> Path:
 
 
 def feeds(name: str, seed: int = 1) -> dict:
-    kind = "ids" if name in ("t5", "moe", "mixtral", "mamba2") else "pixels"
+    kind = "ids" if name in ("t5", "moe", "mixtral", "mamba2", "mamba2-1g") else "pixels"
     x, input_name = example(kind, seed)
     return {input_name: x.numpy() if x.dtype != torch.int64 else x.numpy().astype(np.int64)}
 

@@ -22,11 +22,16 @@ from pathlib import Path
 import onnx_ir as ir
 
 from rewriter import io
-from rewriter.errors import BadInput, CannotRun, NothingToRewrite, RewriterError, VerificationFailed, first_line
-from rewriter.passes import infer_shapes, run_pipeline  # noqa: F401 (infer_shapes: calibrate, tests)
+from rewriter.errors import (BadInput, CannotRun, InternalError, NothingToRewrite, RewriterError, VerificationFailed,
+                             first_line)
+from rewriter.passes import infer_shapes, ort_load_error, run_pipeline  # noqa: F401 (infer_shapes: calibrate, tests)
+from rewriter.patterns.graph import weight_bytes
 from rewriter.plan import Options
 from rewriter.report import Report
+from rewriter.verify import make_inputs, run
 from rewriter.verify import verify as compare_outputs
+
+RUN_CHECK_BYTES = 1 << 30     # a written model is also run once when its weights are smaller than this
 
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
@@ -88,6 +93,38 @@ def check_approx(src, rewritten, report: Report, diffs: list | None = None) -> N
                         "(max |Δ| / max |original| over outputs, random inputs, CPU)")
 
 
+def check_loads_and_runs(src, model: ir.Model, written, report: Report, *, ran: bool = False) -> None:
+    """Refuse (InternalError, exit 7; nothing is written) a rewritten `model` that onnxruntime
+    (CPU) cannot load — its weightless skeleton, at any size — or, with weights under
+    RUN_CHECK_BYTES and unless a comparison already ran it (`ran`), cannot run once on inputs
+    made from its signature (batch 1, 4 tokens; `written`: its temporary file). Where the input
+    fails the same way the failure is not the rewrite's: a note says what went unchecked."""
+    problem = ort_load_error(model)
+    if problem:
+        if ort_load_error(io.load(src)[0]):
+            report.notes.append("onnxruntime (CPU) cannot load the input either: the output was not load-checked")
+            return
+        raise InternalError(f"the rewritten model does not load in onnxruntime: {problem} (a bug: rerun with "
+                            "--debug and report it; nothing written)")
+    if ran or weight_bytes(model) >= RUN_CHECK_BYTES:
+        return
+    try:
+        feeds = make_inputs(written, batch=1, seq=4)
+    except Exception:               # noqa: BLE001 - a signature feeds.py cannot fill: no run check
+        report.notes.append("no inputs could be made from the output's signature: it was load-checked only")
+        return
+    try:
+        run(written, feeds, provider="cpu")
+    except Exception as exc:        # noqa: BLE001 - onnxruntime's refusal, judged against the input's
+        try:
+            run(src, feeds, provider="cpu")
+        except Exception:           # noqa: BLE001 - the input fails alike: not the rewrite's doing
+            report.notes.append("the input does not run on made-up inputs either: the output was load-checked only")
+            return
+        raise InternalError(f"the rewritten model fails in onnxruntime where the input runs: {first_line(exc)} "
+                            "(a bug: rerun with --debug and report it; nothing written)") from exc
+
+
 def failed_name(dst) -> Path:
     """Where --keep-failed puts a model that failed verification: flash.onnx -> flash.failed.onnx."""
     dst = Path(dst)
@@ -141,6 +178,9 @@ def rewrite_file(src, dst, *, overwrite: bool = False, external_data: str | None
     checker = check_outputs if verify is True else (verify or None)
 
     def before_commit(tmp_model):
+        if not unchanged:       # the input's own bytes are not ours to judge
+            ran = checker is not None or bool(opts.approx and report.rewritten)    # they run it below
+            check_loads_and_runs(src, model, tmp_model, report, ran=ran)
         diffs = checker(src, tmp_model) if checker is not None else None
         if opts.approx and report.rewritten:
             check_approx(src, tmp_model, report, diffs if isinstance(diffs, list) else None)
