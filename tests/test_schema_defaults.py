@@ -80,6 +80,23 @@ def test_absent_attributes_take_the_schema_default_of_the_models_opset():
     assert attr(_node("Gemm", 18, transB=1), "transB") == 1           # as written
 
 
+# (op, attribute) pairs the patterns, the scale algebra and the input maker read without
+# checking the opset first: each must have a schema entry at every opset the loader accepts
+READ_ANYWHERE = [("Gemm", a) for a in ("alpha", "beta", "transA", "transB")] + [
+    ("Concat", "axis"), ("Gather", "axis"), ("Split", "axis"), ("Transpose", "perm"), ("Conv", "group"),
+    ("Conv", "pads"), ("Conv", "auto_pad"), ("ReduceMean", "keepdims"), ("Pad", "mode"), ("Cast", "to"),
+    ("SimplifiedLayerNormalization", "axis"), ("SimplifiedLayerNormalization", "epsilon"),
+    ("LayerNormalization", "axis"), ("LayerNormalization", "epsilon")]
+
+
+@pytest.mark.parametrize("opset", [7, 9, 10, 11, 13, 17, 18, onnx.defs.onnx_opset_version()])
+def test_every_attribute_read_has_a_default_or_none_at_every_accepted_opset(opset):
+    for op_type, name in READ_ANYWHERE:
+        node = ir.node(op_type, [])
+        ir.Graph([], [], nodes=[node], opset_imports={"": opset})
+        attr(node, name)        # raises SchemaUnknown where no schema declares it
+
+
 def test_an_attribute_no_known_schema_declares_is_refused_not_guessed():
     with pytest.raises(SchemaUnknown, match="axes"):
         attr(_node("ReduceMean", 18), "axes")          # an input from opset 18
@@ -352,3 +369,13 @@ def test_gemm_c_taken_out_for_the_scale_stays_a_required_input(opset, tmp_path):
     assert _single_site(report).action == "defer"
     assert_exact(diffs)
     onnx.checker.check_model(out)
+
+
+def test_simplified_layernorm_in_com_microsoft_is_no_known_op():
+    """onnxruntime registers SimplifiedLayerNormalization in the ONNX domain only: in com.microsoft
+    no runtime defines it (nor its defaults), so it is not taken for a norm."""
+    g = GraphBuilder(18)
+    x = g.input("x", [2, 5, N])
+    y = g.op("SimplifiedLayerNormalization", [x, g.const(g.gain(N))], domain="com.microsoft")
+    g.output(g.op("MatMul", [y, g.weight(N, K)]))
+    assert sites_of(g.model()) == ([], [])
