@@ -7,4 +7,5 @@ from setuptools import find_packages, setup
 
 rewriter = find_packages(include=["rewriter", "rewriter.*"])
 patterns = ["rewriter." + name for name in find_packages(include=["patterns", "patterns.*"])]
-setup(packages=rewriter + patterns)
+data = ["rewriter.data"]     # the cost tables (package-data): a folder of JSON, no code
+setup(packages=rewriter + patterns + data)

@@ -5,6 +5,7 @@ of the package over 500 lines."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -99,6 +100,22 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
     wheel = next(tmp_path.glob("*.whl"))
-    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist() if not n.split("/")[0].endswith(".dist-info")}
-    assert tops == {"rewriter"}, tops
-    assert any(n.startswith("rewriter/patterns/rmsnorm.py") for n in zipfile.ZipFile(wheel).namelist())
+    files = set(zipfile.ZipFile(wheel).namelist())
+    tops = {n.split("/")[0] for n in files if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"rewriter"}, tops          # models/, tests/, benchmarks/ stay in the repo
+    # every module of the tree, patterns/ as rewriter/patterns/ (package-dir), and the cost tables
+    tree = {"/".join(name.split(".")) + ("/__init__.py" if path.name == "__init__.py" else ".py")
+            for name, path in ALL.items()}
+    assert tree <= files, sorted(tree - files)
+    data = {f"rewriter/data/{p.name}" for p in (ROOT / "rewriter" / "data").glob("*.json")}
+    assert data and data <= files, sorted(data - files)
+
+
+def test_declared_floors_are_the_tested_ones():
+    """pyproject's core floors are exactly the versions scripts/check_lowest.sh installs."""
+    text = (ROOT / "pyproject.toml").read_text()
+    core = text.split("dependencies = [", 1)[1].split("]", 1)[0]
+    floors = dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', core))
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([0-9.]+)$", (ROOT / "ci" / "lowest-constraints.txt").read_text(), re.M))
+    assert floors and pins == {k: v if v.count(".") == 2 else v + ".0" for k, v in floors.items()}, (floors, pins)
+    assert not {"torch", "onnx-graphsurgeon", "ml_dtypes"} & set(floors)       # extras, not core
