@@ -48,8 +48,10 @@ DEFAULT_TOKENS = "1,128,512,2048,4096"
 def run_bench(original, rewritten=None, *, tokens=(1, 128, 512, 2048, 4096), batch: int = 1,
               past=(0,), provider=None, settings: Settings | None = None, mode: str = "defer",
               baselines: bool = False, stacked=(), best_fused: str = "auto", model_type: str = "gpt2",
-              fuse_opt_level: int = 0, workdir=None, log=quiet_log) -> dict:
-    """Prepare the variants, time them and return the full result (JSON-able)."""
+              fuse_opt_level: int = 0, workdir=None, only: tuple[str, ...] | None = None,
+              log=quiet_log) -> dict:
+    """Prepare the variants (`only`: these names of VARIANTS), time them and return the full
+    result (JSON-able)."""
     settings = settings or Settings()
     provider = resolve_provider(provider)
     tmp = None
@@ -59,7 +61,7 @@ def run_bench(original, rewritten=None, *, tokens=(1, 128, 512, 2048, 4096), bat
     try:
         variants = prepare_variants(original, rewritten, workdir=workdir, mode=mode, baselines=baselines,
                                     stacked=tuple(stacked), best_fused=best_fused, model_type=model_type,
-                                    opt_level=fuse_opt_level, use_gpu=provider == "cuda", log=log)
+                                    opt_level=fuse_opt_level, use_gpu=provider == "cuda", only=only, log=log)
         shapes = [Shape(int(t), batch, int(p)) for p in past for t in tokens]
         result = measure(variants, shapes, provider=provider, settings=settings, log=log)
     finally:

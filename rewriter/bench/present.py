@@ -84,6 +84,29 @@ def table(result: dict, markdown: bool = False) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
 
 
+def compare_table(result: dict, names: tuple[str, ...], ours: str = "rewritten") -> str:
+    """A short table (under 100 columns for three variants): per shape, each of `names`'
+    median ms [p10-p90], and t(other) / t(`ours`) for every other one (> 1: ours is faster),
+    marked "≈" where the two p10-p90 ranges overlap (within noise)."""
+    others = [n for n in names if n != ours]
+    head = ["shape"] + [f"{n} ms" for n in names] + [f"{n}÷{ours}" for n in others]
+    rows = []
+    for r in result["shapes"]:
+        v = r["variants"]
+        cells = [Shape(**r["shape"]).label] + [_cell(v.get(n)) for n in names]
+        for n in others:
+            a, b = v.get(n, {}), v.get(ours, {})
+            if "median_ms" not in a or "median_ms" not in b:
+                cells.append("-")
+                continue
+            overlap = not (a["p90_ms"] < b["p10_ms"] or b["p90_ms"] < a["p10_ms"])
+            cells.append(f"{a['median_ms'] / b['median_ms']:.2f}" + (" ≈" if overlap else ""))
+        rows.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+
+
 STYLES = {"raw": "C3", "best-fused": "C0", "rewritten": "C2", "rewritten-fold": "C8", "ort-cuda": "C1", "ort-cpu": "C6",
           "norm-free": "C7", "fused+fold": "C4", "fused+defer": "C5", "onnxscript": "C9", "ort-optimizer": "tab:olive"}
 PLOT_RATIOS = ("raw/rewritten", "best-fused/rewritten", "best-fused/rewritten-fold", "best-fused/ort-cuda",
@@ -190,4 +213,4 @@ def write_json(result: dict, path) -> None:
         json.dump(result, f, indent=1, default=str)
 
 
-__all__ = ["PLOT_RATIOS", "add_ratios", "merge_cases", "plot", "table", "variants_json", "write_json"]
+__all__ = ["PLOT_RATIOS", "add_ratios", "compare_table", "merge_cases", "plot", "table", "variants_json", "write_json"]
