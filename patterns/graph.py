@@ -155,13 +155,6 @@ def folded_constant(value: ir.Value | None, limit: int = 80) -> np.ndarray | Non
         return None
 
 
-def const_scalar(value: ir.Value | None) -> float | None:
-    arr = const_array(value)
-    if arr is None or arr.size != 1:
-        return None
-    return float(arr.reshape(()))
-
-
 def broadcast_scalar(value: ir.Value | None, rank: int | None) -> float | None:
     """The value of a one-element constant that broadcasts against a tensor of `rank` without
     adding an axis (an ε of shape [1,1,1] on a rank-2 tensor would make the result rank 3)."""

@@ -28,10 +28,6 @@ from rewriter.report import Report
 GENAI_CONFIG = "genai_config.json"
 
 
-def is_model_folder(path) -> bool:
-    return Path(path).is_dir() and (Path(path) / GENAI_CONFIG).is_file()
-
-
 def decoder_file(folder: Path) -> Path:
     """The decoder model genai_config.json names (model.decoder.filename)."""
     config = folder / GENAI_CONFIG

@@ -24,7 +24,7 @@ class NormKernels:
         centered) run on x with a unit gain; its normalized output is not used. None when the
         dtype or opset has no such kernel (fp64: the inverse std would be fp32 at best, so an
         fp64 model takes inverse_rms's fp64 reduction)."""
-        source = self.lossless_source(x)
+        source = exact_source(x)
         dtype = dtype_of(source)
         if size is None or dtype not in (F32, ir.DataType.FLOAT16) or (centered and self.edit.opset < 17):
             return None
@@ -39,12 +39,6 @@ class NormKernels:
         for out in node.outputs[1:]:
             set_dtype(out, F32)
         return node.outputs[-1]
-
-
-    @staticmethod
-    def lossless_source(value: ir.Value) -> ir.Value:
-        return exact_source(value)
-
 
     def fuse(self, site: Site) -> bool:
         """Replace a decomposed weightless norm by onnxruntime's fused kernel with a unit gain

@@ -32,7 +32,6 @@ class Rewriter(NormKernels):
 
     def __init__(self, model: ir.Model, push_scales: bool = True, approx: bool = False,
                  graph: ir.Graph | None = None, prefix: str = "flashnorm"):
-        self.model = model
         self.graph = graph if graph is not None else model.graph
         self.edit = GraphEditor(self.graph, prefix, main=model.graph)
         self.scales = ScaleWalker(self.graph, self.edit, self._take_output_slot, push=push_scales)

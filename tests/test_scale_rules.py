@@ -68,8 +68,7 @@ def _matmul_const(rows):
 def _split(axis):
     def chain(g, h):
         a, b = g.op("Split", [h], n_out=2, axis=axis, num_outputs=2)
-        p = a.rsplit("_", 1)[0] if False else a
-        return p, g.op("Concat", [a, b], axis=axis)
+        return a, g.op("Concat", [a, b], axis=axis)
     return chain
 
 
