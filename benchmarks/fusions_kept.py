@@ -1,4 +1,4 @@
-"""Zero fusions lost (issue 13): the peer's fusions on each original and on our rewrite of it.
+"""Zero fusions lost: the peer's fusions on each original and on our rewrite of it.
 
     python benchmarks/fusions_kept.py                  # zoo × 3 exports, ORT-optimized inputs, real SmolLM2
     python benchmarks/fusions_kept.py --exports dynamo18 --no-real        # quick (rows replace

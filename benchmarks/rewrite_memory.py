@@ -19,8 +19,8 @@ bytes written under its output folder are sampled and printed every `--interval`
 (the timeline goes to the JSON, so the peak can be placed: before the first byte is written
 = load/shape inference/matching/validation, during = save with folding, after = checker).
 
-Targets: peak RSS <= 1.25 x the largest single tensor + 2 GiB (issue 5); rewrite time
-<= 1.3 x the copy time (issue 13; was 2 x). Throughput is reported for both as GB/s and s/GB
+Targets: peak RSS <= 1.25 x the largest single tensor + 2 GiB; rewrite time
+<= 1.3 x the copy time. Throughput is reported for both as GB/s and s/GB
 of the input's bytes (GB = 10^9 bytes). Sanity checks of the output: onnx.checker (path based), the data file's
 size (input's + the bytes the report says were added, e.g. the tied head's clone), the
 report's norm count (2 per layer + the final one), and for models under `--verify-max-gb`

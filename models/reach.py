@@ -1,5 +1,5 @@
-"""Architectures whose norm → linear sites sit behind row moves, scalars, Convs or group merges
-(issue 14), built from transformers configs in code (random weights, perturbed norms; nothing is
+"""Architectures whose norm → linear sites sit behind row moves, scalars, Convs or group merges,
+built from transformers configs in code (random weights, perturbed norms; nothing is
 downloaded) and exported with TorchScript (Mamba2: dynamo): T5 (tied head scaled by
 d_model^-0.5), ConvNeXt and SegFormer (LN → Conv), Swin (padded, rolled windows), a Mixtral-style
 MoE layer (`moe`: the router and experts reading gathered token rows; transformers' own Mixtral

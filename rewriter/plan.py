@@ -33,7 +33,7 @@ DEFERRING = ("defer", "defer-normop")
 # pass over the output there; the chooser takes a candidate over the reference only where it
 # was measured faster at every token count (docs/BENCHMARKS.md). On ORT CPU every strategy is
 # within ±5 % per site, and whole models are fastest folded, fused and then given onnxscript's
-# attention/rotary fusions (issue 13's measurements): fold-fused is the reference there too.
+# attention/rotary fusions (docs/BENCHMARKS.md, ORT CPU): fold-fused is the reference there too.
 # The ort-* targets compose: after the rewrite, onnxscript's ORT fusions run (Options.compose)
 # — on ORT CPU not on graphs with a KV cache (`compose_kv_cache`): there its MultiHeadAttention
 # made each decode step of real SmolLM2-135M 5 % (past 128) to 17 % (past 512) slower than the

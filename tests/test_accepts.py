@@ -1,4 +1,4 @@
-"""Every graph onnxruntime accepts is accepted (issue 12): declarations that contradict the
+"""Every graph onnxruntime accepts is accepted: declarations that contradict the
 graph are repaired and reported, never fatal; the output keeps the producer's graph outside the
 rewritten sites — nothing inferred is added — and a run that rewrites nothing writes the graph
 it read."""

@@ -1,4 +1,4 @@
-"""Compose, don't compete (issue 13): the rewrite never removes a fusion the ecosystem would
+"""Compose, don't compete: the rewrite never removes a fusion the ecosystem would
 have made. onnxscript's ORT fusions (optimize_for_ort) are counted by the fused ops they leave,
 on the original and on our output; `--target ort-*` runs them itself."""
 

@@ -1,4 +1,4 @@
-"""onnxruntime-genai folders (issue 12): built offline by onnxruntime-genai's own builder,
+"""onnxruntime-genai folders: built offline by onnxruntime-genai's own builder,
 rewritten as a folder (`python -m rewriter DIR -o OUT_DIR`), then run through og.Generator:
 greedy generation identical, prefill and decode logits within 1e-5; `verify` on the KV-cache
 graphs with no inputs given.

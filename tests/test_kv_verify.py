@@ -1,4 +1,4 @@
-"""`verify` on KV-cache graphs (issue 12): inputs built from the graph itself — past head counts
+"""`verify` on KV-cache graphs: inputs built from the graph itself — past head counts
 and sizes from the attention op or the cache's declared shape, the mask over past + sequence,
 positions after the past — a prefill, then decode steps fed the presents; exit 0 when equal,
 1 when the outputs differ, 8 when onnxruntime cannot run a model.

@@ -1,4 +1,4 @@
-"""onnxscript's own test fixtures in the zoo (issue 12): graphs captured from real torch dynamo
+"""onnxscript's own test fixtures in the zoo: graphs captured from real torch dynamo
 exports of the 2.5/2.6 era (onnxscript/rewriter/models/_*.py; built by tests/fixtures_onnxscript.py
 through each fixture's make_model, zero-mean weights of the fixture's shapes).
 
@@ -345,7 +345,7 @@ def test_weights_in_constant_nodes_as_external_data(tmp_path):
                           "(Phi-2's value_infos declare 50 such names, Phi-4's 87): the graph written "
                           "is not the graph read")
 def test_dangling_value_info_survives_a_run_that_rewrites_nothing(tmp_path):
-    """The literal promise of issue 12 — a run that rewrites nothing writes the graph it read — on
+    """A run that rewrites nothing writes the graph it read (README, Files), checked on
     the post-LN BART encoder given one declaration of a name no node makes, as the Phi-2/Phi-4
     fixtures have (onnxscript's to_model_proto(value_infos=...))."""
     src = F.build("bart_encoder", tmp_path, storage="inline")

@@ -1,4 +1,4 @@
-"""Precision of the exact forms against a float64 reference (issue 10).
+"""Precision of the exact forms against a float64 reference.
 
 The deferred 1/RMS multiplies whole rows: its rounding error has one sign over a row, so the
 following matmuls do not average it out the way they average the original's per-element

@@ -1,4 +1,4 @@
-"""Norms inside subgraphs and functions (issue 12): optimum's merged decoders put the decoder in
+"""Norms inside subgraphs and functions: optimum's merged decoders put the decoder in
 If branches, dynamo exports keep model-local functions. Each scope is rewritten exactly, with
 outer reads in both directions."""
 

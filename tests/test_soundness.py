@@ -1,4 +1,4 @@
-"""Regressions of issue 10's soundness classes: each graph was once rewritten wrongly with
+"""Soundness regressions, one per class of wrong rewrite: each graph was once rewritten wrongly with
 exit 0. Now each is rewritten exactly or left alone with its reason — asserted with the
 site counts, the structure and onnxruntime (or the ONNX reference evaluator for fp16)."""
 
