@@ -122,11 +122,13 @@ QUANTIZED_REASON = ("weights are quantized ({what}): a gain cannot be folded int
                     "(README: Quantized models)")
 
 
+def _is_linear_op(node: ir.Node) -> bool:
+    return op(node, "MatMul", "Gemm", domain="") or op(node, "FusedMatMul", domain="com.microsoft")
+
+
 def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Failure:
-    if node.op_type in QUANTIZED:
-        return fail(QUANTIZED_REASON.format(what=f"consumer {node.op_type}"), node)
-    if not op(node, "MatMul", "Gemm", domain="") and not op(node, "FusedMatMul", domain="com.microsoft"):
-        return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
+    """`node` (a MatMul, Gemm or FusedMatMul: _is_linear_op) as a linear over the normalized
+    tensor it reads at `index`, or the condition it breaks."""
     if index != 0:
         return fail(f"{node.op_type} reads the normalized tensor as its weight", node)
     if op(node, "MatMul", domain=""):
@@ -135,12 +137,10 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
         if attr(node, "transA"):
             return fail("Gemm with transA=1 (normalized axis is not the contraction axis)", node)
         transposed = bool(attr(node, "transB"))
-    elif op(node, "FusedMatMul", domain="com.microsoft"):
+    else:       # com.microsoft FusedMatMul
         if attr(node, "transA") or attr(node, "transBatchA") or attr(node, "transBatchB"):
             return fail("FusedMatMul with transposed A", node)
         transposed = bool(attr(node, "transB"))
-    else:
-        return fail(f"consumer {node.op_type} is not a linear on the normalized axis", node)
     ref = resolve_weight(node.inputs[1], transposed)
     if ref is None:
         if op(through_casts(node.inputs[1]).producer(), "DequantizeLinear"):
@@ -424,9 +424,13 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
                                 "(a Transpose moved it)", node)
                 if at.axis != -1:
                     return _not_linear(node, v)
+                if node.op_type in QUANTIZED:
+                    return fail(QUANTIZED_REASON.format(what=f"consumer {node.op_type}"), node)
+                if not _is_linear_op(node):
+                    return _not_linear(node, v)
                 found = _linear(node, index, path)
                 if isinstance(found, Failure):
-                    return _not_linear(node, v) if "is not a linear" in found.reason else found
+                    return found
                 axis = found.stacked_axis if found.stacked_axis is not None else \
                     1 if found.weight.transposed ^ _transposes(found.weight) else 0
                 if n is not None and found.weight.tensor.shape[axis] != n:
