@@ -2,17 +2,19 @@
 
 `FlashNormPass` matches, plans and rewrites every norm → linear site of a model in place and
 returns a `FlashNormResult` (a `PassResult` whose `modified` says whether a site was rewritten,
-with the report attached). It leaves a valid, sorted graph; nodes it made dead stay until an
-unused-node removal. `run_pipeline()` is what the CLI and the API run:
+with the report attached). The matcher and the scale walker need inferred shapes (a Reshape
+whose target is computed from Shape, as TorchScript writes them, is otherwise unknown), so the
+pass runs onnx's shape inference first (`infer_shapes=False`: the caller already did). It
+leaves a valid, sorted graph; nodes it made dead stay until an unused-node removal.
+`run_pipeline()` is what the CLI and the API run:
 
-    shape inference → FlashNormPass → [if modified: unused-node removal (to a fixed point) →
-    shape inference] → [ort-* targets: onnxscript's ORT fusions] → the producer's
-    declarations restored
+    FlashNormPass (shape inference, the rewrite) → [if modified: unused-node removal (to a
+    fixed point) → shape inference] → [ort-* targets: onnxscript's ORT fusions] → the
+    producer's declarations restored
 
-The matcher and the scale walker need inferred shapes; the output does not get them: it keeps
-the value_info its producer declared (where the value still exists) and adds none, so a run
-that rewrites nothing writes the graph it read, and onnxruntime fuses the output as it would
-have fused the input.
+The output of the pipeline does not keep the inferred shapes: it keeps the value_info its
+producer declared (where the value still exists) and adds none, so a run that rewrites nothing
+writes the graph it read, and onnxruntime fuses the output as it would have fused the input.
 
 Inside an export pipeline, compose it with other passes:
 
@@ -49,17 +51,22 @@ class FlashNormResult(ir.passes.PassResult):
 
 class FlashNormPass(ir.passes.InPlacePass):
     """FlashNorm (fold gains, defer 1/RMS) on every site the patterns prove; `options` are
-    rewriter.Options or its fields as keywords. The report of the last run is `self.report`."""
+    rewriter.Options or its fields as keywords. Shapes are inferred first unless
+    `infer_shapes=False`; `modified` counts the rewrite only. The report of the last run is
+    `self.report`."""
 
-    def __init__(self, options: Options | None = None, **fields):
+    def __init__(self, options: Options | None = None, *, infer_shapes: bool = True, **fields):
         super().__init__()
         self.options = options if options is not None else Options(**fields)
+        self.infer_shapes = infer_shapes
         self.report: Report | None = None
         self.plan: list[Decision] = []          # the last run's decisions (`explain` reads them)
         self.trace: list[Step] = []             # and every op a deferred scale met
 
     def call(self, model: ir.Model) -> FlashNormResult:
         options = self.options
+        if self.infer_shapes:
+            shape_inference()(model)
         check_weights(model)        # missing weights: BadInput now, not an OSError mid-rewrite
         notes = []
         inlined = inline_norm_functions(model)
@@ -172,7 +179,7 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
     flash = FlashNormPass(options)
     declared = _declarations(model)
     try:
-        if ir.passes.PassManager([shape_inference(), flash])(model).modified and flash.report.rewritten:
+        if ir.passes.PassManager([flash])(model).modified and flash.report.rewritten:
             cleanup()(model)
         if options.measured and options.compose is not False:
             flash.report.notes.append(_compose(model, options, declared))
