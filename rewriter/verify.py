@@ -12,6 +12,7 @@ by more than 1e-5 under onnxruntime's own fusions; an exact rewrite moves by as 
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,12 +187,14 @@ def noise_floor(original, runs: list[tuple[dict, dict]], provider: str | None = 
                     entry[0] = max(entry[0], rel)
                     entry[1].add(by)
 
-    unoptimized = _try_session(original, provider, optimize=False)
-    if unoptimized is not None:
+    try:
+        unoptimized = session(original, provider, optimize=False)
         add([run(None, feeds, sess=unoptimized) for feeds, _ in runs], "ort-opt", truth=False)
         del unoptimized
+    except Exception:       # noqa: BLE001 - onnxruntime refuses it unoptimized: the other floor
+        pass
     if float64 is None:
-        float64 = weight_bytes(original) <= F64_MAX_WEIGHT_BYTES
+        float64 = float_weight_bytes(original) <= F64_MAX_WEIGHT_BYTES
     if float64:
         outputs = _float64_runs(original, [feeds for feeds, _ in runs], provider)
         if outputs is not None:
@@ -199,9 +202,10 @@ def noise_floor(original, runs: list[tuple[dict, dict]], provider: str | None = 
     return {name: (value, "+".join(sorted(by))) for name, (value, by) in measured.items()}
 
 
-def weight_bytes(model) -> int:
-    """Bytes of the model's float weights (initializers and Constant tensors, external ones
-    included), read from the proto without loading external data."""
+def float_weight_bytes(model) -> int:
+    """Bytes of the model's float weights, initializers and Constant tensors (exports that keep
+    every weight in a Constant node: patterns.graph.weight_bytes counts initializers only),
+    external ones included, read from the proto without loading external data."""
     proto = _load(model, weights=False)
     total = 0
 
@@ -288,23 +292,15 @@ def _load(model, weights: bool) -> onnx.ModelProto:
     return onnx.load(str(model), load_external_data=weights)
 
 
-def _try_session(model, provider, **options):
-    try:
-        return session(model, provider, **options)
-    except Exception:
-        return None
-
-
 def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] | None:
     """The original promoted to DOUBLE, run on each feeds (float inputs promoted) under
     onnxruntime — or, where it has no double kernel for an op (Conv), under onnx's reference
     evaluator for models of up to EVALUATOR_MAX_WEIGHT_BYTES —; None where neither runs it.
     Written with external data to a temporary folder: a promoted model passes protobuf's 2 GiB
     sooner than its original."""
-    import tempfile
     try:
         promoted = promote(_load(original, weights=True), {t: onnx.TensorProto.DOUBLE for t in PROMOTED})
-    except Exception:
+    except Exception:       # noqa: BLE001 - a tensor numpy cannot widen: no float64 floor
         return None
     doubles = {v.name for v in promoted.graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE}
     feeds_per_run = [{k: v.astype(np.float64) if k in doubles else v for k, v in feeds.items()}
@@ -316,8 +312,8 @@ def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] |
                       size_threshold=1024)      # (makes `promoted` refer to that file)
             sess = session(path, provider)
             return [run(None, feeds, sess=sess) for feeds in feeds_per_run]
-        except Exception:
-            if weight_bytes(original) > EVALUATOR_MAX_WEIGHT_BYTES:
+        except Exception:   # noqa: BLE001 - no double kernel for an op: the reference evaluator
+            if float_weight_bytes(original) > EVALUATOR_MAX_WEIGHT_BYTES:
                 return None
         try:
             onnx.load_external_data_for_model(promoted, tmp)
@@ -326,7 +322,7 @@ def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] |
                 evaluator = ReferenceEvaluator(promoted)
                 names = [o.name for o in promoted.graph.output]
                 return [dict(zip(names, evaluator.run(None, feeds))) for feeds in feeds_per_run]
-        except Exception:
+        except Exception:   # noqa: BLE001 - neither runs it: the optimized-vs-unoptimized floor alone
             return None
 
 

@@ -118,7 +118,7 @@ def test_within_tolerance_measures_no_floor(tmp_path):
 def test_large_models_take_the_cheaper_floor(synthetic, monkeypatch):
     """Over F64_MAX_WEIGHT_BYTES of weights no float64 copy is made: the floor is the
     original's move between onnxruntime's optimized and unoptimized runs."""
-    monkeypatch.setattr(V, "F64_MAX_WEIGHT_BYTES", V.weight_bytes(synthetic["original"]) - 1)
+    monkeypatch.setattr(V, "F64_MAX_WEIGHT_BYTES", V.float_weight_bytes(synthetic["original"]) - 1)
     (v,) = V.verify(synthetic["original"], synthetic["flash"], provider="cpu")
     assert v.floor_by == "ort-opt"
     (bad,) = V.verify(synthetic["original"], synthetic["twice"], provider="cpu")
