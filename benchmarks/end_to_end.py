@@ -334,7 +334,7 @@ def peer_table(result: dict, wanted) -> str:
             cells.append("-" if not s else "failed" if "error" in s else
                          f"{s['median_ms']:.3g} [{s['p10_ms']:.3g}-{s['p90_ms']:.3g}]" if "median_ms" in s else "-")
         for t in targets:
-            def ratio(key):
+            def ratio(key, ratios=ratios):
                 return f"{ratios[key]:.2f}" if key in ratios else "-"
             peer = "-"
             if f"best-peer/{t}" in ratios:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 import traceback
 from pathlib import Path
 
@@ -34,7 +33,6 @@ def main(argv=None):
             exp, op = combo.split(":")
             for dt in a.dtypes.split(","):
                 p = out / f"{fam}_{a.size}_{exp}{op}_{dt}.onnx"
-                t0 = time.perf_counter()
                 try:
                     r = export_onnx(model, p, exporter=exp, opset=int(op), dtype=dt)
                     diff = compare_with_torch(model, p)

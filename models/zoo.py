@@ -341,8 +341,8 @@ def build(family: str, size: str = "tiny", seed: int = 0, *, perturb: bool = Tru
 def num_heads_hidden(model: nn.Module) -> tuple[int, int]:
     """(num_attention_heads, hidden_size) for ort_optimize."""
     c = model.config
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+    heads = getattr(c, "num_attention_heads", None) or c.n_head
+    hidden = getattr(c, "hidden_size", None) or c.n_embd
     return int(heads), int(hidden)
 
 

@@ -405,7 +405,7 @@ def match_linears(value: ir.Value, n: int | None, graph: ir.Graph | None = None)
                 if failure:
                     return failure
             elif op(node, *ROW_MOVES, domain=""):
-                moved = row_move(node, index, at, lambda u: _same_layout([u, *node.inputs], at))
+                moved = row_move(node, index, at, lambda u, node=node: _same_layout([u, *node.inputs], at))
                 if isinstance(moved, Failure):
                     return moved
                 for out in node.outputs:

@@ -37,7 +37,7 @@ class Report:
         report = cls(mode)
         for d in plan:
             source = d.site or d.miss
-            consumers = [f"{l.node.op_type}:{l.node.name}" for l in d.site.linears] if d.site else []
+            consumers = [f"{lin.node.op_type}:{lin.node.name}" for lin in d.site.linears] if d.site else []
             failure = d.miss.failure if d.miss else d.site.defer_blocker if d.site else None
             report.sites.append(SiteReport(
                 name=source.name, kind=source.kind, form=source.form, op=source.op, action=d.action,

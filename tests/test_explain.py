@@ -34,9 +34,9 @@ def test_explain_a_deferred_site_step_by_step(tmp_path):
     assert f'linear:  MatMul "{matmul}"' in out
     assert "decision: defer" in out
     lines = out.splitlines()
-    assert any("Reshape" in l and "passes (rule reshape)" in l for l in lines)
-    assert any("Relu" in l and "passes (rule unary)" in l for l in lines)
-    assert any("Softmax" in l and "applied before it: no rule for Softmax" in l for l in lines)
+    assert any("Reshape" in line and "passes (rule reshape)" in line for line in lines)
+    assert any("Relu" in line and "passes (rule unary)" in line for line in lines)
+    assert any("Softmax" in line and "applied before it: no rule for Softmax" in line for line in lines)
 
 
 def test_explain_names_the_failed_condition_and_the_node(tmp_path):

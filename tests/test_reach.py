@@ -6,13 +6,11 @@ badly conditioned), and each has a graph where it must not fire, with the reason
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from builders import GraphBuilder, float64_copy
 from parity import assert_exact, op_types, rewrite_and_run
-from rewriter.verify import run, session
 
 C, K = 16, 12
 B, H, W, WIN = 2, 4, 4, 2

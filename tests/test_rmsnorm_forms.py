@@ -16,7 +16,7 @@ def norm_then_linears(opset=18, n_linears=1, dtype=np.float32, **rms):
     g = GraphBuilder(opset)
     x = g.input("x", [None, None, N], dtype)
     y = g.rms(x, gain=g.gain(N, dtype), **rms)
-    for i in range(n_linears):
+    for _ in range(n_linears):
         g.output(g.op("MatMul", [y, g.weight(N, K, dtype)]), dtype)
     return g.model()
 

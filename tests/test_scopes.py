@@ -3,7 +3,6 @@ If branches, dynamo exports keep model-local functions. Each scope is rewritten 
 outer reads in both directions."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
