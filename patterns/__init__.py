@@ -3,6 +3,11 @@
 Each rule is a small object with `anchors` (op types it starts from) and `match(node)`
 returning a `Site`, a `Miss` (a candidate it refuses, with the reason) or None (not its
 pattern). Linear consumers are matched once, for every rule, by patterns.linear.
+
+This folder is installed as the package `rewriter.patterns` (pyproject.toml: `package-dir`;
+setup.py finds its subpackages), so it is imported as `rewriter.patterns` everywhere — a grep
+for `import patterns` finds nothing. Its modules import only each other (tests/test_layout.py
+checks that, and that the built wheel holds them under rewriter/patterns/).
 """
 
 from __future__ import annotations
