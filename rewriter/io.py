@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.errors import BadInput, InternalError, OutputError, Unsupported, UsageError, first_line
+from rewriter.inline import SpanTensor, attach_spans, read_structure, write_inline
 from rewriter.files import (Siblings, check_also_written, check_target, commit, mentions_external_data,
                             output_data_name, proto_tensors, remove_stale_temporaries, temp_prefix,
                             temporary_model_name)
@@ -118,14 +119,17 @@ def load_path(path: Path) -> ir.Model:
     if path.is_dir() or path.stat().st_size == 0:
         raise BadInput(f"{path}: not an ONNX model (empty file or a directory)")
     try:
+        # weights inline: their bytes stay in the file, read when a rule needs them
+        structure = read_structure(str(path))
         # protobuf, whatever the extension: onnx would guess a text format from `.json`/`.txt`
-        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
+        proto, spans = structure or (onnx.load(str(path), format="protobuf", load_external_data=False), {})
     except OSError as exc:
         raise BadInput(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except Exception as exc:   # protobuf raises DecodeError and friends: all mean "not ONNX"
         raise BadInput(f"{path}: not an ONNX model or truncated ({type(exc).__name__}: "
                        f"{first_line(exc, 120)})") from exc
     model = _deserialize(proto, path)
+    attach_spans(model, str(path.resolve()), spans)
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     try:
         files = check_external_data(model, path.parent)
@@ -280,7 +284,8 @@ def _fold_ahead(model: ir.Model):
     overlaps writing (and the in-kernel copies of the unchanged tensors in between). One
     worker, one tensor ahead: at most one folded tensor beyond the one being written is held."""
     values = [v for graph in model.graphs() for v in graph.initializers.values()
-              if isinstance(v.const_value, ir.LazyTensor) and v.const_value.nbytes > SAVE_INLINE_BYTES]
+              if isinstance(v.const_value, ir.LazyTensor) and not isinstance(v.const_value, SpanTensor)
+              and v.const_value.nbytes > SAVE_INLINE_BYTES]
     lazies = [v.const_value for v in values]
     pool = ThreadPoolExecutor(1, thread_name_prefix="fold-ahead")
     pending: dict = {}
@@ -406,10 +411,16 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
         try:
             # one weight written at a time (onnx-ir's default: serial; unchanged external ones
             # copied in the kernel), the next folded one computed meanwhile: bounded memory
+            streamed = False
             if not (unchanged and _copy_source(Path(source), tmp_model, external_data)):
-                with _fold_ahead(model) if external_data else contextlib.nullcontext():
-                    ir.save(model, tmp_model, format="protobuf", external_data=external_data,
-                            callback=callback, size_threshold_bytes=SAVE_INLINE_BYTES)
+                if external_data:
+                    with _fold_ahead(model):
+                        ir.save(model, tmp_model, format="protobuf", external_data=external_data,
+                                callback=callback, size_threshold_bytes=SAVE_INLINE_BYTES)
+                else:       # serialized once, each large tensor streamed into its place
+                    streamed = write_inline(model, tmp_model)
+                    if not streamed:
+                        ir.save(model, tmp_model, format="protobuf")
         except (OSError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -417,7 +428,9 @@ def save(model: ir.Model, path, *, external_data: str | None = None, overwrite: 
                               f"{first_line(exc)})") from exc
         if check:
             try:
-                check_structure(tmp_model)
+                # the graph was checked before writing (check_graph): what is left to check is
+                # that the file parses (read without the streamed weights' bytes)
+                check_structure(tmp_model, framing_only=streamed)
             except OutputError as exc:
                 raise InternalError(f"{exc} (a bug: rerun with --debug and report it; nothing written)") from exc
         if before_commit is not None:
