@@ -45,16 +45,11 @@ from pathlib import Path
 
 from rewriter.api import check_outputs, rewrite_file
 from rewriter.args import ArgumentParser, int_list, one_line, positive_int, printable, tolerance
-from rewriter.bench.cli import main as bench_main
-from rewriter.bench.timing import Settings, resolve_provider
-from rewriter.calibrate import calibrate, model_shapes, parse_shapes
 from rewriter.costs import CostTable
 from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, BadInput, OutputError,
                              RewriterError, UsageError, VerificationFailed)
-from rewriter.explain import explain
 from rewriter.folders import rewrite_folder
 from rewriter.io import check_target
-from rewriter.measure import measured_rewrite
 from rewriter.plan import MODES, STRATEGIES, TARGETS, Options
 from rewriter.verify import format_verdicts, load_npz, summary
 
@@ -91,6 +86,11 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clone-shared", action="store_true",
                    help="fold into a copy of a weight something else also reads (tied lm_head: + its "
                         "size); default: keep the weight, the gain stays one Mul on that linear's input")
+    p.add_argument("--rotate", action="store_true",
+                   help="fold the gains (--mode fold, a tied head gets its own copy), then rotate the residual "
+                        "stream by a seeded random-sign Hadamard matrix: the same function, outlier channels "
+                        "spread (for quantizers); refused as a whole, with the reason, where not provable")
+    p.add_argument("--rotate-seed", type=int, default=0, metavar="N", help="seed of the rotation (default 0)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -131,6 +131,7 @@ def _explain_parser() -> argparse.ArgumentParser:
 
 
 def cmd_explain(args) -> int:
+    from rewriter.explain import explain
     print(explain(args.model, args.name, _options(args)))
     return EXIT_OK
 
@@ -161,6 +162,7 @@ def cmd_rewrite(args) -> int:
     if args.measure:
         if Path(args.model).is_dir():
             raise UsageError("--measure takes a model file (not a folder)")
+        from rewriter.measure import measured_rewrite
         rewrite = functools.partial(measured_rewrite, tokens=tuple(int_list(args.measure, "--measure")) or (1,),
                                     provider=args.provider, log=(lambda m: None) if args.quiet else _log)
     report = rewrite(args.model, args.output, options=_options(args), overwrite=args.overwrite, external_data=args.external_data, progress=progress,
@@ -192,7 +194,8 @@ def _options(args) -> Options:
               "tokens": _tokens(args.tokens)}
     compose = {"auto": None, "always": True, "never": False}[getattr(args, "compose", "auto")]
     return Options(mode=args.mode, clone_shared=args.clone_shared, push_scales=not args.no_push,
-                   approx=args.approx, compose=compose, **{k: v for k, v in choice.items() if v is not None})
+                   approx=args.approx, compose=compose, rotate=args.rotate, rotate_seed=args.rotate_seed,
+                   **{k: v for k, v in choice.items() if v is not None})
 
 
 def _printing_check(quiet: bool, **settings):
@@ -254,6 +257,8 @@ def _calibrate_parser() -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args) -> int:
+    from rewriter.bench.timing import Settings, resolve_provider
+    from rewriter.calibrate import calibrate, model_shapes, parse_shapes
     if bool(args.model) == bool(args.shapes):
         raise UsageError("give a MODEL or --shapes (one of the two)")
     shapes = model_shapes(args.model) if args.model else parse_shapes(
@@ -361,6 +366,7 @@ def _command(argv: list[str]) -> int:
     if argv and argv[0] == "explain":
         return cmd_explain(_explain_parser().parse_args(argv[1:]))
     if argv and argv[0] == "bench":
+        from rewriter.bench.cli import main as bench_main
         return bench_main(argv[1:])
     if argv and argv[0] == "calibrate":
         return cmd_calibrate(_calibrate_parser().parse_args(argv[1:]))

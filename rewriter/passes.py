@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 from onnx_ir.passes.common import InlinePass, RemoveUnusedNodesPass, ShapeInferencePass
-from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from rewriter.costs import chooser_for
 from rewriter.errors import RewriterError, first_line
@@ -214,6 +213,7 @@ def ort_fusions(model: ir.Model, declared=None) -> str:
               for old, new in zip(old_node.outputs, new_node.outputs)}
     allowed = ORT_DOMAINS | {node.domain for node in model.graph.all_nodes()}
     try:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort   # only ort-* targets: a slow import
         _, counts = optimize_for_ort(model)
         problem = _new_unregistered_op(model, allowed) or _ort_cannot_load(model, unless_also=backup)
         if problem:
