@@ -28,7 +28,7 @@ from rewriter.passes import infer_shapes, ort_load_error, run_pipeline  # noqa: 
 from rewriter.patterns.graph import weight_bytes
 from rewriter.plan import Options
 from rewriter.report import Report
-from rewriter.verify import make_inputs, run
+from rewriter.verify import make_inputs, run, session
 from rewriter.verify import verify as compare_outputs
 
 RUN_CHECK_BYTES = 1 << 30     # a written model is also run once when its weights are smaller than this
@@ -95,34 +95,48 @@ def check_approx(src, rewritten, report: Report, diffs: list | None = None) -> N
 
 def check_loads_and_runs(src, model: ir.Model, written, report: Report, *, ran: bool = False) -> None:
     """Refuse (InternalError, exit 7; nothing is written) a rewritten `model` that onnxruntime
-    (CPU) cannot load — its weightless skeleton, at any size — or, with weights under
-    RUN_CHECK_BYTES and unless a comparison already ran it (`ran`), cannot run once on inputs
-    made from its signature (batch 1, 4 tokens; `written`: its temporary file). Where the input
-    fails the same way the failure is not the rewrite's: a note says what went unchecked."""
-    problem = ort_load_error(model)
-    if problem:
-        if ort_load_error(io.load(src)[0]):
-            report.notes.append("onnxruntime (CPU) cannot load the input either: the output was not load-checked")
-            return
-        raise InternalError(f"the rewritten model does not load in onnxruntime: {problem} (a bug: rerun with "
-                            "--debug and report it; nothing written)")
+    (CPU) cannot load or run. With weights under RUN_CHECK_BYTES, unless a comparison runs it
+    anyway (`ran`), `written` (its temporary file) is loaded and run once on inputs made from
+    its signature (batch 1, 4 tokens); otherwise its weightless skeleton is loaded (any size).
+    Where the input fails alike the failure is not the rewrite's: a note says what went
+    unchecked."""
     if ran or weight_bytes(model) >= RUN_CHECK_BYTES:
+        problem = ort_load_error(model)
+        if problem:
+            _blame("load", problem, bool(ort_load_error(io.load(src)[0])), report)
         return
     try:
+        sess = session(written, "cpu")
+    except Exception as exc:        # noqa: BLE001 - onnxruntime's refusal, judged against the input's
+        return _blame("load", first_line(exc), _fails(lambda: session(src, "cpu")), report)
+    try:
         feeds = make_inputs(written, batch=1, seq=4)
-    except Exception:               # noqa: BLE001 - a signature feeds.py cannot fill: no run check
+    except Exception:               # noqa: BLE001 - a signature feeds.py cannot fill: loaded only
         report.notes.append("no inputs could be made from the output's signature: it was load-checked only")
         return
     try:
-        run(written, feeds, provider="cpu")
-    except Exception as exc:        # noqa: BLE001 - onnxruntime's refusal, judged against the input's
-        try:
-            run(src, feeds, provider="cpu")
-        except Exception:           # noqa: BLE001 - the input fails alike: not the rewrite's doing
-            report.notes.append("the input does not run on made-up inputs either: the output was load-checked only")
-            return
-        raise InternalError(f"the rewritten model fails in onnxruntime where the input runs: {first_line(exc)} "
-                            "(a bug: rerun with --debug and report it; nothing written)") from exc
+        run(written, feeds, sess=sess)
+    except Exception as exc:        # noqa: BLE001
+        _blame("run", first_line(exc), _fails(lambda: run(src, feeds, provider="cpu")), report)
+
+
+def _fails(action) -> bool:
+    try:
+        action()
+    except Exception:               # noqa: BLE001 - any refusal counts
+        return True
+    return False
+
+
+def _blame(stage: str, problem: str, input_fails: bool, report: Report) -> None:
+    """The output failed to `stage` ("load" or "run"): InternalError, unless the input fails
+    alike (then a note)."""
+    if input_fails:
+        report.notes.append(f"the input does not {stage} in onnxruntime (CPU) either: the output was not "
+                            f"{stage}-checked")
+        return
+    raise InternalError(f"the rewritten model does not {stage} in onnxruntime where the input does: {problem} "
+                        "(a bug: rerun with --debug and report it; nothing written)")
 
 
 def failed_name(dst) -> Path:
