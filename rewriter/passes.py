@@ -37,6 +37,7 @@ from rewriter.patterns.graph import initializers
 from rewriter.feeds import signature
 from rewriter.plan import TARGETS, Decision, Options, agreeing_weights, make_plan
 from rewriter.report import Report
+from rewriter.rotate import rotate_residual_stream
 from rewriter.scale import Step
 from rewriter.transform import apply_plan
 from rewriter.validate import skeleton
@@ -180,6 +181,8 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
     try:
         if ir.passes.PassManager([flash])(model).modified and flash.report.rewritten:
             cleanup()(model)
+        if options.rotate:
+            rotate_residual_stream(model, options.rotate_seed, flash.report)
         if options.measured and options.compose is not False:
             flash.report.notes.append(_compose(model, options, declared))
     except ir.passes.PassError as exc:

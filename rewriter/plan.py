@@ -61,6 +61,8 @@ class Options:
     tokens: tuple[int, ...] | None = None   # token counts the chooser optimizes for (None: all measured)
     compose: bool | None = None  # ort-* targets: then run onnxscript's ORT fusions (attention, rotary, ...);
                                  # None: where the target's measurements say so (TARGETS), True: always
+    rotate: bool = False         # then rotate the residual stream (rewriter.rotate); implies the fold form
+    rotate_seed: int = 0         # seed of the rotation's random signs
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -71,6 +73,10 @@ class Options:
             raise ValueError(f"unknown strategy {self.strategy!r} (choose from {', '.join(STRATEGIES)})")
         if (self.costs is not None or self.tokens) and not self.measured:
             raise ValueError("costs/tokens choose per site: they need target ort-cpu or ort-cuda")
+        if self.rotate:     # the linears must read normalized activations, a tied head its own copy
+            if self.target is not None or self.strategy not in (None, "fold", "fold-fused"):
+                raise ValueError("rotate needs the fold form: no target, strategy fold or fold-fused")
+            self.mode, self.clone_shared = "fold", True
 
     @property
     def measured(self) -> bool:

@@ -31,6 +31,7 @@ class Report:
     mode: str
     sites: list[SiteReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rotation: dict | None = None      # rewriter.rotate.RotationResult, when asked for
 
     @classmethod
     def from_plan(cls, mode: str, plan: list[Decision]) -> "Report":
@@ -74,7 +75,7 @@ class Report:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "found": self.found, "rewritten": self.rewritten,
                 "skipped": dict(self.skipped), "weights_changed": self.weights_changed,
-                "bytes_added": self.bytes_added, "notes": self.notes,
+                "bytes_added": self.bytes_added, "notes": self.notes, "rotation": self.rotation,
                 "sites": [asdict(s) for s in self.sites]}
 
     def to_json(self, path: str) -> None:

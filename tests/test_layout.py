@@ -21,6 +21,7 @@ LAYERS = {
     "rewriter.patterns.schema": 0.5, "rewriter.patterns.graph": 1, "rewriter.patterns.base": 2, "rewriter.patterns.rmsnorm": 3,
     "rewriter.patterns.fused": 4, "rewriter.patterns.layernorm": 4, "rewriter.patterns.linear": 4,
     "rewriter.patterns": 5,
+    "rewriter.rotate.hadamard": 6, "rewriter.rotate.stream": 6, "rewriter.rotate.apply": 7, "rewriter.rotate": 8,
     "rewriter.feeds": 9, "rewriter.inline": 9.5,
     "rewriter.validate": 10, "rewriter.files": 10, "rewriter.verify": 10, "rewriter.scale": 10,
     "rewriter.weights": 10, "rewriter.conv": 10, "rewriter.plan": 10,

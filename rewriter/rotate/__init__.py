@@ -1,0 +1,88 @@
+"""Rotating the residual stream (computational invariance, as QuaRot and SliceGPT use it).
+
+Once every norm that reads the residual stream is weightless (its gain folded into the
+linears: `--mode fold`), norm(x·Q) = norm(x)·Q for an orthogonal Q (RMSNorm: any Q;
+LayerNorm: a Q that fixes the all-ones vector), so the whole stream can be rotated and the
+model computes the same function with its outlier channels spread out — which is what helps
+a quantizer. `RotatePass` does it on an exported graph: find the stream from the structure
+(rewriter.rotate.stream), rotate its constants (rewriter.rotate.apply). Anything the algebra
+cannot prove refuses the whole rotation (nothing partial): `RotatePass.result` says why and
+at which node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
+
+from .apply import rotate_stream
+from .hadamard import hadamard, rotation
+from .stream import Refused, Stream, find_stream
+
+
+@dataclass
+class RotationResult:
+    applied: bool
+    reason: str = ""          # why not (the condition that fails)
+    at: str = ""              # the node or value at fault
+    size: int = 0             # the stream's width n
+    matrix: str = ""          # "hadamard" or "orthogonal"
+    seed: int = 0
+    norm_kind: str = ""       # rms | layer (layer: the stream was also centered)
+    norms: int = 0
+    writers: int = 0
+    readers: int = 0
+    constants: int = 0        # constants rewritten (tied embedding/head: one)
+
+    def line(self) -> str:
+        if not self.applied:
+            return f"residual stream not rotated: {self.reason}" + (f" (at {self.at})" if self.at else "")
+        centered = ", stream centered (LayerNorm)" if self.norm_kind == "layer" else ""
+        return (f"residual stream rotated: n = {self.size}, {self.matrix} Q (seed {self.seed}){centered}; "
+                f"{self.norms} norms, {self.writers} writers, {self.readers} readers, "
+                f"{self.constants} constants rewritten")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RotatePass(ir.passes.InPlacePass):
+    """Rotate the residual stream of a model whose stream norms are weightless (run the fold
+    first). Needs inferred shapes. `self.result` holds the outcome; `self.stream` the stream."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = seed
+        self.result: RotationResult | None = None
+        self.stream: Stream | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            stream = find_stream(model.graph)
+        except Refused as refused:
+            self.result = RotationResult(False, refused.failure.reason, refused.failure.where, seed=self.seed)
+            return ir.passes.PassResult(model, False)
+        q, matrix = rotation(stream.size, self.seed, fix_ones=stream.kind == "layer")
+        constants = rotate_stream(stream, q)
+        self.stream = stream
+        self.result = RotationResult(
+            True, size=stream.size, matrix=matrix, seed=self.seed, norm_kind=stream.kind, norms=len(stream.norms),
+            writers=len(stream.writers), readers=sum(u.role == "reader" for u in stream.uses), constants=constants)
+        return ir.passes.PassResult(model, True)
+
+
+def rotate_residual_stream(model: ir.Model, seed: int, report) -> RotationResult:
+    """Rotate `model`'s residual stream in place (its norms folded already); the outcome goes
+    to `report` (rewriter.report.Report: its `rotation` and a note)."""
+    ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    rotate = RotatePass(seed)
+    rotate(model)
+    report.rotation = rotate.result.to_dict()
+    report.notes.append(rotate.result.line())
+    return rotate.result
+
+
+__all__ = ["RotatePass", "RotationResult", "Refused", "Stream", "find_stream", "hadamard", "rotate_residual_stream",
+           "rotation"]

@@ -1,0 +1,55 @@
+"""Rotating the stream's constants: float64, cast back to each constant's type once.
+
+A constant indexed by the stream along `axis` becomes T ×_axis Q (T'[.., j, ..] =
+Σ_i T[.., i, ..]·Q[i, j]): the embedding E·Q, a writer W·Q and its bias b·Q, a reader Qᵀ·W.
+With LayerNorm readers the writers and the embedding are first centered along that axis
+(T − mean): every reader is a norm that subtracts the row mean, so the stream can lose its
+mean exactly, and Q fixes the all-ones direction (rotation(fix_ones=True)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter.patterns.graph import const_tensor, op
+
+from .stream import Stream
+
+CENTERED_ROLES = {"embedding", "writer", "bias"}
+
+
+def rotated(array: np.ndarray, axis: int, q: np.ndarray, center: bool) -> np.ndarray:
+    """`array` ×_axis Q in float64 (centered along `axis` first when `center`)."""
+    x = np.moveaxis(array.astype(np.float64), axis, -1)
+    if center:
+        x = x - x.mean(axis=-1, keepdims=True)
+    return np.moveaxis(x @ q, -1, axis)
+
+
+def rotate_stream(stream: Stream, q: np.ndarray) -> int:
+    """Rewrite every constant of `stream` in place (lazily: computed when it is read or saved).
+    Returns how many constants changed."""
+    roles: dict[ir.Value, set[str]] = {}
+    for use in stream.uses:
+        roles.setdefault(use.source, set()).add(use.role)
+    center = stream.kind == "layer"
+    for source, axis in stream.sources.items():
+        old = const_tensor(source)
+        dtype = old.dtype
+        do_center = center and bool(roles[source] & CENTERED_ROLES)
+
+        def compute(old=old, axis=axis, dtype=dtype, do_center=do_center) -> ir.TensorProtocol:
+            values = rotated(old.numpy(), axis, q, do_center)
+            return ir.Tensor(values.astype(dtype.numpy()), dtype=dtype)
+
+        tensor = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(old.shape)), name=old.name)
+        producer = source.producer()
+        if op(producer, "Constant", domain=""):
+            producer.attributes["value"] = ir.AttrTensor("value", tensor)
+        else:
+            source.const_value = tensor
+    return len(stream.sources)
+
+
+__all__ = ["rotate_stream", "rotated"]

@@ -1,0 +1,340 @@
+"""The residual stream of a pre-norm transformer, found from the graph's structure.
+
+The stream is a chain of values v0 → v1 → … → vL: v0 is an embedding (a Gather of rows of a
+constant [V, n] table, or a sum of such gathers: token + position embeddings), each v(i+1) is
+a residual Add of v(i) and the output of a *writer* (a linear with a constant weight, and
+optionally a constant bias), and every reader of every v(i) is either a weightless norm over
+the last axis (whose normalized output only linears with constant weights read) or the next
+residual Add. Then for any orthogonal Q (fixing the all-ones vector when the norms are
+LayerNorms) the graph computes the same function with the stream rotated to v·Q: every
+constant that writes into the stream is multiplied by Q along its stream axis, every
+constant that reads from it by Q along its stream axis too (Qᵀ·W is W's rows mixed by Q).
+
+`find_stream` returns the `Stream` (which axis of which constant to rotate, and the norms) or
+the `Failure` that refuses the whole rotation, naming the node at fault. It only reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter.patterns import Failure, Site, fail, find_sites
+from rewriter.patterns.graph import (attr, cast_to, const_array, const_tensor, dtype_of, is_cast, last_dim, op,
+                                     transpose_perm, users)
+from rewriter.patterns.linear import resolve_weight
+
+
+@dataclass
+class Use:
+    """Axis `axis` of the constant `source` is indexed by the stream; `node` reads it (through
+    `steps`, the Transpose/Cast nodes between the constant and `node`). `role`: embedding,
+    reader, writer or bias."""
+
+    source: ir.Value
+    axis: int
+    node: ir.Node
+    role: str
+    steps: tuple[ir.Node, ...] = ()
+
+
+@dataclass
+class Stream:
+    values: list[ir.Value]
+    size: int
+    kind: str                        # "rms" or "layer": the norms that read it
+    norms: list[Site] = field(default_factory=list)
+    uses: list[Use] = field(default_factory=list)
+    writers: list[ir.Node] = field(default_factory=list)
+
+    @property
+    def sources(self) -> dict[ir.Value, int]:
+        """Each constant to rotate and its stream axis (one per constant: checked)."""
+        return {use.source: use.axis for use in self.uses}
+
+
+class Refused(Exception):
+    def __init__(self, failure: Failure):
+        super().__init__(failure.reason)
+        self.failure = failure
+
+
+def _weight_use(value: ir.Value, effective_axis: int, node: ir.Node, role: str) -> Use:
+    """The stored constant behind a linear's weight input and the axis of it that the
+    effective 2-D weight's `effective_axis` is (Transpose steps followed back)."""
+    ref = resolve_weight(value, transposed=False)
+    if ref is None or ref.tensor is not const_tensor(ref.source):
+        raise Refused(fail(f"{node.op_type} weight is not a constant 2-D tensor", node))
+    steps, axis, v = [], effective_axis, value
+    while v is not ref.source:
+        producer = v.producer()
+        steps.append(producer)
+        if op(producer, "Transpose", domain=""):
+            axis = transpose_perm(producer, 2)[axis]
+        v = producer.inputs[0]
+    return Use(ref.source, axis, node, role, tuple(steps))
+
+
+def _gemm_weight_axis(node: ir.Node, contracted: bool) -> int:
+    """Axis of Gemm's B (as stored after its transB) that is the input (contracted) or output axis."""
+    if attr(node, "transA"):
+        raise Refused(fail("Gemm with transA=1 on the residual stream", node))
+    trans_b = bool(attr(node, "transB"))
+    return (1 if trans_b else 0) if contracted else (0 if trans_b else 1)
+
+
+def _only_reader(value: ir.Value, node: ir.Node) -> bool:
+    """`node` is the only reader of `value`'s values (Shape readers aside)."""
+    readers = [u for u, _ in users(value) if u.op_type not in ("Shape", "Size")]
+    return not value.is_graph_output() and readers == [node]
+
+
+def _row_reshape(node: ir.Node | None, n: int) -> bool:
+    """A Reshape that keeps the last axis, of width n, as it is (it only regroups rows)."""
+    return op(node, "Reshape", domain="") and last_dim(node.inputs[0]) == n and last_dim(node.outputs[0]) == n
+
+
+def _bias_use(bias: ir.Value, n: int, node: ir.Node) -> Use:
+    array = const_array(bias, follow=False)
+    if array is None or array.ndim == 0 or array.shape[-1] != n or any(d != 1 for d in array.shape[:-1]):
+        raise Refused(fail(f"bias {list(np.shape(array)) if array is not None else '?'} of a stream writer "
+                           f"is not a constant of shape [{n}] (a broadcast bias does not rotate)", node))
+    return Use(bias, array.ndim - 1, node, "bias")
+
+
+def _writer(value: ir.Value, add: ir.Node, n: int) -> list[Use]:
+    """The constants of the linear whose output `value` the residual Add `add` adds to the stream."""
+    producer = value.producer()
+    if not _only_reader(value, add):
+        raise Refused(fail("a writer's output is also read elsewhere than the residual Add", value))
+    while _row_reshape(producer, n):        # Conv1D/addmm exports: Reshape → Gemm → Reshape
+        add, value = producer, producer.inputs[0]
+        if not _only_reader(value, add):
+            raise Refused(fail("a writer's output is also read elsewhere than its Reshape", value))
+        producer = value.producer()
+    uses: list[Use] = []
+    if op(producer, "Add", domain="") and any(const_array(v, follow=False) is not None for v in producer.inputs):
+        k = 0 if const_array(producer.inputs[0], follow=False) is not None else 1
+        uses.append(_bias_use(producer.inputs[k], n, producer))
+        inner = producer.inputs[1 - k]
+        if not _only_reader(inner, producer):
+            raise Refused(fail("a writer's output is also read elsewhere than its bias Add", inner))
+        producer = inner.producer()
+        while _row_reshape(producer, n):
+            reshape, inner = producer, producer.inputs[0]
+            if not _only_reader(inner, reshape):
+                raise Refused(fail("a writer's output is also read elsewhere than its Reshape", inner))
+            producer = inner.producer()
+    if op(producer, "MatMul", domain=""):
+        uses.append(_weight_use(producer.inputs[1], 1, producer, "writer"))
+    elif op(producer, "Gemm", domain=""):
+        uses.append(_weight_use(producer.inputs[1], _gemm_weight_axis(producer, contracted=False),
+                                producer, "writer"))
+        if len(producer.inputs) > 2 and producer.inputs[2] is not None:
+            uses.append(_bias_use(producer.inputs[2], n, producer))
+    else:
+        raise Refused(fail(f"the residual stream is written by {producer.op_type if producer else 'a graph input'}"
+                           ", not by a linear with a constant weight", producer or value))
+    return uses
+
+
+def _embedding(value: ir.Value, n: int) -> list[Use]:
+    """v0: Gather(constant [V, n], ids, axis 0), or a sum of them (token + position)."""
+    producer = value.producer()
+    if op(producer, "Add", domain=""):
+        return [u for v in producer.inputs for u in _embedding_part(v, producer, n)]
+    return _embedding_part(value, None, n)
+
+
+def _embedding_part(value: ir.Value, add: ir.Node | None, n: int) -> list[Use]:
+    producer = value.producer()
+    if add is not None and not _only_reader(value, add):
+        raise Refused(fail("an embedding is also read elsewhere than the embedding sum", value))
+    while add is not None and producer is not None and _alias_step(producer):
+        add, value = producer, producer.inputs[0]
+        if not _only_reader(value, add):
+            raise Refused(fail("an embedding is also read elsewhere than the embedding sum", value))
+        producer = value.producer()
+    if not op(producer, "Gather", domain="") or int(attr(producer, "axis")) != 0:
+        raise Refused(fail("the residual stream does not start at a Gather of embedding rows",
+                           producer or value))
+    table = const_tensor(producer.inputs[0])
+    if table is None or len(table.shape) != 2 or int(table.shape[1]) != n:
+        raise Refused(fail(f"the embedding table is not a constant [V, {n}]", producer))
+    return [Use(producer.inputs[0], 1, producer, "embedding")]
+
+
+def _alias_step(node: ir.Node) -> bool:
+    """Identity, or a Cast to the type its input already has (TorchScript's `.to(float32)` of an
+    fp32 stream): the stream passes through unchanged."""
+    if op(node, "Identity", domain=""):
+        return True
+    return is_cast(node) and cast_to(node) is not None and cast_to(node) == dtype_of(node.inputs[0])
+
+
+def _unalias(value: ir.Value) -> ir.Value:
+    while value.producer() is not None and _alias_step(value.producer()):
+        value = value.producer().inputs[0]
+    return value
+
+
+def _aliases(value: ir.Value) -> list[ir.Value]:
+    """`value` and every value equal to it through alias steps."""
+    found, pending = [], [value]
+    while pending:
+        v = pending.pop()
+        found.append(v)
+        pending += [node.outputs[0] for node, _ in users(v) if _alias_step(node)]
+    return found
+
+
+def _weightless(site: Site) -> bool:
+    gain_ok = site.gain is None or bool(np.all(site.gain == 1))
+    beta_ok = site.beta is None or bool(np.all(site.beta == 0))
+    return gain_ok and beta_ok
+
+
+def _norm_uses(site: Site, n: int) -> list[Use]:
+    if site.kind not in ("rms", "layer"):
+        raise Refused(fail(f"a {site.kind} norm reads the residual stream (not RMS- or LayerNorm-type)", site.anchor))
+    if not _weightless(site):
+        raise Refused(fail("a norm reading the residual stream keeps a gain or β (it was not folded)", site.anchor))
+    if site.size != n or site.groups != 1:
+        raise Refused(fail(f"a norm reading the residual stream does not normalize all {n} features at once",
+                           site.anchor))
+    uses = []
+    for linear in site.linears:
+        if linear.stacked_axis is not None or linear.conv:
+            raise Refused(fail(f"{linear.node.op_type} reads a stream norm through a stacked or Conv weight",
+                               linear.node))
+        if any(not op(p, "Cast", "Identity", "Reshape", domain="") for p in linear.path):
+            raise Refused(fail("a linear reads a stream norm through a row move", linear.path[0]))
+        node = linear.node
+        if op(node, "MatMul", domain=""):
+            axis = 0
+        elif op(node, "Gemm", domain=""):
+            axis = _gemm_weight_axis(node, contracted=True)
+        else:
+            raise Refused(fail(f"{node.op_type} reads a stream norm (only MatMul and Gemm are rotated)", node))
+        uses.append(_weight_use(node.inputs[1], axis, node, "reader"))
+    return uses
+
+
+def find_stream(graph: ir.Graph) -> Stream:
+    """The residual stream of `graph` (shapes inferred) or raises Refused with the reason."""
+    sites, misses = find_sites(graph)
+    by_x: dict[ir.Value, list[Site]] = {}
+    for site in sites:
+        if site.x is not None:
+            by_x.setdefault(site.x, []).append(site)
+    miss_by_x = {m.site.x: m for m in misses if m.site is not None and m.site.x is not None}
+    stream_norms = [s for s in sites if s.kind in ("rms", "layer") and s.x is not None]
+    if not stream_norms:
+        for miss in misses:
+            if miss.site is not None and any(op(node, "Add", domain="") for node, _ in users(miss.site.output)):
+                raise Refused(fail("post-norm: a norm's output is the residual stream (its Add reads it); "
+                                   "rotation needs pre-norm", miss.anchor))
+        raise Refused(fail("no RMSNorm or LayerNorm reads a residual stream"))
+    fused_skip = next((s for s in sites if s.skip_inputs), None)
+    if fused_skip is not None:
+        raise Refused(fail("a Skip* norm holds the residual Add inside one op (rotate the unfused graph)",
+                           fused_skip.anchor))
+    # the start: walk back from the last norm along the stream operand of each residual Add
+    v = _unalias(stream_norms[-1].x)
+    while op(v.producer(), "Add", domain="") and _residual_operand(v.producer()) is not None:
+        v = _unalias(_residual_operand(v.producer()))
+    n = stream_norms[-1].size
+    if n is None:
+        raise Refused(fail("the residual stream's width is unknown", v))
+    stream = Stream([v], n, stream_norms[-1].kind)
+    stream.uses += _embedding(v, n)
+    while True:
+        aliases = _aliases(v)
+        readers = [site for alias in aliases for site in by_x.get(alias, [])]
+        norm_nodes = {node for site in readers for node in site.nodes}
+        nxt = None
+        for alias in aliases:
+            if alias.is_graph_output():
+                raise Refused(fail("the residual stream is a graph output (it would come out rotated)", alias))
+            for node, _ in users(alias):
+                if node in norm_nodes or _alias_step(node) or node.op_type in ("Shape", "Size"):
+                    continue
+                miss = miss_by_x.get(alias)
+                if miss is not None and node in miss.site.nodes:
+                    raise Refused(fail(f"a norm on the residual stream was not rewritten: {miss.failure.reason}",
+                                       miss.failure.at or miss.anchor))
+                if op(node, "Add", domain="") and nxt is None and _residual_operand(node) is alias:
+                    nxt = node
+                    continue
+                if op(node, "Add", domain="") and any(s.output in node.inputs for s in sites):
+                    raise Refused(fail("post-norm: a norm's output is the residual stream (rotation needs "
+                                       "pre-norm)", node))
+                raise Refused(fail(f"the residual stream is read by {node.op_type} (not a weightless norm "
+                                   "or the next residual Add)", node))
+        for site in readers:
+            if site.kind != stream.kind:
+                raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
+            stream.norms.append(site)
+            stream.uses += _norm_uses(site, n)
+        if nxt is None:
+            break
+        k = 0 if _residual_operand(nxt) is nxt.inputs[0] else 1
+        uses = _writer(nxt.inputs[1 - k], nxt, n)
+        stream.writers.append(uses[-1].node)
+        stream.uses += uses
+        v = nxt.outputs[0]
+        stream.values.append(v)
+    if not stream.norms or not stream.writers:
+        raise Refused(fail("no residual stream (norms reading a chain of residual Adds) was found", v))
+    _check_owned(stream)
+    return stream
+
+
+def _residual_operand(add: ir.Node) -> ir.Value | None:
+    """The operand of `add` that continues the stream (a residual Add's or an embedding's
+    output, maybe through alias steps), or None when `add` is not a residual Add (a bias Add,
+    an embedding sum, or neither side qualifies)."""
+    if len(add.inputs) != 2 or any(const_array(v, follow=False) is not None for v in add.inputs):
+        return None
+    for k in (0, 1):
+        producer = _unalias(add.inputs[k]).producer()
+        if _embedding_start(producer) or (op(producer, "Add", domain="") and
+                                          _residual_operand(producer) is not None):
+            if _embedding_start(_unalias(add.inputs[1 - k]).producer()):   # an embedding sum
+                return None
+            return add.inputs[k]
+    return None
+
+
+def _embedding_start(node: ir.Node | None) -> bool:
+    """A Gather (of embedding rows), or a sum of two of them (token + position)."""
+    if op(node, "Gather", domain=""):
+        return True
+    return op(node, "Add", domain="") and len(node.inputs) == 2 and \
+        all(op(_unalias(v).producer(), "Gather", domain="") for v in node.inputs)
+
+
+def _check_owned(stream: Stream) -> None:
+    """Every constant is rotated along one axis, and nothing outside the stream reads it."""
+    axes: dict[ir.Value, int] = {}
+    allowed: dict[ir.Value, set[ir.Node]] = {}
+    for use in stream.uses:
+        if axes.setdefault(use.source, use.axis) != use.axis:
+            raise Refused(fail("a constant is read along two different axes by the stream's linears", use.node))
+        allowed.setdefault(use.source, set()).update((use.node, *use.steps))
+    for source, nodes in allowed.items():
+        if source.is_graph_input() or source.is_graph_output():
+            raise Refused(fail("a weight of the stream is a graph input or output", source))
+        pending = [source]
+        while pending:
+            value = pending.pop()
+            for node, _ in users(value):
+                if node not in nodes:
+                    raise Refused(fail(f"a weight of the stream is also read by {node.op_type}, outside it", node))
+                if node.op_type in ("Transpose", "Cast", "Identity"):
+                    pending.append(node.outputs[0])
+
+
+__all__ = ["Refused", "Stream", "Use", "find_stream"]
