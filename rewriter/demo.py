@@ -89,8 +89,13 @@ def benchmark(src: Path, dst: Path, work: Path, tokens: list[int], budget: float
     for name, v in result["variants"].items():
         if v["error"]:
             print(f"    {name}: not measured: {v['error']}")
+    peer = "onnxscript/rewritten"           # the peer is no baseline of bench's: its ratio is added here
+    for row in result["shapes"]:
+        v = row["variants"]
+        if "median_ms" in v.get("onnxscript", {}) and "median_ms" in v.get("rewritten", {}):
+            row["ratios"][peer] = v["onnxscript"]["median_ms"] / v["rewritten"]["median_ms"]
     write_json(result, work / "bench.json")
-    plot(result, work / "bench.png", title=src.name)
+    plot(result, work / "bench.png", title=src.name, ratios=("raw/rewritten", peer))
     print()
     print(compare_table(result, SHOWN))
     print("(median ms [p10-p90]; a ratio > 1: the rewritten graph is faster; ≈: within noise)")
