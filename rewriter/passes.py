@@ -244,7 +244,9 @@ def ort_load_error(model: ir.Model) -> str:
     proto = skeleton(model, for_checker=False)
     proto.graph.ClearField("value_info")
     try:
-        session(proto.SerializeToString(), "cpu")          # its optimizers re-check shapes
+        # its optimizers re-check shapes; not level "all": onnxruntime 1.32 crashes the process
+        # (SIGSEGV) creating a session of some valid fp16 Transpose → FusedMatMul graphs there
+        session(proto.SerializeToString(), "cpu", opt_level="extended")
     except Exception as exc:    # noqa: BLE001 - any refusal is the answer
         return first_line(exc, 200)
     return ""

@@ -55,3 +55,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("differential fuzzing")
     for key, value in stats.items():
         terminalreporter.write_line(f"{key:<44} {value}")
+    for family, counts in sorted(getattr(differential, "FAMILY_STATS", {}).items()):
+        terminalreporter.write_line(f"family {family:<37} {counts['tried']} tried, {counts['rewritten']} rewritten, "
+                                    f"{counts['wrong']} wrong, {counts['discarded']} discarded")

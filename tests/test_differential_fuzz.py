@@ -8,6 +8,13 @@ graph outputs at the leaves. One small function per op family below (`fam_*`), e
 docstring of what it generates; hypothesis shrinks a failure to a minimal recipe, printed with
 the failure (the model is saved under $FLASHNORM_FUZZ_SAVE, default the pytest temp folder).
 
+Generator families (GENERATORS, drawn by SHARES from one time budget): `base` (the above),
+`absent_attrs` (every optional attribute sometimes absent, so the op's schema default applies;
+rows down to RMS 1e-4), `gemm` (α, β, transA/transB, every C shape after every norm kind),
+`opsets` (opsets 9–23, every op in its opset's signature, row moves between norm and linear),
+`approx_axis` (a second norm over the feature axis or a moved one; also rewritten with
+--approx). FUZZ_ONLY=gemm runs one family. The terminal summary counts graphs per family.
+
 Budget: the `ci` profile (default) runs for FUZZ_SECONDS (default 75 s) wall time or
 max_examples graphs, whichever ends first; `pytest --hypothesis-profile=long
 tests/test_differential_fuzz.py` runs for FUZZ_SECONDS (default 1200 s). FUZZ_AVOID=if,loop,...
@@ -126,8 +133,10 @@ class Fuzz:
     """The state of one generated graph: the builder, hypothesis' `draw`, the pool of values
     the downstream chain picks from, and a readable recipe (one line per decision)."""
 
-    def __init__(self, draw, opset: int, seed: int):
+    def __init__(self, draw, opset: int, seed: int, family: str = "base"):
         self.draw = draw
+        self.family = family               # the generator (GENERATORS) that made this graph
+        self.absent = False                # optional attributes may be left out (schema defaults)
         self.g = FuzzBuilder(opset, seed)
         self.rng = self.g.rng
         self.pool: list[V] = []
@@ -149,6 +158,27 @@ class Fuzz:
 
     def note(self, text: str):
         self.lines.append(text)
+
+    @property
+    def opset(self) -> int:
+        return self.g.opset
+
+    def attrs(self, op_type: str, **optional) -> dict:
+        """Attributes whose value is the op's schema default or does not change the shapes the
+        generator computes: with `absent` set each is left out half the time (onnxruntime then
+        applies the schema default for the model's opset and domain)."""
+        if not self.absent:
+            return optional
+        kept = {k: v for k, v in optional.items() if self.flag()}
+        gone = [k for k in optional if k not in kept]
+        if gone:
+            self.note(f"  {op_type} without {', '.join(gone)} (schema default)")
+        return kept
+
+    def axis(self, axis: int, rank: int) -> int:
+        """`axis` as an op attribute: negative half the time where the opset allows (≥ 11)."""
+        axis %= rank
+        return axis - rank if self.opset >= 11 and self.flag() else axis
 
     # -- values -----------------------------------------------------------------------------------
     def op(self, op_type, inputs, shape, dtype, domain="", n_out=1, **attrs):
@@ -181,14 +211,31 @@ class Fuzz:
 
 # -- norms ------------------------------------------------------------------------------------------
 
-def reduce_mean(f: Fuzz, v: V, axes, keepdims=1) -> V:
-    """ReduceMean with `axes` as an input (opset ≥ 18) or attribute."""
-    norm_axes = sorted(a % v.rank for a in axes)
+AXES_INPUT_SINCE = {"ReduceSum": 13}     # the other Reduce* ops take axes as an input from 18
+
+
+def reduce_op(f: Fuzz, op_type: str, v: V, axes, keepdims=1) -> V:
+    """A Reduce* op in the model's opset form: axes as an input (ReduceSum ≥ 13, others ≥ 18)
+    or an attribute (non-negative below 11); `axes` None: no axes at all (every axis reduced);
+    keepdims=1 may be absent (its default)."""
+    norm_axes = list(range(v.rank)) if axes is None else sorted(a % v.rank for a in axes)
     shape = [1 if i in norm_axes else d for i, d in enumerate(v.shape)] if keepdims else \
         [d for i, d in enumerate(v.shape) if i not in norm_axes]
-    if f.g.opset >= 18:
-        return f.op("ReduceMean", [v, f.const(np.array(axes, np.int64), np.int64, "axes")], shape, v.dtype, keepdims=keepdims)
-    return f.op("ReduceMean", [v], shape, v.dtype, axes=list(axes), keepdims=keepdims)
+    attrs = f.attrs(op_type, keepdims=1) if keepdims else {"keepdims": 0}
+    if axes is None:
+        return f.op(op_type, [v], shape, v.dtype, **attrs)
+    axes = list(axes) if f.opset >= 11 else [a % v.rank for a in axes]
+    if f.opset >= AXES_INPUT_SINCE.get(op_type, 18):
+        return f.op(op_type, [v, f.const(np.array(axes, np.int64), np.int64, "axes")], shape, v.dtype, **attrs)
+    return f.op(op_type, [v], shape, v.dtype, axes=axes, **attrs)
+
+
+def reduce_mean(f: Fuzz, v: V, axes, keepdims=1) -> V:
+    """ReduceMean over `axes`; over every axis the axes are sometimes left out (absent: all)."""
+    if f.absent and sorted(a % v.rank for a in axes) == list(range(v.rank)) and f.flag():
+        f.note("  ReduceMean without axes (every axis)")
+        axes = None
+    return reduce_op(f, "ReduceMean", v, axes, keepdims)
 
 
 def broadcast(a, b):
@@ -209,7 +256,7 @@ def eps_add(f: Fuzz, ms: V) -> V:
 
 def gain_mul(f: Fuzz, y: V, n: int, dtype) -> V:
     """[Mul gain]: none, left, right, a Constant node, Gemma's 1+w, a bf16/fp16-stored gain + Cast."""
-    form = f.choice(["right", "left", "none", "node", "one_plus", "bf16_cast", "fp16_cast"])
+    form = f.choice(["right", "left", "none", "node", "one_plus", "fp16_cast"] + (["bf16_cast"] if f.opset >= 13 else []))
     f.note(f"  gain {form}")
     if form == "none":
         return y
@@ -240,7 +287,7 @@ def norm_rms(f: Fuzz, x: V) -> V:
         sq = f.op("Mul", [xin, xin], xin.shape, compute)
     else:
         e_shape = (1,) if square == "pow[1]" else ()
-        e_dtype = F32 if square == "pow_f32_exp" else compute
+        e_dtype = F32 if square == "pow_f32_exp" and f.opset >= 12 else compute    # Pow < 12: one type
         sq = f.op("Pow", [xin, f.const(np.full(e_shape, 2.0), e_dtype, "two")], xin.shape, compute)
     ms = eps_add(f, reduce_mean(f, sq, axes))
     root = f.op("Sqrt", [ms], ms.shape, compute)
@@ -326,6 +373,9 @@ def norm_fused(f: Fuzz, x: V, form: str) -> V:
     attrs = {"epsilon": eps}
     if not form.startswith("Skip") and f.flag():
         attrs["axis"] = f.choice([-1, x.rank - 1])
+    if not form.startswith("Skip") and f.absent:
+        attrs["stash_type"] = 1
+    attrs = f.attrs(form, **attrs)
     if form.startswith("Skip"):
         outs = f.op(form, inputs, [x.shape] * 4, x.dtype, domain=domain, n_out=4, **attrs)
         if f.flag():
@@ -348,6 +398,8 @@ def norm(f: Fuzz, x: V, skip_allowed=True) -> V:
         forms.append("LayerNormalization")
     if skip_allowed and x.dtype in (F32, F16) and x.rank <= 3:     # onnxruntime: 2-D or 3-D only
         forms += ["SkipSimplifiedLayerNormalization", "SkipLayerNormalization"]
+    if f.absent:        # the one-op forms are the ones with optional attributes: drawn more often
+        forms += [form for form in forms if form[0].isupper()] * 2
     form = f.choice(forms)
     if form == "rms":
         return norm_rms(f, x)
@@ -410,15 +462,15 @@ def linear(f: Fuzz, y: V, k: int, shared: dict) -> V:
         trans_b = f.flag()
         w = weight_ref(f, n, k, dtype, trans_b, shared)
         inputs = [a, w]
-        if f.flag():
+        if f.flag() or f.opset < 11:        # C is required below opset 11
             inputs.append(f.const(0.1 * f.rng.standard_normal(k), dtype, "bias"))
-        h = f.op("Gemm", inputs, out_shape, dtype, transB=int(trans_b), alpha=f.choice([1.0, 0.5]),
-                 beta=f.choice([1.0, 2.0]))
+        h = f.op("Gemm", inputs, out_shape, dtype, **trans_attrs(f, "Gemm", transB=trans_b),
+                 **f.attrs("Gemm", alpha=f.choice([1.0, 0.5]), beta=f.choice([1.0, 2.0])))
     elif kind == "FusedMatMul":
         trans_b = f.flag()
         w = weight_ref(f, n, k, dtype, trans_b, shared)
-        h = f.op("FusedMatMul", [a, w], out_shape, dtype, domain="com.microsoft", transB=int(trans_b),
-                 alpha=f.choice([1.0, 0.5]))
+        h = f.op("FusedMatMul", [a, w], out_shape, dtype, domain="com.microsoft",
+                 **trans_attrs(f, "FusedMatMul", transB=trans_b), **f.attrs("FusedMatMul", alpha=f.choice([1.0, 0.5])))
     else:
         h = f.op("MatMul", [a, weight_ref(f, n, k, dtype, False, shared)], out_shape, dtype)
         if kind == "MatMul+bias":
@@ -427,6 +479,11 @@ def linear(f: Fuzz, y: V, k: int, shared: dict) -> V:
     if path == "autocast_fp16" and f.flag():
         h = f.op("Cast", [h], h.shape, F32, to=TensorProto.FLOAT)
     return h
+
+
+def trans_attrs(f: Fuzz, op_type: str, **flags) -> dict:
+    """transA/transB: a 1 is always written, a 0 (the default) may be absent."""
+    return {**f.attrs(op_type, **{k: 0 for k, v in flags.items() if not v}), **{k: 1 for k, v in flags.items() if v}}
 
 
 def linears(f: Fuzz, y: V):
@@ -453,7 +510,9 @@ def fam_unary(f: Fuzz, v: V):
     """Relu, LeakyRelu, Neg, Abs, Sigmoid, Tanh, Identity."""
     kind = f.choice(["Relu", "Neg", "LeakyRelu", "Abs", "Sigmoid", "Tanh", "Identity"])
     f.note(f"{kind}")
-    attrs = {"alpha": 0.1} if kind == "LeakyRelu" else {}
+    if kind == "LeakyRelu" and v.dtype == F16 and f.opset < 16:
+        kind = "Relu"       # onnxruntime CPU: no fp16 LeakyRelu before opset 16
+    attrs = f.attrs(kind, alpha=0.01) if kind == "LeakyRelu" else {}
     f.add(f.op(kind, [v], v.shape, v.dtype, **attrs))
 
 
@@ -505,7 +564,7 @@ def fam_glu(f: Fuzz, v: V):
 def fam_cast(f: Fuzz, v: V):
     """Cast up and down: fp32→fp16→fp32, fp32→bf16→fp32, fp32→fp64(→fp32), fp32→fp16 (stays
     fp16), fp16→fp32, fp64→fp32."""
-    options = {F32: ["fp16_roundtrip", "fp64", "fp64_roundtrip", "to_fp16", "bf16_roundtrip"],
+    options = {F32: ["fp16_roundtrip", "fp64", "fp64_roundtrip", "to_fp16"] + (["bf16_roundtrip"] if f.opset >= 13 else []),
                F16: ["to_fp32", "fp32_roundtrip"], F64: ["to_fp32", "fp32_roundtrip"]}.get(v.dtype, ["to_fp32"])
     kind = f.choice(options)
     f.note(f"cast {kind} (from {v.dtype.name})")
@@ -564,9 +623,27 @@ def fam_reshape(f: Fuzz, v: V):
     then_project(f, f.pool[-1])
 
 
+def slice_op(f: Fuzz, v: V, starts, ends, axes, steps=None, omit_axes=False) -> V:
+    """Slice in the model's opset form: attributes starts/ends/axes below 10, inputs from 10
+    (steps only there; negative axes from 11); `omit_axes`: no axes (the leading axes)."""
+    out = list(v.shape)
+    for s, e, a, k in zip(starts, ends, axes, steps or [1] * len(axes)):
+        out[a % v.rank] = len(range(*slice(s, e, k).indices(v.shape[a % v.rank])))
+    axes = list(axes) if f.opset >= 11 else [a % v.rank for a in axes]
+    if f.opset < 10:
+        attrs = dict(starts=list(starts), ends=list(ends)) | ({} if omit_axes else dict(axes=axes))
+        return f.op("Slice", [v], out, v.dtype, **attrs)
+    inputs = [v, f.const(np.array(starts), np.int64, "starts"), f.const(np.array(ends), np.int64, "ends")]
+    if not omit_axes or steps:
+        inputs.append(f.const(np.array(axes), np.int64, "axes"))
+    if steps:
+        inputs.append(f.const(np.array(steps), np.int64, "steps"))
+    return f.op("Slice", inputs, out, v.dtype)
+
+
 def fam_slice(f: Fuzz, v: V):
     """Slice along any axis (positive or negative index; axes given, or omitted for axis 0;
-    step 1 or 2)."""
+    step 1 or 2), in the opset's form (attributes below 10)."""
     axes = [i for i, d in enumerate(v.shape) if d >= 2]
     if not axes:
         return
@@ -574,39 +651,42 @@ def fam_slice(f: Fuzz, v: V):
     dim = v.shape[axis]
     start = f.draw(st.integers(0, dim - 1))
     end = f.draw(st.integers(start + 1, dim))
-    step = f.choice([1, 2])
+    step = f.choice([1, 2]) if f.opset >= 10 else 1
     negative = f.flag()
     omit_axes = axis == 0 and step == 1 and f.flag()
-    out = list(v.shape)
-    out[axis] = len(range(start, end, step))
     ax = axis - v.rank if negative else axis
-    f.note(f"Slice axis {ax} [{start}:{end}:{step}]{' (no axes input)' if omit_axes else ''}")
-    inputs = [v, f.const(np.array([start]), np.int64, "starts"), f.const(np.array([end]), np.int64, "ends")]
-    if not omit_axes:
-        inputs.append(f.const(np.array([ax]), np.int64, "axes"))
-        if step != 1:
-            inputs.append(f.const(np.array([step]), np.int64, "steps"))
-    f.add(f.op("Slice", inputs, out, v.dtype))
+    f.note(f"Slice axis {ax} [{start}:{end}:{step}]{' (no axes)' if omit_axes else ''}")
+    f.add(slice_op(f, v, [start], [end], [ax], [step] if step != 1 else None, omit_axes))
+
+
+def split_op(f: Fuzz, v: V, axis: int, sizes: list[int]) -> list[V]:
+    """Split in the model's opset form: sizes as the `split` attribute below 13 (absent for
+    equal parts: its default), an input from 13 (absent for equal parts below 18), or
+    num_outputs from 18; axis 0 may be absent (its default)."""
+    shapes = [tuple(size if i == axis % v.rank else d for i, d in enumerate(v.shape)) for size in sizes]
+    ax = f.axis(axis, v.rank)
+    attrs = f.attrs("Split", axis=ax) if ax == 0 else {"axis": ax}
+    equal = len(set(sizes)) == 1
+    inputs = [v]
+    if f.opset < 13:
+        attrs |= f.attrs("Split", split=list(sizes)) if equal else {"split": list(sizes)}
+    elif equal and f.opset >= 18 and f.flag():
+        attrs["num_outputs"] = len(sizes)
+    elif not (equal and f.opset < 18 and f.absent and f.flag()):
+        inputs.append(f.const(np.array(sizes), np.int64, "split"))
+    return f.op("Split", inputs, shapes, v.dtype, n_out=len(sizes), **attrs)
 
 
 def fam_split(f: Fuzz, v: V):
-    """Split into two parts along any axis (split sizes as an input)."""
+    """Split into two parts along any axis, in the opset's form."""
     axes = [i for i, d in enumerate(v.shape) if d >= 2]
     if not axes:
         return
     axis = f.choice(axes)
     dim = v.shape[axis]
-    first = f.draw(st.integers(1, dim - 1))
-    ax = axis - v.rank if f.flag() else axis
-    f.note(f"Split axis {ax} [{first}, {dim - first}]")
-    shapes = []
-    for size in (first, dim - first):
-        s = list(v.shape)
-        s[axis] = size
-        shapes.append(s)
-    outs = f.op("Split", [v, f.const(np.array([first, dim - first]), np.int64, "split")], shapes, v.dtype,
-                n_out=2, axis=ax)
-    f.add(*outs)
+    first = dim // 2 if dim % 2 == 0 and f.flag() else f.draw(st.integers(1, dim - 1))
+    f.note(f"Split axis {axis} [{first}, {dim - first}]")
+    f.add(*split_op(f, v, axis, [first, dim - first]))
 
 
 def fam_concat(f: Fuzz, v: V):
@@ -626,7 +706,7 @@ def fam_concat(f: Fuzz, v: V):
         w = f.const(f.rng.standard_normal(shape), v.dtype, "cat")
     out = list(v.shape)
     out[axis] += w.shape[axis]
-    ax = axis - v.rank if f.flag() else axis
+    ax = f.axis(axis, v.rank)
     f.note(f"Concat axis {ax} with {other_kind}")
     f.add(f.op("Concat", [v, w] if f.flag() else [w, v], out, v.dtype, axis=ax))
 
@@ -636,7 +716,7 @@ def fam_pow(f: Fuzz, v: V):
     fractional exponent: √ near 0 turns any rounding difference into a large relative one.)"""
     e = f.choice([2.0, 3.0, 1.0])
     shape = f.choice([(), (1,)])
-    e_dtype = f.choice([v.dtype, F32])
+    e_dtype = f.choice([v.dtype, F32]) if f.opset >= 12 else v.dtype     # Pow < 12: one type
     f.note(f"Pow {e} exponent shape {list(shape)} {np.dtype(e_dtype).name}")
     f.add(f.op("Pow", [v, f.const(np.full(shape, e), e_dtype, "exp")], v.shape, v.dtype))
 
@@ -683,10 +763,9 @@ def fam_rope(f: Fuzz, v: V):
     theta = f.rng.uniform(0, 2 * np.pi, shape)
     cos, sin = f.const(np.cos(theta), v.dtype, "cos"), f.const(np.sin(theta), v.dtype, "sin")
     half = list(v.shape[:-1]) + [h]
-    ax = f.const(np.array([-1]), np.int64, "axes")
-    x1 = f.op("Slice", [v, f.const(np.array([0]), np.int64), f.const(np.array([h]), np.int64), ax], half, v.dtype)
-    x2 = f.op("Slice", [v, f.const(np.array([h]), np.int64), f.const(np.array([d]), np.int64), ax], half, v.dtype)
-    rot = f.op("Concat", [f.op("Neg", [x2], half, v.dtype), x1], v.shape, v.dtype, axis=-1)
+    x1 = slice_op(f, v, [0], [h], [-1])
+    x2 = slice_op(f, v, [h], [d], [-1])
+    rot = f.op("Concat", [f.op("Neg", [x2], half, v.dtype), x1], v.shape, v.dtype, axis=f.axis(-1, v.rank))
     out_shape = broadcast(v.shape, shape)
     f.add(f.op("Add", [f.op("Mul", [v, cos], out_shape, v.dtype), f.op("Mul", [rot, sin], out_shape, v.dtype)],
                out_shape, v.dtype))
@@ -705,11 +784,12 @@ def fam_down_proj(f: Fuzz, v: V):
     if kind == "Gemm":
         t = f.flag()
         w = f.weight(m, k, v.dtype) if t else f.weight(k, m, v.dtype)
-        inputs = [v, w] + ([f.const(0.1 * f.rng.standard_normal(m), v.dtype, "bias")] if f.flag() else [])
-        f.add(f.op("Gemm", inputs, out, v.dtype, transB=int(t)))
+        bias = f.flag() or f.opset < 11         # C is required below opset 11
+        inputs = [v, w] + ([f.const(0.1 * f.rng.standard_normal(m), v.dtype, "bias")] if bias else [])
+        f.add(f.op("Gemm", inputs, out, v.dtype, **trans_attrs(f, "Gemm", transB=t)))
     elif kind == "FusedMatMul":
         f.add(f.op("FusedMatMul", [v, f.weight(k, m, v.dtype)], out, v.dtype, domain="com.microsoft",
-                   alpha=f.choice([1.0, 0.5])))
+                   **f.attrs("FusedMatMul", alpha=f.choice([1.0, 0.5]))))
     else:
         f.add(f.op("MatMul", [v, f.weight(k, m, v.dtype)], out, v.dtype))
 
@@ -727,7 +807,7 @@ def fam_attention(f: Fuzz, v: V):
     softmax, times_v = f.flag(), f.flag()
     f.note(f"attention q·kᵀ{' softmax' if softmax else ''}{' ·v' if times_v else ''}")
     if softmax:
-        scores = f.op("Softmax", [scores], scores_shape, v.dtype, axis=-1)
+        scores = f.op("Softmax", [scores], scores_shape, v.dtype, **f.attrs("Softmax", axis=f.axis(-1, v.rank)))
     if times_v:
         val = f.pick(lambda w: w.rank == v.rank and w.shape[:-1] == v.shape[:-1] and w.dtype == v.dtype) or v
         scores = f.op("MatMul", [scores, val], v.shape[:-1] + (val.shape[-1],), v.dtype)
@@ -735,10 +815,11 @@ def fam_attention(f: Fuzz, v: V):
 
 
 def fam_softmax(f: Fuzz, v: V):
-    """Softmax along any axis."""
-    axis = f.choice(list(range(-1, -v.rank - 1, -1)))
+    """Softmax along any axis (the attribute may be absent: −1 from opset 13, 1 — over the
+    flattened trailing axes — below)."""
+    axis = f.axis(f.choice(list(range(-1, -v.rank - 1, -1))), v.rank)
     f.note(f"Softmax axis {axis}")
-    f.add(f.op("Softmax", [v], v.shape, v.dtype, axis=axis))
+    f.add(f.op("Softmax", [v], v.shape, v.dtype, **f.attrs("Softmax", axis=axis)))
 
 
 def fam_norm(f: Fuzz, v: V):
@@ -872,6 +953,145 @@ def local_function(kind: str, opset: int) -> onnx.FunctionProto:
     return helper.make_function(LOCAL, kind, inputs, ["y"], nodes, [helper.make_opsetid("", opset)])
 
 
+def pad_op(f: Fuzz, v: V, pads: list[int], value: float, mode: str) -> V:
+    """Pad in the model's opset form: attributes pads/value/mode below 11, inputs pads and
+    constant_value from 11; mode "constant" and value 0 (the defaults) may be absent."""
+    out = [d + pads[i] + pads[i + v.rank] for i, d in enumerate(v.shape)]
+    attrs = f.attrs("Pad", mode="constant") if mode == "constant" else {"mode": mode}
+    if f.opset < 11:
+        attrs |= (f.attrs("Pad", value=0.0) if value == 0 else {"value": float(value)}) if mode == "constant" else {}
+        return f.op("Pad", [v], out, v.dtype, pads=list(pads), **attrs)
+    inputs = [v, f.const(np.array(pads), np.int64, "pads")]
+    if mode == "constant" and (value != 0 or not f.absent or f.flag()):
+        inputs.append(f.const(np.array(value), v.dtype, "pad_value"))
+    return f.op("Pad", inputs, out, v.dtype, **attrs)
+
+
+def fam_pad(f: Fuzz, v: V):
+    """Pad one axis (a row axis or the last) at either end: constant 0 or a nonzero value, edge
+    or reflect, in the opset's form (pads/value attributes below 11); then maybe a MatMul."""
+    axis = f.choice(list(range(v.rank)))
+    before, after = f.choice([(1, 0), (0, 2), (1, 1)])
+    mode = f.choice(["constant", "constant", "edge", "reflect"])
+    if mode == "reflect" and max(before, after) >= v.shape[axis]:
+        mode = "edge"
+    value = f.choice([0.0, 1.5, -0.5]) if mode == "constant" else 0.0
+    pads = [0] * (2 * v.rank)
+    pads[axis], pads[axis + v.rank] = before, after
+    f.note(f"Pad axis {axis} ({before}, {after}) {mode}{f' value {value}' if mode == 'constant' else ''}")
+    f.add(pad_op(f, v, pads, value, mode))
+    then_project(f, f.pool[-1])
+
+
+REDUCES = ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceSumSquare", "ReduceL2"]
+
+
+def fam_reduce(f: Fuzz, v: V):
+    """A Reduce* over one axis (a row axis or the last), two, or every axis (axes absent),
+    keepdims 1 (maybe absent) or 0, in the opset's form (axes attribute below 13/18)."""
+    kind = f.choice(REDUCES)
+    which = f.choice(["one", "one", "two", "all"] if v.rank >= 2 else ["one", "all"])
+    axes = None if which == "all" else [f.choice(list(range(v.rank)))] if which == "one" else \
+        sorted(f.draw(st.permutations(range(v.rank)))[:2])
+    keepdims = f.choice([1, 0])
+    if axes is not None:
+        axes = [f.axis(a, v.rank) for a in axes]
+    f.note(f"{kind} axes {axes if axes is not None else '(absent: all)'} keepdims {keepdims}")
+    out = reduce_op(f, kind, v, axes, keepdims)
+    f.add(out)
+    if out.rank >= 1 and out.shape[-1] >= 1:
+        then_project(f, out)
+
+
+def unsqueeze_op(f: Fuzz, v: V, axis: int) -> V:
+    """Unsqueeze one axis: an attribute below 13, an input from 13."""
+    shape = list(v.shape)
+    shape.insert(axis % (v.rank + 1), 1)
+    ax = f.axis(axis, v.rank + 1)
+    if f.opset < 13:
+        return f.op("Unsqueeze", [v], shape, v.dtype, axes=[ax])
+    return f.op("Unsqueeze", [v, f.const(np.array([ax]), np.int64, "axes")], shape, v.dtype)
+
+
+def squeeze_op(f: Fuzz, v: V, axis: int | None) -> V:
+    """Squeeze one unit axis (an attribute below 13, an input from 13) or, axes absent,
+    every unit axis."""
+    if axis is None:
+        return f.op("Squeeze", [v], [d for d in v.shape if d != 1], v.dtype)
+    shape = [d for i, d in enumerate(v.shape) if i != axis % v.rank]
+    ax = f.axis(axis, v.rank)
+    if f.opset < 13:
+        return f.op("Squeeze", [v], shape, v.dtype, axes=[ax])
+    return f.op("Squeeze", [v, f.const(np.array([ax]), np.int64, "axes")], shape, v.dtype)
+
+
+def fam_squeeze(f: Fuzz, v: V):
+    """Unsqueeze a unit axis anywhere, then maybe Squeeze it back (by axis, or with axes absent:
+    every unit axis) or a MatMul by a constant."""
+    if v.rank >= 5:
+        return
+    axis = f.choice(list(range(v.rank + 1)))
+    u = unsqueeze_op(f, v, axis)
+    back = f.choice(["axis", "absent", "keep"])
+    f.note(f"Unsqueeze axis {axis}, then {back}")
+    if back == "keep":
+        f.add(u)
+        then_project(f, u)
+    else:
+        f.add(squeeze_op(f, u, axis if back == "axis" else None))
+
+
+def fam_clip(f: Fuzz, v: V):
+    """Clip: to [0, ∞) (a ReLU), [−0.5, 0.5], (−∞, 1], or no bounds; min/max attributes below
+    11 (absent: ±∞), optional inputs from 11."""
+    lo, hi = f.choice([(0.0, None), (-0.5, 0.5), (None, 1.0), (None, None)])
+    f.note(f"Clip [{lo}, {hi}]")
+    if f.opset < 11:
+        attrs = {k: b for k, b in (("min", lo), ("max", hi)) if b is not None}
+        f.add(f.op("Clip", [v], v.shape, v.dtype, **attrs))
+        return
+    inputs = [v, "" if lo is None else f.const(np.array(lo), v.dtype, "min"),
+              "" if hi is None else f.const(np.array(hi), v.dtype, "max")]
+    while inputs[-1] == "":
+        inputs.pop()
+    f.add(f.op("Clip", inputs, v.shape, v.dtype))
+
+
+def row_move(f: Fuzz, y: V) -> V:
+    """Between the norm and its linears, an op that moves rows (the γ fold may pass it) or
+    does not (it must stop there), in the opset's form: Pad (zero or nonzero value, edge;
+    a row axis or the normalized one), Slice, Split (one part to the linears, the other an
+    output), Concat with itself, a Transpose of two row axes, an Unsqueeze."""
+    kind = f.choice(["pad", "pad", "slice", "split", "concat", "transpose", "unsqueeze"])
+    axes = [i for i, d in enumerate(y.shape) if d >= 2]
+    axis = f.choice(list(range(y.rank))) if kind in ("pad", "concat", "unsqueeze") else f.choice(axes)
+    f.note(f"row move {kind} axis {axis} between the norm and its linears:")
+    if kind == "pad":
+        before, after = f.choice([(1, 0), (0, 2), (1, 1)])
+        mode = f.choice(["constant", "constant", "edge"])
+        value = f.choice([0.0, 1.5]) if mode == "constant" else 0.0
+        pads = [0] * (2 * y.rank)
+        pads[axis], pads[axis + y.rank] = before, after
+        f.note(f"  Pad ({before}, {after}) {mode}{f' value {value}' if mode == 'constant' else ''}")
+        return pad_op(f, y, pads, value, mode)
+    if kind == "slice":
+        start = f.draw(st.integers(0, y.shape[axis] - 1))
+        return slice_op(f, y, [start], [y.shape[axis]], [axis])
+    if kind == "split":
+        first = f.draw(st.integers(1, y.shape[axis] - 1))
+        parts = split_op(f, y, axis, [first, y.shape[axis] - first])
+        f.add(parts[1])
+        return parts[0]
+    if kind == "concat":
+        out = list(y.shape)
+        out[axis] *= 2
+        return f.op("Concat", [y, y], out, y.dtype, axis=f.axis(axis, y.rank))
+    if kind == "transpose" and y.rank >= 3:
+        perm = [1, 0] + list(range(2, y.rank))
+        return f.op("Transpose", [y], [y.shape[p] for p in perm], y.dtype, perm=perm)
+    return unsqueeze_op(f, y, min(axis, y.rank - 1))
+
+
 def fam_output(f: Fuzz, v: V):
     """Make an intermediate value a graph output too (it may still have readers)."""
     f.note("intermediate graph output")
@@ -893,28 +1113,36 @@ FAMILIES = {
     "concat": fam_concat, "pow": fam_pow, "const_arith": fam_const_arith, "residual": fam_residual,
     "rope": fam_rope, "down_proj": fam_down_proj, "attention": fam_attention, "softmax": fam_softmax,
     "norm": fam_norm, "if": fam_if, "loop": fam_loop, "function": fam_function, "output": fam_output,
+    "pad": fam_pad, "reduce": fam_reduce, "squeeze": fam_squeeze, "clip": fam_clip,
 }
 # how often each family is drawn (the ones the algebra has rules for, more often)
 WEIGHTS = {"unary": 2, "activation": 2, "glu": 3, "cast": 3, "transpose": 3, "reshape": 3, "slice": 2,
            "split": 1, "concat": 2, "pow": 3, "const_arith": 3, "residual": 2, "rope": 2, "down_proj": 3,
-           "attention": 2, "softmax": 1, "norm": 2, "if": 2, "loop": 2, "function": 1, "output": 1}
+           "attention": 2, "softmax": 1, "norm": 2, "if": 2, "loop": 2, "function": 1, "output": 1,
+           "pad": 1, "reduce": 1, "squeeze": 1, "clip": 1}
+MIN_OPSET = {"function": 15}    # CastLike
 
 
 # -- the whole graph --------------------------------------------------------------------------------
 
-def downstream(f: Fuzz, draw):
-    """One to three chains of up to five ops each. A chain starts at a linear's output (or any
-    value made so far) and each op reads what the previous one made; ops with two operands
-    (GLU, residual, attention, concat) take their partner from everything made so far."""
-    families = [k for k in FAMILIES if k not in AVOID for _ in range(WEIGHTS[k])]
+def downstream(f: Fuzz, draw, chains: int = 3, length: int = 5, exclude=()):
+    """One to `chains` chains of up to `length` ops each (no op family in `exclude`). A chain
+    starts at a linear's output (or any value made so far) and each op reads what the previous
+    one made; ops with two operands (GLU, residual, attention, concat) take their partner from
+    everything made so far."""
+    families = [k for k in FAMILIES if k not in AVOID and k not in exclude and f.opset >= MIN_OPSET.get(k, 0)
+                for _ in range(WEIGHTS[k])]
     starts = list(f.pool)           # the linears' outputs
-    chains = draw(st.lists(st.lists(st.sampled_from(families), max_size=5), min_size=1, max_size=3))
+    chains = draw(st.lists(st.lists(st.sampled_from(families), max_size=length), min_size=1, max_size=chains))
     for chain in chains:
         if not chain:
             continue
-        v = starts[draw(st.integers(0, len(starts) - 1))] if f.flag() or len(f.pool) == len(starts) else f.pick()
+        v = starts[draw(st.integers(0, len(starts) - 1))] if f.flag() or len(f.pool) == len(starts) else \
+            f.pick(lambda w: w.rank > 0)
         f.note(f"chain from {v.name}:")
         for family in chain:
+            if v.rank == 0:     # a Reduce* over every axis: nothing left to chain on
+                break
             before = len(f.pool)
             FAMILIES[family](f, v)
             if len(f.pool) > before:
@@ -925,47 +1153,230 @@ def downstream(f: Fuzz, draw):
 class Case:
     model: onnx.ModelProto
     recipe: str
+    family: str = "base"
 
     def __repr__(self) -> str:
         return "Case(\n" + self.recipe + "\n)"
 
 
-@st.composite
-def graphs(draw) -> Case:
-    """Input(s) → [residual Add] → norm → linears → downstream chain → outputs."""
-    dtype_name = draw(st.sampled_from([d for d in ["fp32"] * 6 + ["fp16", "fp16", "fp64", "bf16_roundtrip"]
-                                       if d not in AVOID] or ["fp32"]))
-    rank = draw(st.sampled_from([3, 2, 4]))
-    n = draw(st.sampled_from([8, 16, 4]))
-    opset = draw(st.sampled_from([18, 17, 23]))
+def begin(draw, family: str, opsets, dtypes=("fp32",) * 6 + ("fp16", "fp16", "fp64", "bf16_roundtrip"),
+          ranks=(3, 2, 4), widths=(8, 16, 4), lead: dict | None = None, residual=True) -> tuple[Fuzz, V]:
+    """The graph's input x (rank, width, dtype, dynamic or fixed dims; opset from `opsets`),
+    maybe a residual Add before the norm."""
+    opset = draw(st.sampled_from(list(opsets)))
+    dtypes = [d for d in dtypes if d not in AVOID and (d != "bf16_roundtrip" or opset >= 13)] or ["fp32"]
+    dtype_name = draw(st.sampled_from(dtypes))
+    rank = draw(st.sampled_from(list(ranks)))
+    n = draw(st.sampled_from(list(widths)))
     seed = draw(st.integers(0, 2**16))
-    f = Fuzz(draw, opset, seed)
-    lead = {2: [6], 3: [2, 3], 4: [2, 2, 3]}[rank]
+    f = Fuzz(draw, opset, seed, family)
+    lead = (lead or {2: [6], 3: [2, 3], 4: [2, 2, 3]})[rank]
     names = {2: ["rows"], 3: ["batch", "seq"], 4: ["batch", "heads", "seq"]}[rank]
     sig = [name if f.flag() else d for name, d in zip(names, lead)] + [n if not f.flag() or not f.flag() else "hidden"]
     in_dtype = {"fp32": F32, "fp16": F16, "fp64": F64, "bf16_roundtrip": F32}[dtype_name]
-    f.note(f"{dtype_name} x{sig} (runs as {lead + [n]}), opset {opset}, seed {seed}")
+    f.note(f"[{family}] {dtype_name} x{sig} (runs as {lead + [n]}), opset {opset}, seed {seed}")
     x = V(f.g.input("x", sig, in_dtype), tuple(lead + [n]), in_dtype)
     f.shapes["x"] = lead + [n]
     if dtype_name == "bf16_roundtrip":     # x rounded to bf16 (onnxruntime CPU has no bf16 math)
         x = f.op("Cast", [f.op("Cast", [x], x.shape, BF16, to=TensorProto.BFLOAT16)], x.shape, F32,
                  to=TensorProto.FLOAT)
-    if f.flag() and f.flag():
+    if residual and f.flag() and f.flag():
         r = V(f.g.input("r", sig, in_dtype), x.shape, in_dtype)
         f.shapes["r"] = lead + [n]
         x = f.op("Add", [x, r], x.shape, x.dtype)
         f.note("residual Add before the norm")
     f.x = x
-    f.norm_out = norm(f, x)
-    linears(f, f.norm_out)
-    downstream(f, draw)
+    return f, x
+
+
+def finish(f: Fuzz, **metadata) -> Case:
+    """Outputs at the leaves (and the extra outputs); the recipe, run-time shapes and any
+    checker settings (differential's *_KEY) in the model's metadata."""
     leaves = [v for v in f.pool if v.name not in f.consumed]
     for v in dict.fromkeys(leaves + f.extra_outputs):
         f.g.output(v.name, v.dtype, v.shape)
     model = f.g.model()
     recipe = "\n".join(f.lines)
-    onnx.helper.set_model_props(model, {diff.SHAPES_KEY: json.dumps(f.shapes), diff.RECIPE_KEY: recipe})
-    return Case(model, recipe)
+    onnx.helper.set_model_props(model, {diff.SHAPES_KEY: json.dumps(f.shapes), diff.RECIPE_KEY: recipe,
+                                        **{k: v for k, v in metadata.items() if v}})
+    return Case(model, recipe, f.family)
+
+
+def base_graph(draw) -> Case:
+    """Input(s) → [residual Add] → norm → linears → downstream chain → outputs (opsets 17, 18, 23)."""
+    f, x = begin(draw, "base", [18, 17, 23])
+    f.norm_out = norm(f, x)
+    linears(f, f.norm_out)
+    downstream(f, draw)
+    return finish(f)
+
+
+SMALL_ROWS = json.dumps([1e-3, 1.0, 1e5])   # row RMS down to 1e-4: an ε default mistake shows
+
+
+def absent_attrs_graph(draw) -> Case:
+    """As base_graph, with every optional attribute sometimes absent (the op's schema default
+    applies in onnxruntime: ε of LayerNormalization / RMSNormalization / the com.microsoft
+    norms — 1e-12 for the Skip* ones —, axis, stash_type, Gemm α/β/transB, FusedMatMul α,
+    Softmax axis, LeakyRelu α, Split axis/sizes, Reduce* keepdims and axes, Pad mode/value,
+    Transpose perm, Squeeze axes), the one-op norms drawn more often, and inputs at row RMS
+    down to 1e-4."""
+    f, x = begin(draw, "absent_attrs", [13, 17, 18, 23])
+    f.absent = True
+    f.norm_out = norm(f, x)
+    linears(f, f.norm_out)
+    downstream(f, draw)
+    return finish(f, **{diff.SCALES_KEY: SMALL_ROWS})
+
+
+def gemm_graph(draw) -> Case:
+    """A norm of any kind (LayerNorm with and without β) → one or two Gemms on its rank-2
+    view: α and β random (β = 0 too), transA (a Transpose in front) and transB, C absent,
+    scalar, [1], [N], [1, N], [M, 1], [M, N] or a graph input; attributes at their default
+    sometimes absent; opsets 9–23 (C required below 11); then a short chain."""
+    f, x = begin(draw, "gemm", [13, 17, 18, 23, 11, 9], dtypes=("fp32",) * 4 + ("fp16",), ranks=(2, 3))
+    f.absent = f.flag()
+    f.norm_out = y = norm(f, x)
+    if y.rank != 2:
+        y = f.op("Reshape", [y, f.const(np.array([-1, y.shape[-1]]), np.int64, "shape")],
+                 (int(np.prod(y.shape[:-1])), y.shape[-1]), y.dtype)
+    for _ in range(f.draw(st.integers(1, 2))):
+        f.add(gemm(f, y))
+    downstream(f, draw, chains=1, length=2)
+    return finish(f, **{diff.SCALES_KEY: SMALL_ROWS if f.absent else ""})
+
+
+def gemm(f: Fuzz, a: V) -> V:
+    """Gemm(A, W, C) reading the rank-2 `a` [M, n] (through a Transpose when transA)."""
+    m, n = a.shape
+    k = f.choice([8, 4, 1, 16])
+    trans_a, trans_b = f.flag(), f.flag()
+    alpha, beta = f.choice([1.0, 0.5, 2.0, -1.5]), f.choice([1.0, 0.0, 0.5, -2.0])
+    c_form = f.choice(["none", "scalar", "[1]", "[N]", "[1,N]", "[M,1]", "[M,N]", "input[N]"])
+    if c_form == "none" and f.opset < 11:
+        c_form = "[N]"
+    f.note(f"Gemm k={k} transA {int(trans_a)} transB {int(trans_b)} alpha {alpha} beta {beta} C {c_form}")
+    A = f.op("Transpose", [a], (n, m), a.dtype, perm=[1, 0]) if trans_a else a
+    w = f.const(f.rng.standard_normal((k, n) if trans_b else (n, k)) / np.sqrt(n), a.dtype, "W")
+    inputs = [A, w]
+    if c_form == "input[N]":
+        name = f.g.input(f"c{len(f.shapes)}", [k], elem(a.dtype))
+        f.shapes[name] = [k]
+        inputs.append(V(name, (k,), a.dtype))
+    elif c_form != "none":
+        shape = {"scalar": (), "[1]": (1,), "[N]": (k,), "[1,N]": (1, k), "[M,1]": (m, 1), "[M,N]": (m, k)}[c_form]
+        inputs.append(f.const(0.3 * f.rng.standard_normal(shape), a.dtype, "C"))
+    return f.op("Gemm", inputs, (m, k), a.dtype, **trans_attrs(f, "Gemm", transA=trans_a, transB=trans_b),
+                **f.attrs("Gemm", alpha=alpha, beta=beta))
+
+
+def opsets_graph(draw) -> Case:
+    """As base_graph in opsets 9–12 (and 13, 17, 18, 23), every op in that opset's signature
+    (Pad pads/value attributes below 11 — nonzero values too —, Slice attributes below 10,
+    Split sizes attribute below 13, Reduce* axes attributes, Squeeze/Unsqueeze axes below 13,
+    Clip min/max attributes below 11, C required by Gemm below 11, one-type Pow below 12,
+    non-negative axes below 11); only the norms the opset has (LayerNormalization ≥ 17,
+    RMSNormalization ≥ 23); half the time a row move (Pad, Slice, Split, Concat, Transpose,
+    Unsqueeze) between the norm and its linears; attributes sometimes absent."""
+    f, x = begin(draw, "opsets", [9, 10, 11, 12, 9, 10, 11, 12, 13, 17, 18, 23], dtypes=("fp32",) * 5 + ("fp16",))
+    f.absent = f.flag()
+    f.norm_out = norm(f, x)
+    y = row_move(f, f.norm_out) if f.choice([True, True, False]) else f.norm_out
+    linears(f, y)
+    downstream(f, draw)
+    return finish(f, **{diff.SCALES_KEY: SMALL_ROWS if f.absent else ""})
+
+
+APPROX_CASES = {    # where the second norm normalizes -> whether the first norm's per-row scale is constant there
+    "feature_axis": True, "per_head": True, "transposed_back": True,
+    "token_axis": False, "token_and_feature_axes": False, "reduce_token_axis": False, "sum_with_input": False,
+}
+
+
+def approx_graph(draw) -> Case:
+    """For --approx: norm → linear (per-row deferred scale s) → a second norm → MatMul, the
+    second norm over the feature axis (s constant there: the cancellation is provable, exact
+    with ε = 0), per head, or after a Transpose and back (legal); or over the token axis
+    (Transpose(0,2,1) first), over tokens and features (axis = 1), a ReduceMean over the token
+    axis, or of the linear's output plus an input (the cancellation must not be made). ε₂ is
+    0 or not; the checker also rewrites with --approx (differential.APPROX_CONFIGS): strict
+    unless the case is legal with ε₂ ≠ 0."""
+    f, x = begin(draw, "approx_axis", [23, 18, 17], dtypes=("fp32",) * 5 + ("fp16",), ranks=(3,), widths=(8, 16),
+                 lead={3: [2, 4]})
+    f.norm_out = norm(f, x)
+    k = f.choice([8, 4, 16])
+    if f.choice(["MatMul", "MatMul", "any"]) == "MatMul":     # no bias: the scale reaches the second norm
+        f.note(f"linear MatMul k={k}")
+        h = f.op("MatMul", [f.norm_out, f.weight(x.shape[-1], k, x.dtype)], x.shape[:-1] + (k,), x.dtype)
+    else:
+        h = linear(f, f.norm_out, k, {})
+    if h.rank != 3:         # a row-merging path: back to [B, T, k]
+        h = f.op("Reshape", [h, f.const(np.array(list(x.shape[:-1]) + [k]), np.int64, "shape")],
+                 x.shape[:-1] + (k,), h.dtype)
+    case = f.choice(list(APPROX_CASES))
+    eps = f.choice([0.0, 0.0, 1e-6, 1e-5])
+    form = f.choice(["rms", "rms", "layer", "SimplifiedLayerNormalization"] + ["LayerNormalization"] * (f.opset >= 17)
+                    + ["RMSNormalization"] * (f.opset >= 23))
+    f.note(f"second norm {form} eps {eps}, {case}")
+    t, axis = h, -1
+    if case in ("token_axis", "transposed_back"):
+        t = f.op("Transpose", [h], (h.shape[0], h.shape[2], h.shape[1]), h.dtype, perm=[0, 2, 1])
+        if case == "transposed_back":
+            t = f.op("Transpose", [t], h.shape, h.dtype, perm=[0, 2, 1])
+    elif case == "per_head" and k >= 8:      # heads of ≥ 4 (ε = 0 over 2 values is ±1: ill-conditioned)
+        t = f.op("Reshape", [h, f.const(np.array(list(h.shape[:-1]) + [2, k // 2]), np.int64, "shape")],
+                 h.shape[:-1] + (2, k // 2), h.dtype)
+    elif case == "sum_with_input":
+        r = V(f.g.input("r2", [None, None, k], elem(h.dtype)), h.shape, h.dtype)
+        f.shapes["r2"] = list(h.shape)
+        t = f.op("Add", [h, r], h.shape, h.dtype)
+    elif case == "token_and_feature_axes":
+        axis = -2
+    elif case == "reduce_token_axis":
+        axis, form = -2, "rms" if form != "layer" else "layer"
+    y = second_norm(f, t, form, eps, axis)
+    f.add(f.op("MatMul", [y, f.weight(y.shape[-1], 4, y.dtype)], y.shape[:-1] + (4,), y.dtype))
+    # no further norm (a following norm or a function holding one): the strict/loose label is
+    # about the second norm alone
+    downstream(f, draw, chains=1, length=2, exclude=("norm", "function"))
+    loose = APPROX_CASES[case] and eps != 0
+    return finish(f, **{diff.APPROX_KEY: "loose" if loose else "strict"})
+
+
+def second_norm(f: Fuzz, t: V, form: str, eps: float, axis: int) -> V:
+    """A norm of `t` over the axes from `axis` (−1: the last; −2: the last two, for the
+    decomposed forms a ReduceMean over axis −2 only) with ε = `eps` (no Add when 0, or an Add
+    of 0) and a gain."""
+    d = t.dtype
+    if form in ("rms", "layer"):
+        axes = [-2] if axis == -2 else [-1]
+        c = t
+        if form == "layer":
+            c = f.op("Sub", [t, reduce_mean(f, t, axes)], t.shape, d)
+        ms = reduce_mean(f, f.op("Mul", [c, c], t.shape, d), axes)
+        if eps or f.flag():
+            ms = f.op("Add", [ms, f.const(np.array(eps), d, "eps")], ms.shape, d)
+        y = f.op("Div", [c, f.op("Sqrt", [ms], ms.shape, d)], t.shape, d)
+        return f.op("Mul", [y, f.const(1 + 0.3 * f.rng.standard_normal(t.shape[-1]), d, "gain")], t.shape, d)
+    gain_shape = t.shape[axis:]
+    inputs = [t, f.const(1 + 0.3 * f.rng.standard_normal(gain_shape), d, "gain")]
+    if form == "LayerNormalization" and f.flag():
+        inputs.append(f.const(0.2 * f.rng.standard_normal(gain_shape), d, "beta"))
+    return f.op(form, inputs, t.shape, d, epsilon=eps, axis=axis)
+
+
+GENERATORS = {"base": base_graph, "absent_attrs": absent_attrs_graph, "gemm": gemm_graph, "opsets": opsets_graph,
+              "approx_axis": approx_graph}
+# each family's share of the examples (the CI profile's time budget is shared, not extended)
+SHARES = {"base": 8, "absent_attrs": 3, "gemm": 3, "opsets": 4, "approx_axis": 2}
+ONLY = os.environ.get("FUZZ_ONLY")      # one generator family (FUZZ_ONLY=gemm), to hunt in it
+
+
+@st.composite
+def graphs(draw) -> Case:
+    """A graph from one of GENERATORS, drawn by SHARES (FUZZ_ONLY / FUZZ_AVOID select)."""
+    families = [ONLY] if ONLY else [k for k in GENERATORS if k not in AVOID for _ in range(SHARES[k])]
+    return GENERATORS[draw(st.sampled_from(families))](draw)
 
 
 # -- the test ---------------------------------------------------------------------------------------
@@ -989,13 +1400,15 @@ def _is_final() -> bool:
 _EXC: dict[str, type] = {}
 
 
-def failure_class(failures: list[diff.Failure]) -> type:
+def failure_class(failures: list[diff.Failure], generator: str = "base") -> type:
     """One exception class per kind of failure, so that hypothesis shrinks (and reports) each
-    distinct bug separately: the failure kind × the strategy family that failed."""
+    distinct bug separately: the failure kind × the strategy family that failed × the
+    generator family that made the graph."""
     kinds = sorted({f.kind for f in failures})
     configs = {f.config for f in failures}
-    family = "defer" if any("defer" in c for c in configs) else "fold"
-    name = "Differential_" + "_".join(k.replace("-", "") for k in kinds) + "_" + family
+    family = "approx" if all("approx" in c for c in configs) else \
+        "defer" if any("defer" in c for c in configs) else "fold"
+    name = "Differential_" + "_".join(k.replace("-", "") for k in kinds) + "_" + family + "_" + generator
     if name not in _EXC:
         _EXC[name] = type(name, (AssertionError,), {})
     return _EXC[name]
@@ -1031,10 +1444,15 @@ def relevant(failures: list[diff.Failure], recipe: str) -> list[diff.Failure]:
 def examine(case: Case, save_dir: Path, stats=diff.STATS) -> None:
     """Check one generated graph; raise (one exception class per kind of failure) when wrong."""
     note(case.recipe)
+    if os.environ.get("FUZZ_DEBUG") == "all":     # every graph, before its check (a crash shows which)
+        print(case.recipe, flush=True)
+        onnx.save(case.model, Path(os.environ.get("FLASHNORM_FUZZ_SAVE") or ".") / "fuzz_last.onnx")
+    family = diff.FAMILY_STATS[case.family]
     try:
         result = diff.check_model(case.model)
     except diff.InvalidOriginal as exc:
         stats["graphs discarded (original does not run)"] += 1
+        family["discarded"] += 1
         if os.environ.get("FUZZ_DEBUG"):
             print("discarded:", exc, "\n", case.recipe)
         assume(False)
@@ -1043,14 +1461,19 @@ def examine(case: Case, save_dir: Path, stats=diff.STATS) -> None:
     stats["graphs with a site found"] += result.found > 0
     stats["graphs rewritten (≥ 1 site)"] += result.rewritten > 0
     stats["graphs with a refused config"] += bool(result.refused)
+    family["tried"] += 1
+    family["rewritten"] += result.rewritten > 0
+    if os.environ.get("FUZZ_DEBUG") == "all":
+        print(result.summary(), "\n", flush=True)
     failures = relevant(result.failures, case.recipe)
     if failures:
         stats["graphs found wrong"] += 1
+        family["wrong"] += 1
         if _is_final():
             stats["distinct minimal failures"] += 1
             path = save_failure(case, result, save_dir)
             note(f"saved: {path}")
-        raise failure_class(failures)(result.summary())
+        raise failure_class(failures, case.family)(result.summary())
 
 
 def test_differential_fuzz(tmp_path_factory):

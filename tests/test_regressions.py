@@ -10,9 +10,13 @@ import pytest
 import differential as diff
 
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.onnx"))
+# graphs whose fix has not landed yet: stem -> why (xfail, not strict: they pass once it lands)
+PENDING: dict[str, str] = {}
 
 
-@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.stem for p in REGRESSIONS])
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason=PENDING[p.stem], strict=False))
+                                  if p.stem in PENDING else p for p in REGRESSIONS],
+                         ids=[p.stem for p in REGRESSIONS])
 def test_regression(path):
     model = onnx.load(str(path))
     result = diff.check_model(model)
