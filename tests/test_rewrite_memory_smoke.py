@@ -38,3 +38,70 @@ def test_rewrite_memory_tiny(tmp_path):
     assert checks["verify"]["ok"] and checks["verify"]["max_rel"] < 1e-2
     assert "tiny" in out_txt.read_text() and "tiny" in proc.stdout
     assert not (work / "tiny-fp16").exists()                # big files deleted without --keep
+
+
+def _single_file_model(folder: Path) -> Path:
+    from models.synth_llama import synthesize
+    path = folder / "model.onnx"
+    synthesize(str(path), preset="tiny", dtype="fp32", external_data=False, progress=False)
+    return path
+
+
+def test_single_file_serialized_once(tmp_path, monkeypatch):
+    """A single-file model is read without parsing its weights and written with one
+    serialization of its structure (weights streamed into place): no ModelProto holding the
+    weights is built, no second serializer runs, the written file is not re-read whole."""
+    import onnx
+    import onnx_ir as ir
+
+    from rewriter import api, inline
+    from rewriter.patterns.graph import weight_bytes
+
+    src = _single_file_model(tmp_path)
+    weights = weight_bytes(api.io.load(src)[0])
+    calls: dict[str, list] = {"serialize": [], "ir.save": [], "onnx.save": [], "onnx.load": [], "checker": []}
+
+    def counting(name, fn, record=lambda *a, **k: a[:1]):
+        def wrapped(*a, **k):
+            result = fn(*a, **k)
+            calls[name].append(result.ByteSize() if name == "serialize" else record(*a, **k))
+            return result
+        return wrapped
+
+    monkeypatch.setattr(ir.serde, "serialize_model", counting("serialize", ir.serde.serialize_model))
+    monkeypatch.setattr(ir, "save", counting("ir.save", ir.save))
+    monkeypatch.setattr(onnx, "save_model", counting("onnx.save", onnx.save_model))
+    monkeypatch.setattr(onnx, "load", counting("onnx.load", onnx.load))
+    monkeypatch.setattr(onnx.checker, "check_model", counting("checker", onnx.checker.check_model))
+    dst = tmp_path / "out.onnx"
+    report = api.rewrite_file(src, dst)
+    assert report.rewritten == 5
+    assert calls["ir.save"] == [] and calls["onnx.save"] == []
+    assert str(src) not in {str(a[0]) for a in calls["onnx.load"]}     # the input is not parsed whole
+    assert str(dst) not in {str(a[0]) for a in calls["checker"]}
+    # every serialization (the skeletons checked, the written structure) leaves the weights out
+    assert calls["serialize"] and max(calls["serialize"]) < weights / 4
+    model = api.io.load(dst)[0]
+    spans = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, inline.SpanTensor)]
+    assert sum(t.nbytes for t in spans) > 0.9 * weights              # read back as spans of the file
+
+
+def test_inline_writer_matches_protobuf(tmp_path):
+    """write_inline writes the bytes protobuf writes for the whole model (folded, unchanged
+    and in-memory tensors alike)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from rewriter import inline, io
+    from rewriter.api import rewrite_ir
+    from rewriter.plan import Options
+
+    src = _single_file_model(tmp_path)
+    model, _ = io.load(src)
+    assert any(isinstance(v.const_value, inline.SpanTensor) for v in model.graph.initializers.values())
+    rewrite_ir(model, Options())
+    extra = ir.Value(name="extra", const_value=ir.tensor(np.arange(4096, dtype=np.float32), name="extra"))
+    model.graph.register_initializer(extra)
+    assert inline.write_inline(model, tmp_path / "streamed.onnx")
+    ir.save(model, tmp_path / "whole.onnx", format="protobuf")
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
