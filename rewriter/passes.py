@@ -38,7 +38,7 @@ from rewriter.feeds import signature
 from rewriter.plan import TARGETS, Decision, Options, agreeing_weights, make_plan
 from rewriter.report import Report
 from rewriter.rotate import rotate_residual_stream
-from rewriter.scale import Step
+from rewriter.scale_walker import Step
 from rewriter.transform import apply_plan
 from rewriter.validate import skeleton
 from rewriter.verify import session

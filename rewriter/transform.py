@@ -16,7 +16,7 @@ from rewriter.patterns.graph import GraphEditor, attr, const_array, dtype_of, ho
 from rewriter.conv import add_conv_beta, conv_beta_kernel, folded_conv_weight
 from rewriter.kernels import NormKernels
 from rewriter.plan import Decision, owns_weight
-from rewriter.scale import ScaleWalker
+from rewriter.scale_walker import ScaleWalker
 from rewriter.weights import beta_through_weight, folded_weight, gemm_bias
 
 F32 = ir.DataType.FLOAT

@@ -24,6 +24,7 @@ LAYERS = {
     "rewriter.rotate.hadamard": 6, "rewriter.rotate.stream": 6, "rewriter.rotate.apply": 7, "rewriter.rotate": 8,
     "rewriter.feeds": 9, "rewriter.inline": 9.5,
     "rewriter.validate": 10, "rewriter.files": 10, "rewriter.verify": 10, "rewriter.scale": 10,
+    "rewriter.scale_muls": 10.2, "rewriter.scale_stops": 10.2, "rewriter.scale_walker": 10.5,
     "rewriter.weights": 10, "rewriter.conv": 10, "rewriter.plan": 10,
     "rewriter.io": 11, "rewriter.report": 11, "rewriter.costs": 11, "rewriter.kernels": 11,
     "rewriter.transform": 12, "rewriter.passes": 13, "rewriter.api": 14, "rewriter.folders": 14.5, "rewriter.explain": 15,

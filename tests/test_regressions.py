@@ -11,7 +11,9 @@ import differential as diff
 
 REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.onnx"))
 # graphs whose fix has not landed yet: stem -> why (xfail, not strict: they pass once it lands)
-PENDING: dict[str, str] = {}
+PENDING: dict[str, str] = {
+    "target_peer_fusedmatmul_transpose": "the peer's ORT fusions are kept when they load; this one fails at run time",
+}
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(reason=PENDING[p.stem], strict=False))
