@@ -24,9 +24,11 @@ import onnx_ir as ir
 from rewriter import io
 from rewriter.errors import (BadInput, CannotRun, InternalError, NothingToRewrite, RewriterError, VerificationFailed,
                              first_line)
-from rewriter.passes import infer_shapes, ort_load_error, run_pipeline  # noqa: F401 (infer_shapes: calibrate, tests)
+from rewriter.compose import ort_load_error
+from rewriter.passes import infer_shapes  # noqa: F401 (calibrate, tests)
 from rewriter.patterns.graph import weight_bytes
 from rewriter.plan import Options
+from rewriter.pipeline import run_pipeline
 from rewriter.report import Report
 from rewriter.verify import make_inputs, run, session
 from rewriter.verify import verify as compare_outputs
@@ -35,7 +37,7 @@ RUN_CHECK_BYTES = 1 << 30     # a written model is also run once when its weight
 
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
-    """Match, plan and rewrite `model` in place (the pipeline of rewriter.passes)."""
+    """Match, plan and rewrite `model` in place (rewriter/pipeline.py)."""
     return run_pipeline(model, options).report
 
 

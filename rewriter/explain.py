@@ -9,7 +9,8 @@ import onnx_ir as ir
 
 from rewriter import io
 from rewriter.errors import NothingToRewrite
-from rewriter.passes import FlashNormPass, run_pipeline
+from rewriter.passes import FlashNormPass
+from rewriter.pipeline import run_pipeline
 from rewriter.patterns import Site
 from rewriter.plan import Decision, Options
 

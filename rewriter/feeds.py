@@ -32,6 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.errors import BadInput, CannotRun
+from rewriter.inline import read_structure
 from rewriter.patterns.graph import attr, bind_scopes, const_tensor, op
 
 # attention-cache ops: {input index of a past: (output index of its present, cache axis)}
@@ -193,7 +194,8 @@ def load(source) -> ir.Model:
     try:
         if isinstance(source, bytes):
             return ir.from_proto(onnx.load_from_string(source))
-        return ir.load(str(Path(source)))
+        structure = read_structure(str(Path(source)))      # inline weights: left in the file, unread
+        return ir.from_proto(structure[0]) if structure else ir.load(str(Path(source)))
     except Exception as exc:
         raise BadInput(f"{source if not isinstance(source, bytes) else 'model bytes'}: cannot read the "
                        f"graph to make inputs from it ({type(exc).__name__}: {exc})") from exc

@@ -18,7 +18,7 @@ from rewriter import rewrite_file
 from rewriter.cli import main
 from rewriter.errors import EXIT_VERIFY_FAILED, VerificationFailed
 from rewriter.io import load
-from rewriter.passes import run_pipeline
+from rewriter.pipeline import run_pipeline
 from rewriter.plan import Options
 
 B, T, N, HEADS, HD = 2, 6, 16, 2, 8

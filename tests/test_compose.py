@@ -10,7 +10,7 @@ from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
 from models_cache import exported
 from parity import assert_exact, rewrite_and_run
-from rewriter.passes import ort_load_error
+from rewriter.compose import ort_load_error
 from test_zoo import EXPECTED as ZOO
 
 FUSED = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "RotaryEmbedding",
