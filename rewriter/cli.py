@@ -53,7 +53,7 @@ from rewriter.io import check_target
 from rewriter.plan import MODES, STRATEGIES, TARGETS, Options
 from rewriter.verify import format_verdicts, load_npz, summary
 
-SUBCOMMANDS = ("verify", "explain", "bench", "calibrate", "demo")
+SUBCOMMANDS = ("verify", "explain", "bench", "calibrate", "demo", "quantize")
 
 
 def _add_plan_options(p: argparse.ArgumentParser) -> None:
@@ -133,6 +133,39 @@ def _explain_parser() -> argparse.ArgumentParser:
 def cmd_explain(args) -> int:
     from rewriter.explain import explain
     print(explain(args.model, args.name, _options(args)))
+    return EXIT_OK
+
+
+def _quantize_parser() -> argparse.ArgumentParser:
+    from rewriter.quantize import SCHEMES
+    p = ArgumentParser(prog="python -m rewriter quantize",
+                       description="[rotate the residual stream, then] quantize with onnxruntime's own quantizers: "
+                                   + "; ".join(f"{k}: {v}" for k, v in SCHEMES.items()))
+    p.add_argument("model", help="input fp32 .onnx (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    p.add_argument("--scheme", choices=tuple(SCHEMES), required=True)
+    p.add_argument("--rotate", action="store_true", help="fold the gains and rotate the residual stream first "
+                   "(refused with the reason where it cannot be proven: nothing written)")
+    p.add_argument("--rotate-seed", type=int, default=0, metavar="N")
+    p.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the input path")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def cmd_quantize(args) -> int:
+    from rewriter.quantize import quantize
+    if not args.debug:      # onnxruntime's quantizers log a line per node (and advice) on the root logger
+        logging.disable(logging.WARNING)
+    try:
+        report = quantize(args.model, args.output, args.scheme, rotate=args.rotate, seed=args.rotate_seed,
+                          overwrite=args.overwrite)
+    finally:
+        logging.disable(logging.NOTSET)
+    if not args.quiet:
+        if report is not None:
+            print(report.notes[-1])
+        print(f"wrote {printable(args.output)} ({args.scheme})")
     return EXIT_OK
 
 
@@ -370,6 +403,8 @@ def _command(argv: list[str]) -> int:
         return bench_main(argv[1:])
     if argv and argv[0] == "calibrate":
         return cmd_calibrate(_calibrate_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "quantize":
+        return cmd_quantize(_quantize_parser().parse_args(argv[1:]))
     if argv and argv[0] == "demo":
         from rewriter.demo import main as demo_main     # needs the repo's models/ (and torch)
         return demo_main(argv[1:])

@@ -69,16 +69,30 @@ def scale_steps(flash: FlashNormPass, site: Site) -> list[str]:
     return lines
 
 
+def _rotation(result: dict | None) -> list[str]:
+    """The residual-stream rotation (--rotate): what was rotated, or why nothing was."""
+    if result is None:
+        return []
+    if not result["applied"]:
+        return [f"residual stream not rotated: {result['reason']}" + (f" (at {result['at']})" if result["at"] else "")]
+    return [f"residual stream rotated: width {result['size']}, {result['matrix']} Q, seed {result['seed']}; "
+            f"{result['norms']} {result['norm_kind']} norms read it, {result['writers']} linears write it, "
+            f"{result['readers']} read its norms; {result['constants']} constants rotated"]
+
+
 def explain(path, name: str, options: Options | None = None) -> str:
     model, _ = io.load(path)
     flash = run_pipeline(model, options or Options())
     found = [d for d in flash.plan if name in _names(d)]
+    rotation = _rotation(flash.report.rotation)
+    if not found and rotation:
+        return "\n".join(rotation)
     if not found:
         anchors = ", ".join(sorted({(d.site or d.miss).anchor.name or "?" for d in flash.plan})[:8])
         raise NothingToRewrite(f"{name}: no normalization in {path} has a node or value of that name"
                                + (f" (its norms: {anchors}{', ...' if len(flash.plan) > 8 else ''})"
                                   if anchors else " (it has no normalization)"))
-    out = []
+    out = rotation
     for decision in found:
         source = decision.site or decision.miss
         site = decision.site or decision.miss.site

@@ -154,3 +154,38 @@ def test_zoo_rotation_exact(family, exporter, opset):
         feeds["attention_mask"] = np.ones_like(ids)
     parity, err_orig, err_rot = errors_vs_float64(proto, rotated, feeds)
     assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
+
+
+def test_explain_names_the_refusal(tmp_path):
+    from rewriter.explain import explain
+    from rewriter.plan import Options
+    path = tmp_path / "side.onnx"
+    onnx.save(decoder(extra_reader=True), str(path))
+    sigmoid = next(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Sigmoid")
+    text = explain(path, sigmoid, Options(rotate=True))
+    assert "not rotated" in text and f'Sigmoid node "{sigmoid}"' in text
+
+
+def test_quantize_verb(tmp_path):
+    from rewriter.cli import main
+    src = tmp_path / "d.onnx"
+    onnx.save(decoder(), str(src))
+    feeds = {"ids": np.arange(VOCAB, dtype=np.int64)}
+    want = run(onnx.load(str(src)), feeds)[-1]
+    for scheme in ("w8a8", "int4"):
+        dst = tmp_path / f"q-{scheme}.onnx"
+        assert main(["quantize", str(src), "-o", str(dst), "--scheme", scheme, "--rotate", "--quiet"]) == 0
+        ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+        assert ("MatMulInteger" if scheme == "w8a8" else "MatMulNBits") in ops
+        got = run(onnx.load(str(dst)), feeds)[-1]
+        assert np.abs(got - want).max() < 0.2 * np.abs(want).max()      # quantized, still the model
+    assert not any(p.name.startswith(".flashnorm") for p in tmp_path.iterdir())     # no temporaries left
+
+
+def test_quantize_verb_refuses_an_unrotatable_model(tmp_path):
+    from rewriter.cli import main
+    from rewriter.errors import EXIT_UNSUPPORTED
+    src, dst = tmp_path / "side.onnx", tmp_path / "q.onnx"
+    onnx.save(decoder(extra_reader=True), str(src))
+    assert main(["quantize", str(src), "-o", str(dst), "--scheme", "w8a8", "--rotate"]) == EXIT_UNSUPPORTED
+    assert not dst.exists()
