@@ -58,7 +58,7 @@ def peer_fusions(path) -> tuple[Counter, str]:
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    from rewriter.passes import ort_load_error
+    from rewriter.compose import ort_load_error
     model, _ = optimize_for_ort(ir.load(str(path)))
     error = ort_load_error(model)
     if error:

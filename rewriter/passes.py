@@ -5,16 +5,8 @@ returns a `FlashNormResult` (a `PassResult` whose `modified` says whether a site
 with the report attached). The matcher and the scale walker need inferred shapes (a Reshape
 whose target is computed from Shape, as TorchScript writes them, is otherwise unknown), so the
 pass runs onnx's shape inference first (`infer_shapes=False`: the caller already did). It
-leaves a valid, sorted graph; nodes it made dead stay until an unused-node removal.
-`run_pipeline()` is what the CLI and the API run:
-
-    FlashNormPass (shape inference, the rewrite) → [if modified: unused-node removal (to a
-    fixed point) → shape inference] → [ort-* targets: onnxscript's ORT fusions] → the
-    producer's declarations restored
-
-The output of the pipeline does not keep the inferred shapes: it keeps the value_info its
-producer declared (where the value still exists) and adds none, so a run that rewrites nothing
-writes the graph it read, and onnxruntime fuses the output as it would have fused the input.
+leaves a valid, sorted graph; nodes it made dead stay until an unused-node removal. What the
+CLI and the API run around it is rewriter/pipeline.py.
 
 Inside an export pipeline, compose it with other passes:
 
@@ -27,21 +19,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 import onnx_ir as ir
-from onnx_ir.passes.common import InlinePass, RemoveUnusedNodesPass, ShapeInferencePass
+from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 
 from rewriter.costs import chooser_for
-from rewriter.errors import RewriterError, first_line
-from rewriter.io import DECLARED, check_weights
+from rewriter.io import check_weights
 from rewriter.patterns import RULES, find_sites
-from rewriter.patterns.graph import initializers
-from rewriter.feeds import signature
-from rewriter.plan import TARGETS, Decision, Options, agreeing_weights, make_plan
+from rewriter.plan import Decision, Options, agreeing_weights, make_plan
 from rewriter.report import Report
-from rewriter.rotate import rotate_residual_stream
 from rewriter.scale_walker import Step
 from rewriter.transform import apply_plan
-from rewriter.validate import skeleton
-from rewriter.verify import session
 
 
 @dataclass
@@ -139,150 +125,4 @@ def infer_shapes(model: ir.Model) -> None:
     shape_inference()(model)
 
 
-def cleanup() -> ir.passes.PassManager:
-    return ir.passes.PassManager([
-        # the walker may leave a Mul in front of a replaced (dead) norm: remove to a fixed point
-        ir.passes.PassManager([RemoveUnusedNodesPass()], steps=8, early_stop=True),
-        shape_inference(),      # types and shapes of what the rewrite made, for the checks on save
-    ])
-
-
-def _declarations(model: ir.Model) -> tuple[dict[ir.Value, tuple], list[tuple]]:
-    """(shape, type) the producer declared for each intermediate value (its value_info), and
-    for each output of the main graph, by position."""
-    values = {value: (value.shape, value.type) for graph in model.graphs() for node in graph
-              for value in node.outputs if not value.is_graph_output()}
-    return values, [(value.shape, value.type) for value in model.graph.outputs]
-
-
-def _restore(model: ir.Model, declared: tuple[dict[ir.Value, tuple], list[tuple]]) -> None:
-    """Values get back what their producer declared; new intermediate ones declare nothing,
-    nor do initializers the producer gave no value_info (when the loader knows which)."""
-    values, outputs = declared
-    for graph in model.graphs():
-        for node in graph:
-            for value in node.outputs:
-                if not value.is_graph_output():
-                    value.shape, value.type = values.get(value, (None, None))
-    names = model.meta.get(DECLARED)
-    if names is not None:
-        for value in initializers(model):
-            if value.name not in names and not value.is_graph_input() and not value.is_graph_output():
-                value.shape, value.type = None, None
-    for value, (shape, type_) in zip(model.graph.outputs, outputs):
-        value.shape, value.type = shape, type_
-
-
-def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
-    """Rewrite `model` in place; returns the pass (its report, plan and trace). The errors a
-    pass raises come out as themselves (onnx_ir wraps them in PassError)."""
-    flash = FlashNormPass(options)
-    declared = _declarations(model)
-    try:
-        if ir.passes.PassManager([flash])(model).modified and flash.report.rewritten:
-            cleanup()(model)
-        if options.rotate:
-            rotate_residual_stream(model, options.rotate_seed, flash.report)
-        if options.measured and options.compose is not False:
-            flash.report.notes.append(_compose(model, options, declared))
-    except ir.passes.PassError as exc:
-        raise _original(exc) from exc
-    finally:
-        _restore(model, declared)
-    return flash
-
-
-ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
-
-
-def _compose(model: ir.Model, options: Options, declared) -> str:
-    """The peer's fusions where the target composes (TARGETS: not on a KV-cache graph on CPU)."""
-    if options.compose is None and not TARGETS[options.target]["compose_kv_cache"] and signature(model).has_past:
-        return ("onnxscript's ORT fusions not applied: a graph with a KV cache on ORT CPU, where its "
-                "MultiHeadAttention made decoding slower (see TARGETS; `--compose always` applies "
-                "them, --measure times both)")
-    return ort_fusions(model, declared)
-
-
-def ort_fusions(model: ir.Model, declared=None) -> str:
-    """The ecosystem's fusions for onnxruntime on top of the rewrite (onnxscript's
-    optimize_for_ort: attention/GQA/MHA, rotary embedding, skip norms, GELU), in place.
-    Returns the report's note. Where the peer fails, leaves an op onnxruntime does not register
-    (its intermediate ai.onnxruntime._fusion ops) or a graph onnxruntime cannot load (e.g. its
-    MultiHeadAttention on GPT-2 feeding a rank-2 Gemm), the model is put back as it was."""
-    backup = model.clone()          # structure only: the tensors are shared
-    copies = {old: new for old_graph, new_graph in zip(model.graphs(), backup.graphs())
-              for old_node, new_node in zip(old_graph, new_graph)
-              for old, new in zip(old_node.outputs, new_node.outputs)}
-    allowed = ORT_DOMAINS | {node.domain for node in model.graph.all_nodes()}
-    try:
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort   # only ort-* targets: a slow import
-        _, counts = optimize_for_ort(model)
-        problem = _new_unregistered_op(model, allowed) or _ort_cannot_load(model, unless_also=backup)
-        if problem:
-            raise RuntimeError(problem)
-    except Exception as exc:    # noqa: BLE001 - the peer's bug must not cost the user the rewrite
-        _put_back(model, backup, copies, declared)
-        return f"onnxscript's ORT fusions not applied: {first_line(exc, 200)}"
-    made = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()) if n) or "none"
-    return f"then onnxscript's ORT fusions (optimize_for_ort): {made}"
-
-
-def _new_unregistered_op(model: ir.Model, allowed: set[str]) -> str:
-    """The first node outside the `allowed` domains (onnxruntime's and the model's own), local
-    functions excepted."""
-    for node in model.graph.all_nodes():
-        if node.domain not in allowed and node.op_identifier() not in model.functions:
-            return f"it left {node.domain}:{node.op_type}, which onnxruntime does not register"
-    return ""
-
-
-def ort_load_error(model: ir.Model) -> str:
-    """Why onnxruntime cannot load `model`'s graph, or ''. Weights become typed inputs (nothing
-    is read) and value_info is dropped: declarations that contradict the graph can let a broken
-    one load (onnxscript's MultiHeadAttention on GPT-2: it loads, then its Gemm fails)."""
-    proto = skeleton(model, for_checker=False)
-    proto.graph.ClearField("value_info")
-    try:
-        # its optimizers re-check shapes; not level "all": onnxruntime 1.32 crashes the process
-        # (SIGSEGV) creating a session of some valid fp16 Transpose → FusedMatMul graphs there
-        session(proto.SerializeToString(), "cpu", opt_level="extended")
-    except Exception as exc:    # noqa: BLE001 - any refusal is the answer
-        return first_line(exc, 200)
-    return ""
-
-
-def _ort_cannot_load(model: ir.Model, unless_also: ir.Model) -> str:
-    """Why onnxruntime cannot load `model`, or '' — also when it cannot load `unless_also`
-    either (the reason is not the peer's)."""
-    problem = ort_load_error(model)
-    return f"onnxruntime cannot load the result ({problem})" if problem and not ort_load_error(unless_also) else ""
-
-
-def _put_back(model: ir.Model, backup: ir.Model, copies: dict, declared) -> None:
-    """`model` becomes its clone `backup`; the producer's declarations move to the `copies` of
-    their values."""
-    model.graph = backup.graph
-    model.functions.clear()
-    model.functions.update(backup.functions)
-    if declared is not None:
-        values, _ = declared
-        for old in [v for v in values if v in copies]:
-            values[copies[old]] = values.pop(old)
-
-
-def _original(exc: BaseException) -> BaseException:
-    """The first RewriterError in the chain of causes, else the innermost exception."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, RewriterError):
-            return exc
-        inner = exc.__cause__ or exc.__context__
-        if inner is None:
-            return exc
-        exc = inner
-    return exc
-
-
-__all__ = ["FlashNormPass", "FlashNormResult", "infer_shapes", "ort_load_error", "run_pipeline"]
+__all__ = ["FlashNormPass", "FlashNormResult", "infer_shapes", "inline_norm_functions", "shape_inference"]

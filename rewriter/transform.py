@@ -398,7 +398,7 @@ class Rewriter(NormKernels):
 
     def finish(self) -> None:
         """Place the deferred scales and leave a sorted graph (dead nodes are removed by the
-        pipeline's unused-node pass, rewriter/passes.py)."""
+        pipeline's unused-node pass, rewriter/pipeline.py)."""
         self.scales.run()
         self.graph.sort()
 
