@@ -19,11 +19,12 @@ class NormKernels:
     """Mixed into transform.Rewriter: uses its `edit`, `constant`, `current`, `redirect` and
     `narrow_source`."""
 
-    def inverse_std_kernel(self, x: ir.Value, eps: float, centered: bool, size: int | None) -> ir.Value | None:
-        """The fp32 inverse-std output of SimplifiedLayerNormalization (LayerNormalization when
-        centered) run on x with a unit gain; its normalized output is not used. None when the
-        dtype or opset has no such kernel (fp64: the inverse std would be fp32 at best, so an
-        fp64 model takes inverse_rms's fp64 reduction)."""
+    def norm_kernel_stats(self, x: ir.Value, eps: float, centered: bool, size: int | None) -> list[ir.Value] | None:
+        """The fp32 statistics outputs of SimplifiedLayerNormalization ([inverse std]) or, when
+        centered, LayerNormalization ([mean, inverse std]) run on x with a unit gain; its
+        normalized output is not used. None when the dtype or opset has no such kernel (fp64:
+        the inverse std would be fp32 at best, so an fp64 model takes inverse_rms's fp64
+        reduction)."""
         source = exact_source(x)
         dtype = dtype_of(source)
         if size is None or dtype not in (F32, ir.DataType.FLOAT16) or (centered and self.edit.opset < 17):
@@ -38,7 +39,7 @@ class NormKernels:
         set_dtype(node.outputs[0], dtype)
         for out in node.outputs[1:]:
             set_dtype(out, F32)
-        return node.outputs[-1]
+        return list(node.outputs[1:])
 
     def fuse(self, site: Site) -> bool:
         """Replace a decomposed weightless norm by onnxruntime's fused kernel with a unit gain

@@ -275,7 +275,7 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
     reason = "fold gain into weights" if action == "fold" else "fold gain, defer 1/RMS past the linears"
     if site.kind == "layer":
         reason = ("fold γ, β into weights/bias" if action == "fold"
-                  else "fold γ, β and mean-centering into weights, defer 1/σ")
+                  else "fold γ, β into weights/bias, linears read x − mean(x), defer 1/σ")
     if strategy == "fold-fused":
         reason += "; norm fused into one onnxruntime kernel"
     if strategy == "defer-normop":

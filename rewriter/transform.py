@@ -22,6 +22,11 @@ from rewriter.weights import beta_through_weight, folded_weight, gemm_bias
 F32 = ir.DataType.FLOAT
 
 
+def _compute_dtype(x: ir.Value) -> ir.DataType:
+    """Where a deferred norm's statistics are computed: fp32, fp64 for an fp64 model."""
+    return ir.DataType.DOUBLE if dtype_of(x) == ir.DataType.DOUBLE else F32
+
+
 def _alpha(linear: Linear) -> float:
     return float(attr(linear.node, "alpha")) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
 
@@ -38,7 +43,7 @@ class Rewriter(NormKernels):
         self._constants: dict = {}
         self._mirrors: dict = {}
         self._stacks: set = set()
-        self.folded_once: dict = {}     # (weight, gain, center) → its folded copy, in the weight's scope
+        self.folded_once: dict = {}     # (weight, gain) → its folded copy, in the weight's scope
         self.replaced: dict[ir.Value, ir.Value] = {}    # redirect()'s old → new, for later sites
         self.approx = approx
 
@@ -95,11 +100,11 @@ class Rewriter(NormKernels):
         return self.edit.cast(value, dtype) if dtype is not None else value
 
     # -- weights --------------------------------------------------------------------------
-    def fold_linear(self, site: Site, linear: Linear, center: bool, keep_weight: bool = False,
+    def fold_linear(self, site: Site, linear: Linear, keep_weight: bool = False,
                     once: bool = False) -> np.ndarray | None:
-        """Replace the linear's weight by diag(gain)·W (centered over the input axis for a
-        deferred LayerNorm) — in place, or in one copy its readers share (`once`, see
-        Decision.folded_once), or not at all (`keep_weight`: `gain_before` scales the input).
+        """Replace the linear's weight by diag(gain)·W — in place, or in one copy its readers
+        share (`once`, see Decision.folded_once), or not at all (`keep_weight`: `gain_before`
+        scales the input). A deferred LayerNorm's centering is not folded (see `center`).
         Returns the bias delta α·β·W, or None when β is absent."""
         ref = linear.weight
         if keep_weight:
@@ -107,20 +112,20 @@ class Rewriter(NormKernels):
         if linear.conv:
             return self.fold_conv(site, linear)
         if linear.stacked_axis is not None:
-            return self.fold_stack(site, linear, center)
+            return self.fold_stack(site, linear)
         dtype = weight_dtype(linear)
         gain = None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
-        if gain is None and not center and (site.beta is None or not np.any(site.beta)):
-            return None         # nothing to fold into this weight
+        if gain is None:        # the weight stays; β, if any, goes through it
+            return self.beta_delta(site, linear)
         n, k = linear.weight_shape
         out_shape = (k, n) if ref.transposed else (n, k)
 
         def folded() -> ir.TensorProtocol:
-            return ir.Tensor(folded_weight(ref, gain, center, dtype), dtype=dtype)
+            return ir.Tensor(folded_weight(ref, gain, dtype), dtype=dtype)
 
         tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(out_shape))
         if once:        # before owns_weight: the last reader would own what the others left
-            key = (ref.source, None if gain is None else gain.tobytes(), center)
+            key = (ref.source, None if gain is None else gain.tobytes())
             if key not in self.folded_once:
                 self.folded_once[key] = self.edit.initializer(tensor, "folded_weight", graph=ref.source.graph)
             linear.node.replace_input_with(1, self.folded_once[key])
@@ -143,24 +148,22 @@ class Rewriter(NormKernels):
             linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_conv_weight"))
         return self.beta_delta(site, linear)
 
-    def fold_stack(self, site: Site, linear: Linear, center: bool) -> None:
+    def fold_stack(self, site: Site, linear: Linear) -> None:
         """Stacked experts [E, a, b] (the expert chosen at run time): γ along the contracted
-        axis of every expert at once (centered over it for a deferred LayerNorm), once per stack;
-        β never reaches here (patterns refuse it: no constant bias)."""
+        axis of every expert at once, once per stack (a deferred LayerNorm's experts read the
+        centered input like every other linear); β never reaches here (patterns refuse it: no
+        constant bias)."""
         table = linear.weight.source
-        if table in self._stacks or (site.gain is None or np.all(site.gain == 1)) and not center:
+        if table in self._stacks or site.gain is None or np.all(site.gain == 1):
             return None
         self._stacks.add(table)
         ref, axis = linear.weight, linear.stacked_axis
-        gain = None if site.gain is None else site.gain.astype(np.float64).reshape(-1)
+        gain = site.gain.astype(np.float64).reshape(-1)
         dtype = ref.tensor.dtype
 
         def folded() -> ir.TensorProtocol:
             w = ref.tensor.numpy().astype(np.float64)
-            if gain is not None:
-                w = w * np.broadcast_to(gain, (w.shape[axis],)).reshape([-1 if i == axis else 1 for i in range(3)])
-            if center:
-                w = w - w.mean(axis=axis, keepdims=True)
+            w = w * np.broadcast_to(gain, (w.shape[axis],)).reshape([-1 if i == axis else 1 for i in range(3)])
             return ir.Tensor(w.astype(dtype.numpy()), dtype=dtype)
 
         tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
@@ -183,14 +186,11 @@ class Rewriter(NormKernels):
             return conv_beta_kernel(linear, site.beta.astype(np.float64).reshape(-1))
         return _alpha(linear) * beta_through_weight(linear.weight, site.beta.astype(np.float64))
 
-    def gain_before(self, site: Site, linear: Linear, center: bool) -> None:
-        """A shared weight stays as it is: its linear reads (x − mean)·gain (centering only for
-        a deferred LayerNorm) — exact, no byte of weight added."""
+    def gain_before(self, site: Site, linear: Linear) -> None:
+        """A shared weight stays as it is: its linear reads x·gain (a deferred LayerNorm's x
+        already centered) — exact, no byte of weight added."""
         value = linear.node.inputs[0]
         dtype = dtype_of(value)
-        if center:
-            value = self.edit.op1("Sub", value, self.edit.reduce_mean_last(value), hint="centered")
-            set_dtype(value, dtype)
         if site.gain is not None and not np.all(site.gain == 1):
             gain = self.edit.initializer(site.gain.astype(dtype.numpy() if dtype else np.float32), "shared_gain")
             value = self.edit.op1("Mul", value, gain, hint="shared_gain")
@@ -237,10 +237,9 @@ class Rewriter(NormKernels):
         self.insert_after(after, lambda v: self.edit.op1("Add", v, bias, hint="bias"))
 
     # -- scales ---------------------------------------------------------------------------
-    def inverse_rms(self, x: ir.Value, eps: float, centered: bool, size: int | None,
-                    norm_kernel: bool = False) -> ir.Value:
-        """1/sqrt(mean(x²)+ε) (or 1/σ for LayerNorm), shape [..., 1], computed in the wider of
-        fp32 and x's dtype (an fp64 model gets an fp64 scale).
+    def inverse_rms(self, x: ir.Value, eps: float, size: int | None, norm_kernel: bool = False) -> ir.Value:
+        """1/sqrt(mean(x²)+ε) (a LayerNorm's 1/σ: of the centered x, `center`), shape [..., 1],
+        computed in the wider of fp32 and x's dtype (an fp64 model gets an fp64 scale).
 
         With `norm_kernel`, the inverse-std output of one onnxruntime norm op. Otherwise the
         kernels an exported RMSNorm runs: Mul(x, x) → ReduceMean → Add ε → Sqrt → Reciprocal.
@@ -250,17 +249,33 @@ class Rewriter(NormKernels):
         error is the same sign over a row and the following matmuls do not average it out.
         Tests: tests/test_precision.py (the scale, fp64), tests/test_smollm2_real.py (vs float64)."""
         if norm_kernel:
-            inv = self.inverse_std_kernel(x, eps, centered, size)
-            if inv is not None:
-                return inv
+            stats = self.norm_kernel_stats(x, eps, centered=False, size=size)
+            if stats is not None:
+                return stats[-1]
         e = self.edit
-        dtype = ir.DataType.DOUBLE if dtype_of(x) == ir.DataType.DOUBLE else F32
+        dtype = _compute_dtype(x)
         xf = e.cast(x, dtype)
-        if centered:        # subtract the mean first: E[x²]−E[x]² cancels badly in fp32
-            xf = e.op1("Sub", xf, e.reduce_mean_last(xf))
         ms = e.reduce_mean_last(e.op1("Mul", xf, xf))
         root = e.op1("Sqrt", e.op1("Add", ms, e.initializer(np.array(eps, dtype.numpy()), "epsilon")))
         return e.op1("Reciprocal", root, hint="inv_rms")
+
+    def center(self, x: ir.Value, eps: float, size: int | None,
+               norm_kernel: bool = False) -> tuple[ir.Value, ir.Value]:
+        """A deferred LayerNorm: (x − mean(x), 1/σ). Its linears read the centered x, as the
+        original computes it; only 1/σ is deferred (γ, β folded). Folding the centering into
+        the weights instead (each column minus its mean over the input axis) is exact too and
+        saves this Sub, but then the fp32 linear cancels x's common mean itself: on a stream
+        with a large common mean that doubles the original's error against float64
+        (tests/test_layernorm_precision.py), and the pass cannot see the data. 1/σ is the RMS of
+        the same centered value (E[x²]−E[x]² cancels in fp32); with `norm_kernel`, the inverse
+        std of one LayerNormalization, whose Mean output centers x."""
+        e = self.edit
+        xf = e.cast(x, _compute_dtype(x))
+        stats = self.norm_kernel_stats(x, eps, centered=True, size=size) if norm_kernel else None
+        mean = stats[0] if stats is not None else e.reduce_mean_last(xf)
+        centered = e.op1("Sub", xf, mean, hint="centered")
+        set_dtype(centered, dtype_of(xf))
+        return centered, stats[-1] if stats is not None else self.inverse_rms(centered, eps, size)
 
     def scale_for(self, linear: Linear, scale: ir.Value, root: ir.Value | None = None) -> ir.Value:
         """The per-row scale (fp32) laid out like the linear's input: every row move and Reshape
@@ -312,10 +327,9 @@ class Rewriter(NormKernels):
     def apply(self, decision: Decision) -> None:
         site = decision.site
         defer = decision.action == "defer" and site.kind in ("rms", "layer")
-        center = defer and site.kind == "layer"
         kept = {id(linear) for linear in decision.gain_kept}
         once = {id(linear) for linear in decision.folded_once}
-        deltas = [self.fold_linear(site, linear, center, keep_weight=id(linear) in kept, once=id(linear) in once)
+        deltas = [self.fold_linear(site, linear, keep_weight=id(linear) in kept, once=id(linear) in once)
                   for linear in site.linears]
         if defer:
             self.defer(site, deltas, norm_kernel=decision.strategy == "defer-normop")
@@ -324,7 +338,7 @@ class Rewriter(NormKernels):
             for linear, delta in zip(site.linears, deltas):
                 self.add_bias(linear, linear.output, delta, detach_gemm_bias=False)
         for linear in decision.gain_kept:
-            self.gain_before(site, linear, center)
+            self.gain_before(site, linear)
 
     def residual_input(self, site: Site) -> ir.Value:
         """x itself, rebuilt as input + skip (+ bias) for Skip* ops."""
@@ -342,9 +356,11 @@ class Rewriter(NormKernels):
     def defer(self, site: Site, deltas, norm_kernel: bool = False) -> None:
         x = self.residual_input(site)
         before = {node for node, _ in users(x)}
-        scale = self.inverse_rms(x, site.eps, centered=site.kind == "layer", size=site.size,
-                                 norm_kernel=norm_kernel)
-        root = self.narrow_source(x, dtype_of(site.output))
+        if site.kind == "layer":
+            read, scale = self.center(x, site.eps, site.size, norm_kernel)
+        else:
+            read, scale = x, self.inverse_rms(x, site.eps, site.size, norm_kernel)
+        root = self.narrow_source(read, dtype_of(site.output))
         if site.merge is not None:      # one group: the raw input and 1/RMS merged like the norm's output
             dtype = dtype_of(root)
             root = self.edit.op1("Reshape", root, site.merge.inputs[1], hint="merged")

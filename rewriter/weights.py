@@ -7,8 +7,8 @@ output tensor plus one block — never a float64 copy of a whole weight.
 Precision: the result is the exact product rounded once to the output type. When every
 product w·g is exactly an fp32 number (fp16/bf16 weights, gains with few significand bits —
 checked on the gain's values) the block is multiplied in fp32, which is bit-identical to the
-fp64 path and faster (fp16: onnxruntime's vectorized casts); otherwise, and for LayerNorm
-centering, it is folded in float64.
+fp64 path and faster (fp16: onnxruntime's vectorized casts); otherwise it is folded in
+float64.
 """
 
 from __future__ import annotations
@@ -128,9 +128,8 @@ def _reader(tensor: ir.TensorProtocol):
     return lambda r0, r1: array[r0:r1]
 
 
-def folded_weight(ref: WeightRef, gain: np.ndarray | None, center: bool, dtype: ir.DataType) -> np.ndarray:
-    """diag(gain)·W (then each output column centered over the input axis when `center`), in
-    the layout the linear reads (W or Wᵀ for transB), cast to `dtype`."""
+def folded_weight(ref: WeightRef, gain: np.ndarray | None, dtype: ir.DataType) -> np.ndarray:
+    """diag(gain)·W in the layout the linear reads (W or Wᵀ for transB), cast to `dtype`."""
     # the node reads B = S or Sᵀ (Transpose steps); the effective [n_in, k_out] W is B or Bᵀ
     # (transB): `flip` says whether W = Sᵀ, the output is written in B's layout
     flip = _flipped(ref) != ref.transposed
@@ -139,14 +138,8 @@ def folded_weight(ref: WeightRef, gain: np.ndarray | None, center: bool, dtype: 
     out = np.empty((rows, cols) if out_is_source else (cols, rows), dtype.numpy())
     if gain is not None and gain.size == 1:
         gain = np.full(cols if flip else rows, float(gain.reshape(())))
-    column_mean = None
-    if center and not flip:             # W = S: the mean runs over S's rows (first pass)
-        total = np.zeros(cols)
-        for r0, r1, block in _blocks(ref):
-            total += (block * gain[r0:r1, None] if gain is not None else block).sum(axis=0)
-        column_mean = total / rows
     source = _reader(ref.tensor)
-    if not center and _cast_dtype(ref) == out.dtype and fp32_exact(out.dtype, gain):
+    if _cast_dtype(ref) == out.dtype and fp32_exact(out.dtype, gain):
         _fold_fp32(ref, source, gain, flip, out_is_source, out)
         return out
 
@@ -155,8 +148,6 @@ def folded_weight(ref: WeightRef, gain: np.ndarray | None, center: bool, dtype: 
         block = _block(ref, source, r0, r1)
         if gain is not None:
             block *= gain[None, :] if flip else gain[r0:r1, None]
-        if center:                      # W = Sᵀ: each S row is one output column
-            block -= column_mean[None, :] if not flip else block.mean(axis=1, keepdims=True)
         _store(out, out_is_source, r0, r1, block)
 
     with ThreadPoolExecutor(WORKERS) as pool:

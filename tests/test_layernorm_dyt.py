@@ -1,4 +1,4 @@
-"""Decomposed LayerNorm (γ, β, mean-centering folded; 1/σ deferred) and DyT (g, β folded)."""
+"""Decomposed LayerNorm (γ, β folded; the linears read x − mean(x); 1/σ deferred) and DyT (g, β folded)."""
 
 import numpy as np
 import pytest

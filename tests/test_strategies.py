@@ -190,6 +190,38 @@ def assert_structure(strategy: str, kind: str, form: str, fused_op, proto, out, 
         muls = deferred_scale_muls(out)
         assert len(muls) == 2 and all(through_casts(out, scale_input(out, m)) == node.output[stat]
                                       for m in muls)
+    if kind == "layer" and strategy in DEFERRING:
+        assert_reads_centered(strategy, proto, out)
+
+
+def assert_reads_centered(strategy: str, proto, out):
+    """A deferred LayerNorm's linears read x − mean(x) — the mean from a ReduceMean, or with
+    defer-normop the Mean output of the LayerNormalization giving 1/σ — and their weights are
+    diag(γ)·W, not centered over the input axis (exact either way; centering in the weights
+    leaves the fp32 linear to cancel x's common mean: tests/test_layernorm_precision.py)."""
+    prod = producers(out)
+    matmuls = [n for n in out.graph.node if n.op_type == "MatMul"]
+    for matmul in matmuls:
+        sub = prod[through_casts(out, matmul.input[0])]
+        assert sub.op_type == "Sub" and sub.input[0] == "x", sub
+        mean = prod[sub.input[1]]
+        if strategy == "defer-normop":
+            assert mean.op_type == "LayerNormalization" and sub.input[1] == mean.output[1]
+        else:
+            assert mean.op_type == "ReduceMean" and mean.input[0] == "x"
+    weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    fused_norm = next((n for n in proto.graph.node if n.op_type == "LayerNormalization"), None)
+    if fused_norm is not None:
+        gamma = original[fused_norm.input[1]]
+    else:       # the decomposed form: γ is the constant operand of the Mul after the Div
+        div = next(n for n in proto.graph.node if n.op_type == "Div")
+        mul = next(n for n in proto.graph.node if n.op_type == "Mul" and div.output[0] in n.input)
+        gamma = next(original[i] for i in mul.input if i in original)
+    for matmul, source in zip(matmuls, [n for n in proto.graph.node if n.op_type == "MatMul"]):
+        folded, w = weights[matmul.input[1]], original[source.input[1]]
+        np.testing.assert_array_equal(folded, (gamma.astype(np.float64)[:, None] * w).astype(np.float32))
+        assert np.abs(folded.mean(axis=0)).max() > 1e-3        # not centered over the input axis
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

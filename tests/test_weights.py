@@ -11,9 +11,9 @@ from rewriter.patterns.base import WeightRef
 from rewriter import weights
 
 
-@pytest.mark.parametrize("stored_transposed,trans_b,center,scalar_gain",
-                         list(itertools.product([False, True], [False, True], [False, True], [False, True])))
-def test_folded_weight_matches_formula(monkeypatch, stored_transposed, trans_b, center, scalar_gain):
+@pytest.mark.parametrize("stored_transposed,trans_b,scalar_gain",
+                         list(itertools.product([False, True], [False, True], [False, True])))
+def test_folded_weight_matches_formula(monkeypatch, stored_transposed, trans_b, scalar_gain):
     monkeypatch.setattr(weights, "BLOCK_BYTES", 8 * 7 * 3)      # a few rows per block
     rng = np.random.default_rng(0)
     n, k = 11, 7
@@ -24,10 +24,8 @@ def test_folded_weight_matches_formula(monkeypatch, stored_transposed, trans_b, 
     value = ir.Value(name="w")
     ref = WeightRef(value, ir.tensor(stored.astype(np.float32)), steps, trans_b)
     gain = rng.standard_normal(1 if scalar_gain else n) + 1
-    out = weights.folded_weight(ref, gain, center, ir.DataType.FLOAT)
+    out = weights.folded_weight(ref, gain, ir.DataType.FLOAT)
     expected = w_eff.astype(np.float32).astype(np.float64) * (gain.reshape(-1, 1) if not scalar_gain else gain)
-    if center:
-        expected = expected - expected.mean(axis=0, keepdims=True)
     expected = expected.T if trans_b else expected
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
     beta = rng.standard_normal(n)
@@ -42,7 +40,7 @@ BF16 = ir.DataType.BFLOAT16.numpy()
 def _fp64_reference(monkeypatch, ref, gain, dtype):
     with monkeypatch.context() as m:
         m.setattr(weights, "fp32_exact", lambda *a: False)
-        return weights.folded_weight(ref, gain, False, dtype)
+        return weights.folded_weight(ref, gain, dtype)
 
 
 def _every_value(np_dtype) -> np.ndarray:
@@ -74,7 +72,7 @@ def test_fp32_fold_bit_identical_on_every_weight_value(monkeypatch, dtype, kerne
     ref = WeightRef(ir.Value(name="w"), ir.tensor(stored), (), False)
     calls = []
     monkeypatch.setattr(weights, "_fold_fp32", lambda *a, _f=weights._fold_fp32: calls.append(1) or _f(*a))
-    out = weights.folded_weight(ref, gain, False, dtype)
+    out = weights.folded_weight(ref, gain, dtype)
     assert calls, "the fp32 path was not taken"
     expected = _fp64_reference(monkeypatch, ref, gain, dtype)
     np.testing.assert_array_equal(out.view(np.uint16), expected.view(np.uint16))
@@ -91,7 +89,7 @@ def test_fp32_fold_bit_identical_every_layout(monkeypatch, dtype, stored_transpo
     ref = WeightRef(ir.Value(name="w"), ir.tensor(stored), steps, trans_b)
     n = stored.shape[1] if stored_transposed != trans_b else stored.shape[0]
     gain = (rng.standard_normal(n) * 3).astype(np.float16).astype(np.float64)
-    out = weights.folded_weight(ref, gain, False, dtype)
+    out = weights.folded_weight(ref, gain, dtype)
     np.testing.assert_array_equal(out.view(np.uint16), _fp64_reference(monkeypatch, ref, gain, dtype).view(np.uint16))
 
 
@@ -119,8 +117,5 @@ def test_more_precise_gain_keeps_fp64_path(monkeypatch):
     ref = WeightRef(ir.Value(name="w"), ir.tensor(stored), (), False)
     gain = 1 + rng.standard_normal(9) * 0.1                                 # full fp64 gains
     monkeypatch.setattr(weights, "_fold_fp32", lambda *a: pytest.fail("fp32 path taken"))
-    out = weights.folded_weight(ref, gain, False, ir.DataType.FLOAT16)
+    out = weights.folded_weight(ref, gain, ir.DataType.FLOAT16)
     np.testing.assert_array_equal(out, (stored.astype(np.float64) * gain[:, None]).astype(np.float16))
-    out = weights.folded_weight(ref, gain.astype(np.float16).astype(np.float64), True, ir.DataType.FLOAT16)
-    centered = stored.astype(np.float64) * gain.astype(np.float16)[:, None]    # centering: fp64 too
-    np.testing.assert_array_equal(out, (centered - centered.mean(axis=0)).astype(np.float16))
