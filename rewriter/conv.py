@@ -49,15 +49,13 @@ def add_conv_beta(edit: GraphEditor, linear: Linear, kernel: np.ndarray) -> ir.V
         node.resize_inputs(max(3, len(node.inputs)))
         node.replace_input_with(2, bias)
         return None
-    shape = edit.op1("Shape", node.inputs[0])
-    limit = np.iinfo(np.int64).max
-    if edit.opset >= 10:
-        spatial = edit.op1("Slice", shape, edit.initializer(np.array([2], np.int64), "starts"),
-                           edit.initializer(np.array([limit], np.int64), "ends"))
-    else:
-        spatial = edit.op1("Slice", shape, starts=[2], ends=[limit])
+    spatial = edit.slice(edit.op1("Shape", node.inputs[0]), [2], [np.iinfo(np.int64).max])
     dims = edit.op1("Concat", edit.initializer(np.array([1, 1], np.int64), "one_one"), spatial, axis=0)
-    ones = edit.op1("ConstantOfShape", dims, value=ir.tensor(np.ones(1, dtype.numpy())), hint="ones")
+    if edit.opset >= 9:
+        ones = edit.op1("ConstantOfShape", dims, value=ir.tensor(np.ones(1, dtype.numpy())), hint="ones")
+    else:               # no ConstantOfShape before opset 9: a single 1 tiled to the shape
+        one = edit.initializer(np.ones([1] * kernel.ndim, dtype.numpy()), "one")
+        ones = edit.op1("Tile", one, dims, hint="ones")
     set_dtype(ones, dtype)
     attributes = {a.name: a for a in node.attributes.values() if a.name != "group"}
     weights = edit.initializer(kernel.astype(dtype.numpy()), "beta_kernel")

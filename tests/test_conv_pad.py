@@ -72,12 +72,15 @@ def test_padded_conv_folds_gamma_and_adds_beta_by_border(case, options, tmp_path
     assert types.count("Conv") == 2 and "ConstantOfShape" in types
 
 
-@pytest.mark.parametrize("opset,fused", [(9, False), (13, False), (17, True)])
+@pytest.mark.parametrize("opset,fused", [(7, False), (8, False), (9, False), (13, False), (17, True)])
 def test_padded_conv_across_opsets_and_the_fused_norm(opset, fused, tmp_path):
-    """Slice with attributes below opset 10; the LayerNormalization op (opset 17)."""
+    """Slice with attributes below opset 10; no ConstantOfShape below opset 9 (the ones are a
+    Tile of one 1); the LayerNormalization op (opset 17)."""
     report, diffs, out = rewrite_and_run(padded_conv(pads=[1, 1, 1, 1], opset=opset, fused=fused), tmp_path)
     assert report.rewritten == 1 and "it pads its input" in report.sites[0].reason, report.table()
     assert_exact(diffs)
+    ones = "ConstantOfShape" if opset >= 9 else "Tile"
+    assert op_types(out).count(ones) == 1 and op_types(out).count("Conv") == 2
     assert op_types(out).count("Conv") == 2
 
 
