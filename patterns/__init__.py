@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .base import Failure, Linear, Miss, Site, WeightRef, fail
+from .base import Failure, Form, Linear, Miss, NormKind, Site, StrEnum, WeightRef, fail
 from .fused import FUSED_NORMS, FusedNormRule
 from .graph import bind_scopes
 from .layernorm import DecomposedDyT, DecomposedLayerNorm
@@ -54,4 +54,5 @@ def find_sites(graph: ir.Graph, rules=RULES) -> tuple[list[Site], list[Miss]]:
     return sites, misses
 
 
-__all__ = ["FUSED_NORMS", "Failure", "Linear", "Miss", "RULES", "Site", "WeightRef", "fail", "find_sites"]
+__all__ = ["FUSED_NORMS", "Failure", "Form", "Linear", "Miss", "NormKind", "RULES", "Site", "StrEnum", "WeightRef",
+           "fail", "find_sites"]

@@ -5,11 +5,38 @@ and the node or value at fault)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import onnx_ir as ir
 
 from .graph import last_dim
+
+
+class StrEnum(str, Enum):
+    """Members that are their strings: == "rms", f"{m}" and JSON give "rms", so the report and
+    the command line keep their values (Python 3.11's enum.StrEnum, for 3.10)."""
+
+    def __str__(self) -> str:
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(self, spec)
+
+
+class NormKind(StrEnum):
+    """What a norm computes."""
+
+    RMS = "rms"            # x / RMS(x) · γ
+    LAYER = "layer"        # (x − mean) / σ · γ + β
+    DYT = "dyt"            # γ · tanh(α·x) + β: no statistic to defer
+
+
+class Form(StrEnum):
+    """How a norm is written in the graph."""
+
+    DECOMPOSED = "decomposed"    # a subgraph of elementwise ops
+    FUSED = "fused"              # one op (`Site.op` names it)
 
 
 @dataclass
@@ -70,14 +97,14 @@ class Linear:
 class Site:
     """A normalization whose output is consumed by linears.
 
-    kind: "rms", "layer" or "dyt"; form: "decomposed" (a subgraph of elementwise ops) or "fused"
-    (one op: `op` names it). `x` is the tensor the norm normalizes (for Skip* ops the
+    kind: a NormKind; form: a Form (DECOMPOSED: a subgraph of elementwise ops; FUSED: one op,
+    `op` names it). `x` is the tensor the norm normalizes (for Skip* ops the
     residual sum is built from `skip_inputs`). `gain`/`beta` are small arrays (None = 1 / 0).
     `output` is the value the linears read; `nodes` are the norm's own nodes.
     """
 
-    kind: str
-    form: str
+    kind: NormKind
+    form: Form
     anchor: ir.Node
     x: ir.Value | None
     output: ir.Value
@@ -103,7 +130,7 @@ class Site:
     @property
     def op(self) -> str:
         """The single op's type for a fused form ('' for a decomposed one)."""
-        return self.anchor.op_type if self.form == "fused" else ""
+        return self.anchor.op_type if self.form == Form.FUSED else ""
 
     @property
     def axes(self) -> tuple[int, ...]:
@@ -147,9 +174,9 @@ class Miss:
     """A candidate normalization that no rule could rewrite, and why."""
 
     anchor: ir.Node
-    kind: str
+    kind: NormKind
     failure: Failure
-    form: str = ""
+    form: Form | str = ""        # "" when the rule did not get as far as the form
     site: Site | None = None     # the norm itself, when it matched but its consumers did not
 
     @property
@@ -158,7 +185,7 @@ class Miss:
 
     @property
     def op(self) -> str:
-        return self.anchor.op_type if self.form == "fused" else ""
+        return self.anchor.op_type if self.form == Form.FUSED else ""
 
     @property
     def name(self) -> str:

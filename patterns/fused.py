@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from .base import Miss, Site, fail
+from .base import Form, Miss, NormKind, Site, fail
 from .rmsnorm import DEFERRED, per_channel
 from .graph import attr, const_array, is_used, rank_of
 
 
 @dataclass(frozen=True)
 class FusedNorm:
-    kind: str                    # "rms" | "layer"
+    kind: NormKind               # RMS | LAYER
     gain: int                    # input index of the gain (γ)
     beta: int | None = None      # input index of β
     skip: int | None = None      # Skip* ops: input index of the residual skip
@@ -25,15 +25,15 @@ class FusedNorm:
 
 
 FUSED_NORMS: dict[tuple[str, str], FusedNorm] = {
-    ("", "RMSNormalization"): FusedNorm("rms", gain=1),
-    ("", "LayerNormalization"): FusedNorm("layer", gain=1, beta=2, extra_outputs=(1, 2)),
+    ("", "RMSNormalization"): FusedNorm(NormKind.RMS, gain=1),
+    ("", "LayerNormalization"): FusedNorm(NormKind.LAYER, gain=1, beta=2, extra_outputs=(1, 2)),
     # ORT registers SimplifiedLayerNormalization in the ONNX domain only (none in com.microsoft:
     # no runtime defines that op, or its defaults), the Skip* ops in com.microsoft
-    ("", "SimplifiedLayerNormalization"): FusedNorm("rms", gain=1, extra_outputs=(1,)),
+    ("", "SimplifiedLayerNormalization"): FusedNorm(NormKind.RMS, gain=1, extra_outputs=(1,)),
     ("com.microsoft", "SkipSimplifiedLayerNormalization"): FusedNorm(
-        "rms", gain=2, skip=1, bias=3, residual_out=3, extra_outputs=(1, 2), has_axis=False),
+        NormKind.RMS, gain=2, skip=1, bias=3, residual_out=3, extra_outputs=(1, 2), has_axis=False),
     ("com.microsoft", "SkipLayerNormalization"): FusedNorm(
-        "layer", gain=2, beta=3, skip=1, bias=4, residual_out=3, extra_outputs=(1, 2),
+        NormKind.LAYER, gain=2, beta=3, skip=1, bias=4, residual_out=3, extra_outputs=(1, 2),
         has_axis=False),
 }
 
@@ -47,7 +47,7 @@ def _input(node: ir.Node, index: int | None) -> ir.Value | None:
 class FusedNormRule:
     """Matches any op in FUSED_NORMS."""
 
-    form = "fused"
+    form = Form.FUSED
     anchors = tuple(op_type for _, op_type in FUSED_NORMS)
 
     def match(self, node: ir.Node) -> Site | Miss | None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .base import Miss, Site
+from .base import Form, Miss, NormKind, Site
 from .rmsnorm import match_affine, match_decomposed
 from .graph import broadcast_scalar, op, rank_of
 
 
 class DecomposedLayerNorm:
-    kind = "layer"
-    form = "decomposed"
+    kind = NormKind.LAYER
+    form = Form.DECOMPOSED
     anchors = ("ReduceMean",)
 
     def match(self, reduce: ir.Node) -> Site | Miss | None:
@@ -27,8 +27,8 @@ class DecomposedLayerNorm:
 class DecomposedDyT:
     """Dynamic Tanh (Zhu et al. 2025): g ⊙ tanh(α·x) + β. Only g and β fold; no scale."""
 
-    kind = "dyt"
-    form = "decomposed"
+    kind = NormKind.DYT
+    form = Form.DECOMPOSED
     anchors = ("Tanh",)
 
     def match(self, tanh: ir.Node) -> Site | Miss | None:

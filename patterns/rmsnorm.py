@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .base import Failure, Miss, Site, fail
+from .base import Failure, Form, Miss, NormKind, Site, fail
 from .graph import (attr, broadcast_scalar, const_array, is_float, op, rank_of, reduce_axes,
                     reshape_target, same_source, value_users)
 
@@ -147,22 +147,22 @@ def match_affine(value: ir.Value, nodes: list[ir.Node]):
     return value, gain, beta, pre_affine
 
 
-def match_decomposed(reduce: ir.Node, kind: str) -> Site | Miss | None:
+def match_decomposed(reduce: ir.Node, kind: NormKind) -> Site | Miss | None:
     """The mean-of-squares chain shared by RMSNorm (squares of x) and LayerNorm (squares of
     x − mean(x)); `kind` says which one the caller wants."""
     squared = squared_input(reduce.inputs[0].producer())
     if squared is None:
         return None
     source = centered_input(squared)
-    if (source is not None) != (kind == "layer"):     # the other rule's norm
+    if (source is not None) != (kind == NormKind.LAYER):     # the other rule's norm
         return None
     found = match_inverse_rms(reduce)
     if found is None:
         return None
     if isinstance(found, Failure):
-        return Miss(reduce, kind, found, "decomposed")
+        return Miss(reduce, kind, found, Form.DECOMPOSED)
     x, eps, normalized, nodes = found
-    if kind == "layer":                               # also own the mean and the Sub
+    if kind == NormKind.LAYER:                        # also own the mean and the Sub
         sub = x.producer()
         nodes = [sub.inputs[1].producer(), sub] + nodes
         x = source
@@ -171,9 +171,9 @@ def match_decomposed(reduce: ir.Node, kind: str) -> Site | Miss | None:
         merged = match_group_merge(output, nodes)
         if merged is not None:
             merge, groups, (output, gain, beta, pre_affine) = merged
-            return Site(kind, "decomposed", reduce, x, output, eps, gain=gain, beta=beta, nodes=tuple(nodes),
+            return Site(kind, Form.DECOMPOSED, reduce, x, output, eps, gain=gain, beta=beta, nodes=tuple(nodes),
                         pre_affine=pre_affine, merge=merge, groups=groups)
-    return Site(kind, "decomposed", reduce, x, output, eps, gain=gain, beta=beta,
+    return Site(kind, Form.DECOMPOSED, reduce, x, output, eps, gain=gain, beta=beta,
                 nodes=tuple(nodes), pre_affine=pre_affine)
 
 
@@ -210,16 +210,16 @@ def match_sum_of_squares(reduce: ir.Node) -> Miss | None:
         if node.op_type in ("Div", "Reciprocal"):
             mul = _only_user(value, "Mul")
             applied = mul is not None and any(same_source(v, reduce.inputs[0]) for v in mul.inputs)
-            return Miss(reduce, "rms", fail("sum-of-squares RMSNorm form not supported" if applied else DEFERRED, node),
-                        "decomposed")
+            return Miss(reduce, NormKind.RMS, fail("sum-of-squares RMSNorm form not supported" if applied else DEFERRED, node),
+                        Form.DECOMPOSED)
     return None
 
 
 class DecomposedRMSNorm:
     """Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul chains from torch's exporters (both)."""
 
-    kind = "rms"
-    form = "decomposed"
+    kind = NormKind.RMS
+    form = Form.DECOMPOSED
     anchors = ("ReduceMean", "ReduceSumSquare")
 
     def match(self, reduce: ir.Node) -> Site | Miss | None:
