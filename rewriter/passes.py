@@ -88,7 +88,7 @@ class FlashNormPass(ir.passes.InPlacePass):
                 notes.append(f"--approx: {len(kept)} scale(s) applied before a following norm instead: not "
                              f"constant over its normalized axis (e.g. at {next(iter(kept.values()))})")
         # a reader left unrewritten keeps the original; readers folding differently get a copy each
-        copies = Counter(weight for weight, _, _ in folded_once)
+        copies = Counter(weight for weight, _ in folded_once)
         extra = sorted({w.name for w, n in copies.items() if n > 1 or w.uses()})
         if extra:
             notes.append(f"{len(extra)} weight(s) shared by sites are held twice or more: their readers were not "

@@ -116,8 +116,8 @@ def test_blocked_sites_are_reported_and_untouched(case, tmp_path):
 @pytest.mark.parametrize("strategy", ["defer", "fold", "fold-fused", "defer-normop"])
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_shared_weight_keeps_its_bytes_under_every_strategy(norm, strategy, tmp_path):
-    """A weight read by two norms' linears: kept once, the gain (and for a deferred LayerNorm
-    the centering) applied to that linear's input, β through a bias; exact."""
+    """A weight read by two norms' linears: kept once, the gain applied to that linear's input
+    (a deferred LayerNorm's input already centered), β through a bias; exact."""
     g = GraphBuilder()
     x = g.input("x", [2, 5, N])
     w = g.weight(N, K)
