@@ -14,7 +14,7 @@ from .graph import last_dim
 
 
 class StrEnum(str, Enum):
-    """Members that are their strings: == "rms", f"{m}" and JSON give "rms", so the report and
+    """Members that are their strings: == "rms", f"{m}", repr and JSON give "rms", so the report and
     the command line keep their values (Python 3.11's enum.StrEnum, for 3.10)."""
 
     def __str__(self) -> str:
@@ -22,6 +22,9 @@ class StrEnum(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return str.__format__(self, spec)
+
+    def __repr__(self) -> str:          # messages quote the value, as they quoted the string
+        return str.__repr__(self)
 
 
 class NormKind(StrEnum):

@@ -77,17 +77,24 @@ def proto_tensors(graph: onnx.GraphProto):
 
 
 _LOCATION_ENTRY = b"\x0a\x08location"     # the serialized key of an external_data "location" entry
+_SEARCH_BLOCK = 8 << 20
 
 
 def mentions_external_data(model_path: Path) -> bool:
     """False when the file cannot reference external data (no "location" key in its bytes):
-    a byte search, so that a large model with inline weights is not parsed for nothing."""
-    import mmap
+    a byte search, so that a large model with inline weights is not parsed for nothing. Read in
+    blocks (not a memory map, whose pages would count as this process's memory)."""
+    overlap = len(_LOCATION_ENTRY) - 1
     try:
-        with open(model_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return data.find(_LOCATION_ENTRY) >= 0
-    except (OSError, ValueError):       # unreadable, or empty (mmap of 0 bytes)
-        return False
+        with open(model_path, "rb") as f:
+            tail = b""
+            while block := f.read(_SEARCH_BLOCK):
+                if (tail + block).find(_LOCATION_ENTRY) >= 0:
+                    return True
+                tail = block[-overlap:]
+    except OSError:
+        pass
+    return False
 
 
 def data_files_of(model_path: Path) -> set[str]:

@@ -71,6 +71,9 @@ class Options:
             raise ValueError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r} (choose from {', '.join(STRATEGIES)})")
+        self.mode = Mode(self.mode)
+        self.target = None if self.target is None else Target(self.target)
+        self.strategy = None if self.strategy is None else Strategy(self.strategy)
         if (self.costs is not None or self.tokens) and not self.measured:
             raise ValueError("costs/tokens choose per site: they need target ort-cpu or ort-cuda")
         if self.rotate:     # the linears must read normalized activations, a tied head its own copy
@@ -183,8 +186,8 @@ def is_trivial(site: Site) -> bool:
 # axis' size. Skip(Simplified)LayerNormalization (contrib_ops/cpu/skip_layer_norm_helper.h, the
 # CPU and CUDA kernels' check): input and skip of rank 2 or 3, the output taking the input's
 # shape, a 1-D gain of the hidden size.
-KERNEL_DTYPES = {"fold-fused": (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16),
-                 "defer-normop": (ir.DataType.FLOAT, ir.DataType.FLOAT16)}
+KERNEL_DTYPES = {Strategy.FOLD_FUSED: (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16),
+                 Strategy.DEFER_NORMOP: (ir.DataType.FLOAT, ir.DataType.FLOAT16)}
 KERNEL_FALLBACK = {"fold-fused": "fold", "defer-normop": "defer"}
 
 
@@ -307,5 +310,6 @@ def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=N
     return plan
 
 
-__all__ = ["DEFERRING", "Decision", "MODES", "Options", "STRATEGIES", "TARGETS", "agreeing_weights", "applicable",
+__all__ = ["DEFERRING", "Action", "Decision", "MODES", "Mode", "Options", "STRATEGIES", "Strategy", "TARGETS", "Target",
+           "agreeing_weights", "applicable",
            "decide", "kernel_contract", "kernel_width", "make_plan", "owns_weight", "skip_operands"]
