@@ -170,10 +170,11 @@ def assert_structure(strategy: str, kind: str, form: str, fused_op, proto, out, 
         assert after["Tanh"] == 1
         return
     if strategy == "defer":
-        # 1/sqrt(mean(x·x) + ε): one mean of squares per site (LayerNorm: and the centering mean)
+        # 1/sqrt(mean(x·x) + ε): one mean of squares per site (LayerNorm: and the centering's
+        # two means, x − m and its correction)
         assert deferred == 1 and after["ReduceSumSquare"] == 0
         assert after["Reciprocal"] == deferred and sum(after[o] for o in FUSED_OPS) == 0
-        assert after["ReduceMean"] == (2 if kind == "layer" else 1)
+        assert after["ReduceMean"] == (3 if kind == "layer" else 1)
         muls = deferred_scale_muls(out)
         assert len(muls) == 2
         roots = {scale_input(out, m) for m in muls}
@@ -195,20 +196,24 @@ def assert_structure(strategy: str, kind: str, form: str, fused_op, proto, out, 
 
 
 def assert_reads_centered(strategy: str, proto, out):
-    """A deferred LayerNorm's linears read x − mean(x) — the mean from a ReduceMean, or with
-    defer-normop the Mean output of the LayerNormalization giving 1/σ — and their weights are
-    diag(γ)·W, not centered over the input axis (exact either way; centering in the weights
-    leaves the fp32 linear to cancel x's common mean: tests/test_layernorm_precision.py)."""
+    """A deferred LayerNorm's linears read x − mean(x) — with defer-normop the mean is the Mean
+    output of the LayerNormalization giving 1/σ; with defer, ReduceMean's, corrected by a second
+    pass (c − mean(c), c = x − mean(x)) — and their weights are diag(γ)·W, not centered over
+    the input axis (exact either way; centering in the weights leaves the fp32 linear to cancel
+    x's common mean: tests/test_layernorm_precision.py)."""
     prod = producers(out)
     matmuls = [n for n in out.graph.node if n.op_type == "MatMul"]
     for matmul in matmuls:
         sub = prod[through_casts(out, matmul.input[0])]
-        assert sub.op_type == "Sub" and sub.input[0] == "x", sub
+        assert sub.op_type == "Sub", sub
         mean = prod[sub.input[1]]
         if strategy == "defer-normop":
-            assert mean.op_type == "LayerNormalization" and sub.input[1] == mean.output[1]
-        else:
-            assert mean.op_type == "ReduceMean" and mean.input[0] == "x"
+            assert sub.input[0] == "x" and mean.op_type == "LayerNormalization" and sub.input[1] == mean.output[1]
+            continue
+        first = prod[sub.input[0]]
+        assert mean.op_type == "ReduceMean" and mean.input[0] == first.output[0]
+        assert first.op_type == "Sub" and first.input[0] == "x"
+        assert prod[first.input[1]].op_type == "ReduceMean" and prod[first.input[1]].input[0] == "x"
     weights = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
     original = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     fused_norm = next((n for n in proto.graph.node if n.op_type == "LayerNormalization"), None)
