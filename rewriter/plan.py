@@ -12,20 +12,54 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.patterns import Linear, Miss, Site
+from rewriter.patterns import Linear, Miss, Site, StrEnum
 from rewriter.patterns.graph import dtype_of, last_dim, op, rank_of, residual_add, users
 
-MODES = ("defer", "fold")
+
+class Strategy(StrEnum):
+    """What a rewritten site looks like (STRATEGIES: a line each)."""
+
+    KEEP = "keep"
+    FOLD = "fold"
+    FOLD_FUSED = "fold-fused"
+    DEFER = "defer"
+    DEFER_NORMOP = "defer-normop"
+
+
+class Action(StrEnum):
+    """What the editor does at a site."""
+
+    DEFER = "defer"      # fold the gain, defer 1/RMS past the linears
+    FOLD = "fold"        # fold the gain, the norm stays (weightless)
+    SKIP = "skip"        # leave the site as it is (the decision's reason says why)
+
+
+class Target(StrEnum):
+    """The runtime a rewrite is for (TARGETS)."""
+
+    PORTABLE = "portable"
+    ORT_CPU = "ort-cpu"
+    ORT_CUDA = "ort-cuda"
+
+
+class Mode(StrEnum):
+    """The paper's two forms, the short spelling of strategies defer and fold."""
+
+    DEFER = "defer"
+    FOLD = "fold"
+
+
+MODES = tuple(Mode)
 
 # One line per strategy: what the rewritten site looks like.
 STRATEGIES = {
-    "keep":         "leave the site as exported",
-    "fold":         "fold gain (and β) into the weights, keep the norm weightless",
-    "fold-fused":   "fold, and run the weightless norm as one onnxruntime kernel",
-    "defer":        "fold, defer 1/RMS past the linears (FlashNorm); 1/RMS from a sum-of-squares reduction",
-    "defer-normop": "fold, defer 1/RMS; 1/RMS from the inverse-std output of one onnxruntime norm kernel",
+    Strategy.KEEP:         "leave the site as exported",
+    Strategy.FOLD:         "fold gain (and β) into the weights, keep the norm weightless",
+    Strategy.FOLD_FUSED:   "fold, and run the weightless norm as one onnxruntime kernel",
+    Strategy.DEFER:        "fold, defer 1/RMS past the linears (FlashNorm); 1/RMS from a sum-of-squares reduction",
+    Strategy.DEFER_NORMOP: "fold, defer 1/RMS; 1/RMS from the inverse-std output of one onnxruntime norm kernel",
 }
-DEFERRING = ("defer", "defer-normop")
+DEFERRING = (Strategy.DEFER, Strategy.DEFER_NORMOP)
 
 # --target: which strategies a runtime may use, which one is the safe reference, and which
 # measured costs decide between them (rewriter/data/costs-<ep>.json, `python -m rewriter
@@ -39,11 +73,9 @@ DEFERRING = ("defer", "defer-normop")
 # made each decode step of real SmolLM2-135M 5 % (past 128) to 17 % (past 512) slower than the
 # rewrite alone (benchmarks/results/cpu/end_to_end_real_decode_compose.json).
 TARGETS = {
-    "portable": dict(reference="defer", ep=None, candidates=("defer",)),
-    "ort-cpu": dict(reference="fold-fused", ep="cpu", compose_kv_cache=False,
-                    candidates=("keep", "fold", "fold-fused", "defer", "defer-normop")),
-    "ort-cuda": dict(reference="fold-fused", ep="cuda", compose_kv_cache=True,
-                     candidates=("keep", "fold", "fold-fused", "defer", "defer-normop")),
+    Target.PORTABLE: dict(reference=Strategy.DEFER, ep=None, candidates=(Strategy.DEFER,)),
+    Target.ORT_CPU: dict(reference=Strategy.FOLD_FUSED, ep="cpu", compose_kv_cache=False, candidates=tuple(Strategy)),
+    Target.ORT_CUDA: dict(reference=Strategy.FOLD_FUSED, ep="cuda", compose_kv_cache=True, candidates=tuple(Strategy)),
 }
 
 
@@ -103,22 +135,26 @@ class Options:
 class Decision:
     site: Site | None
     miss: Miss | None
-    action: str                  # "defer" | "fold" | "skip"
+    action: Action
     reason: str = ""
     cloned: list[Linear] = field(default_factory=list)   # shared weights folded into a copy
     gain_kept: list[Linear] = field(default_factory=list)   # shared weights kept: gain on the input
     folded_once: list[Linear] = field(default_factory=list)  # weights only sites with this gain read:
                                                               # one folded copy, read by them all
-    strategy: str = ""           # one of STRATEGIES ("" for a miss)
+    strategy: Strategy | str = ""   # "" for a miss
     evidence: str = ""           # the measured costs behind a chosen strategy
+
+    def __post_init__(self):
+        self.action = Action(self.action)
+        self.strategy = Strategy(self.strategy) if self.strategy else ""
 
     @property
     def rewritten(self) -> bool:
-        return self.action != "skip"
+        return self.action != Action.SKIP
 
     @property
     def fused(self) -> bool:
-        return self.strategy == "fold-fused"
+        return self.strategy == Strategy.FOLD_FUSED
 
     @property
     def bytes_added(self) -> int:
@@ -188,7 +224,7 @@ def is_trivial(site: Site) -> bool:
 # shape, a 1-D gain of the hidden size.
 KERNEL_DTYPES = {Strategy.FOLD_FUSED: (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16),
                  Strategy.DEFER_NORMOP: (ir.DataType.FLOAT, ir.DataType.FLOAT16)}
-KERNEL_FALLBACK = {"fold-fused": "fold", "defer-normop": "defer"}
+KERNEL_FALLBACK = {Strategy.FOLD_FUSED: Strategy.FOLD, Strategy.DEFER_NORMOP: Strategy.DEFER}
 
 
 def kernel_width(site: Site) -> int | None:
@@ -266,12 +302,12 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
         evidence = "; ".join(filter(None, [f"fold only: {site.defer_blocker}", evidence]))
     considered = TARGETS[options.target]["candidates"] if options.measured and not options.strategy else (asked,)
     evidence = "; ".join(filter(None, [kernels_refused(site, considered), evidence]))
-    if strategy == "keep":
-        return Decision(site, None, "skip", "kept as exported: measured fastest on the target"
+    if strategy == Strategy.KEEP:
+        return Decision(site, None, Action.SKIP, "kept as exported: measured fastest on the target"
                         + (f" ({evidence})" if evidence else ""), strategy=strategy, evidence=evidence)
-    action = "defer" if strategy in DEFERRING else "fold"
-    if action == "fold" and is_trivial(site) and strategy != "fold-fused":
-        return Decision(site, None, "skip", "nothing to fold: unit gain and no β (already folded?)",
+    action = Action.DEFER if strategy in DEFERRING else Action.FOLD
+    if action == Action.FOLD and is_trivial(site) and strategy != Strategy.FOLD_FUSED:
+        return Decision(site, None, Action.SKIP, "nothing to fold: unit gain and no β (already folded?)",
                         strategy=strategy, evidence=evidence)
     once = [linear for linear in site.linears if linear.weight.source in agreed]
     shared = [linear for linear in site.linears if linear.weight.source not in agreed and not owns_weight(linear)]
@@ -306,7 +342,7 @@ def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=N
     for site in sites:
         strategy, evidence = chooser(site) if chooser is not None else (None, "")
         plan.append(decide(site, options, strategy, evidence, agreed))
-    plan += [Decision(None, miss, "skip", miss.reason) for miss in misses]
+    plan += [Decision(None, miss, Action.SKIP, miss.reason) for miss in misses]
     return plan
 
 
