@@ -193,19 +193,44 @@ def paired(nll_b: np.ndarray, nll_a: np.ndarray) -> dict:
 
 
 ROTATE_BASES = {"original": "fp32 export", "fold": "python -m rewriter --mode fold",
-                "rotate": "python -m rewriter --rotate (fold, then the residual stream rotated)"}
+                "rotate": "python -m rewriter --rotate (fold, then the residual stream rotated)",
+                "rotate-online": "python -m rewriter --rotate-online (--rotate, and each writer's input rotated "
+                                 "at run time; those MatMuls excluded from quantization, as the quantize verb does)"}
+
+
+def latency_ms(path: Path, ids: list[int], threads: int, tokens: int = 128, rounds: int = 7) -> float:
+    """Median wall time of one prefill of `tokens` tokens on onnxruntime CPU (the machine is
+    shared: a rough figure)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.array([ids[:tokens]], np.int64)}
+    if "attention_mask" in {i.name for i in sess.get_inputs()}:
+        feed["attention_mask"] = np.ones((1, tokens), np.int64)
+    sess.run(["logits"], feed)
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        sess.run(["logits"], feed)
+        times.append(time.perf_counter() - t)
+    del sess
+    gc.collect()
+    return float(np.median(times) * 1e3)
 
 
 def main_rotate(args) -> int:
     """original / fold / rotate × every scheme of rewriter.quantize.SCHEMES, in one run."""
-    from rewriter.quantize import SCHEMES, quantize_file
+    from rewriter.quantize import SCHEMES, online_rotations, quantize_file
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     src, ids = export_fp32(work)
-    fp32 = {"original": src, "fold": work / "fold.onnx", "rotate": work / f"rotate-seed{args.rotate_seed}.onnx"}
+    fp32 = {"original": src, "fold": work / "fold.onnx", "rotate": work / f"rotate-seed{args.rotate_seed}.onnx",
+            "rotate-online": work / f"rotate-online-seed{args.rotate_seed}.onnx"}
     rewrite(src, fp32["fold"], "--mode", "fold")
     rewrite(src, fp32["rotate"], "--rotate", "--rotate-seed", str(args.rotate_seed))
+    rewrite(src, fp32["rotate-online"], "--rotate-online", "--rotate-seed", str(args.rotate_seed))
     schemes = [s for s in SCHEMES if not args.schemes or s in args.schemes.split(",")]
     paths = {(base, "fp32"): path for base, path in fp32.items()}
     for base, path in fp32.items():
@@ -213,7 +238,7 @@ def main_rotate(args) -> int:
             dst = work / f"{path.stem}-{scheme}.onnx"
             if not dst.exists():
                 log(f"{scheme} {path.name} -> {dst.name}")
-                quantize_file(path, dst, scheme)
+                quantize_file(path, dst, scheme, exclude=online_rotations(path) if base == "rotate-online" else None)
                 gc.collect()
             paths[(base, scheme)] = dst
     log(f"{len(ids)} tokens; running {len(paths)} graphs on onnxruntime CPU")
@@ -226,7 +251,9 @@ def main_rotate(args) -> int:
         rows.append({"model": base, "scheme": scheme, "file": path.name,
                      "max_abs_diff_rel_vs_fp32": float(np.abs(logits - ref).max() / ref_max),
                      "top1_agreement_vs_fp32": float((logits.argmax(-1) == ref.argmax(-1)).mean()),
-                     "perplexity": float(np.exp(nll[(base, scheme)].mean()))})
+                     "perplexity": float(np.exp(nll[(base, scheme)].mean())),
+                     "size_mb": round(path.stat().st_size / 2**20, 1),
+                     "prefill_128_ms": latency_ms(path, ids, args.threads) if args.latency else None})
         log(f"{base} {scheme}: ppl {rows[-1]['perplexity']:.3f}")
         del logits
         gc.collect()
@@ -258,6 +285,14 @@ def main_rotate(args) -> int:
             cells.append(f"{r['perplexity']:.2f}" + ("" if base == "original" else
                                                      f" ({c['mean_nll_diff']:+.3f} ± {c['stderr']:.3f})"))
         print(f"| {base} | " + " | ".join(cells) + " |")
+    if args.latency:
+        print("\nprefill of 128 tokens, ms (median of 7; shared machine)\n")
+        print("| model | " + " | ".join(["fp32", *schemes]) + " |")
+        print("|---|" + "---|" * (len(schemes) + 1))
+        for base in fp32:
+            print(f"| {base} | " + " | ".join(
+                f"{next(r for r in rows if r['model'] == base and r['scheme'] == s)['prefill_128_ms']:.0f}"
+                for s in ["fp32", *schemes]) + " |")
     print(f"wrote {args.json} ({out['seconds']} s)")
     return 0
 
@@ -273,6 +308,7 @@ def main(argv=None) -> int:
                     "(writes benchmarks/results/cpu/quantize_rotate.json unless --json)")
     ap.add_argument("--rotate-seed", type=int, default=0)
     ap.add_argument("--schemes", help="with --rotate: a comma-separated subset of rewriter.quantize.SCHEMES")
+    ap.add_argument("--latency", action="store_true", help="with --rotate: also time a 128-token prefill of each")
     args = ap.parse_args(argv)
     if args.rotate:
         if args.json == ap.get_default("json"):

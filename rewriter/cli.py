@@ -91,6 +91,10 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                         "stream by a seeded random-sign Hadamard matrix: the same function, outlier channels "
                         "spread (for quantizers); refused as a whole, with the reason, where not provable")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="N", help="seed of the rotation (default 0)")
+    p.add_argument("--rotate-online", action="store_true",
+                   help="--rotate, and each stream writer's input (o_proj, down_proj) rotated at run time by a "
+                        "Kronecker-factored Hadamard (two small MatMuls); quantize them only with `quantize`, "
+                        "which keeps them in float")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -147,6 +151,8 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", action="store_true", help="fold the gains and rotate the residual stream first "
                    "(refused with the reason where it cannot be proven: nothing written)")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="N")
+    p.add_argument("--rotate-online", action="store_true", help="--rotate, and each stream writer's input rotated "
+                   "at run time (Hadamard MatMuls, kept in float: excluded from quantization)")
     p.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the input path")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
@@ -159,7 +165,7 @@ def cmd_quantize(args) -> int:
         logging.disable(logging.WARNING)
     try:
         report = quantize(args.model, args.output, args.scheme, rotate=args.rotate, seed=args.rotate_seed,
-                          overwrite=args.overwrite)
+                          online=args.rotate_online, overwrite=args.overwrite)
     finally:
         logging.disable(logging.NOTSET)
     if not args.quiet:
@@ -228,6 +234,7 @@ def _options(args) -> Options:
     compose = {"auto": None, "always": True, "never": False}[getattr(args, "compose", "auto")]
     return Options(mode=args.mode, clone_shared=args.clone_shared, push_scales=not args.no_push,
                    approx=args.approx, compose=compose, rotate=args.rotate, rotate_seed=args.rotate_seed,
+                   rotate_online=args.rotate_online,
                    **{k: v for k, v in choice.items() if v is not None})
 
 

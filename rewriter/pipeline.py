@@ -67,7 +67,7 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
         if ir.passes.PassManager([flash])(model).modified and flash.report.rewritten:
             cleanup()(model)
         if options.rotate:
-            rotate_residual_stream(model, options.rotate_seed, flash.report)
+            rotate_residual_stream(model, options.rotate_seed, flash.report, online=options.rotate_online)
         if options.measured and options.compose is not False:
             flash.report.notes.append(compose(model, options, declared))
     except ir.passes.PassError as exc:

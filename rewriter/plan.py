@@ -81,20 +81,30 @@ TARGETS = {
 
 @dataclass
 class Options:
-    mode: str = "defer"          # "defer": fold + defer 1/RMS past the linears; "fold": fold only
+    """How a model is rewritten. Which strategy each site gets is one rule (`strategy_for`):
+
+        strategy (one forced everywhere)
+        > target (ort-cpu/ort-cuda: chosen per site from measured costs, the target's
+                  reference where none decides; portable: defer)
+        > mode   (the paper's two forms: defer, fold — the short spelling of those strategies)
+
+    The command line's --strategy, --target and --mode and the keywords of rewrite() set these
+    fields; nothing else picks a strategy. The other fields say how a strategy is carried out."""
+
+    mode: Mode = Mode.DEFER      # "defer": fold + defer 1/RMS past the linears; "fold": fold only
     clone_shared: bool = False   # fold into a copy of a weight something else also reads (tied lm_head);
                                  # default: keep it, the gain stays one Mul on that linear's input
     push_scales: bool = True     # defer: move each 1/RMS as far downstream as the algebra allows
     approx: bool = False         # let a deferred scale cancel in a following norm (exact only for ε=0)
-    fuse_norms: bool = False     # fold: emit onnxruntime's fused norm kernels for decomposed norms
-    target: str | None = None    # choose each site's strategy for this runtime (TARGETS)
-    strategy: str | None = None  # force one strategy (STRATEGIES) at every site
+    target: Target | None = None      # choose each site's strategy for this runtime (TARGETS)
+    strategy: Strategy | None = None  # force one strategy (STRATEGIES) at every site
     costs: object = None         # a cost file path or CostTable (default: the target's built-in file)
     tokens: tuple[int, ...] | None = None   # token counts the chooser optimizes for (None: all measured)
     compose: bool | None = None  # ort-* targets: then run onnxscript's ORT fusions (attention, rotary, ...);
                                  # None: where the target's measurements say so (TARGETS), True: always
     rotate: bool = False         # then rotate the residual stream (rewriter.rotate); implies the fold form
     rotate_seed: int = 0         # seed of the rotation's random signs
+    rotate_online: bool = False  # also rotate each stream writer's input at run time (implies rotate)
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -108,6 +118,7 @@ class Options:
         self.strategy = None if self.strategy is None else Strategy(self.strategy)
         if (self.costs is not None or self.tokens) and not self.measured:
             raise ValueError("costs/tokens choose per site: they need target ort-cpu or ort-cuda")
+        self.rotate = self.rotate or self.rotate_online
         if self.rotate:     # the linears must read normalized activations, a tied head its own copy
             if self.target is not None or self.strategy not in (None, "fold", "fold-fused"):
                 raise ValueError("rotate needs the fold form: no target, strategy fold or fold-fused")
@@ -119,15 +130,13 @@ class Options:
         return self.target is not None and TARGETS[self.target]["ep"] is not None
 
     @property
-    def default_strategy(self) -> str:
-        """The strategy every site gets unless a cost table says otherwise."""
+    def default_strategy(self) -> Strategy:
+        """The strategy every site gets unless a cost table says otherwise (the rule above)."""
         if self.strategy is not None:
             return self.strategy
         if self.target is not None:
             return TARGETS[self.target]["reference"]
-        if self.mode == "fold":
-            return "fold-fused" if self.fuse_norms else "fold"
-        return "defer"
+        return Strategy(self.mode)
 
 
 

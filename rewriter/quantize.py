@@ -15,9 +15,11 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
 from rewriter.api import rewrite_file
 from rewriter.errors import OutputError, Unsupported
+from rewriter.rotate import online_rotation_nodes
 from rewriter.files import check_target, commit, mentions_external_data, remove_stale_temporaries, temp_prefix
 
 SCHEMES = {
@@ -54,10 +56,19 @@ def quantize_file(src, dst, scheme: str, exclude: list[str] | None = None) -> No
     gc.collect()
 
 
-def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, overwrite: bool = False):
-    """The `quantize` verb: [rotate the residual stream, then] quantize with onnxruntime into
-    `dst`, written in a temporary folder beside it and renamed into place. A rotation that is
-    refused raises Unsupported (nothing written). Returns the rotation's report (or None)."""
+def online_rotations(path) -> list[str]:
+    """The online rotations' MatMul nodes of the model at `path` (rewriter.rotate.online)."""
+    return online_rotation_nodes(ir.from_proto(onnx.load(str(path))).graph)
+
+
+def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, online: bool = False,
+             overwrite: bool = False):
+    """The `quantize` verb: [rotate the residual stream (`online`: and the writers' inputs at
+    run time), then] quantize with onnxruntime into `dst`, written in a temporary folder beside
+    it and renamed into place; the online rotations' MatMuls are excluded from quantization
+    (quantized, they lose what they gain). A rotation that is refused raises Unsupported
+    (nothing written). Returns the rotation's report (or None)."""
+    rotate = rotate or online
     src, dst = Path(src), Path(dst)
     check_target(dst, "output")
     if dst.exists() and dst.resolve() == src.resolve() and not overwrite:
@@ -70,12 +81,12 @@ def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, over
         report, fp32 = None, src
         if rotate:
             fp32 = tmp / "rotated.onnx"
-            report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed)
+            report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed, rotate_online=online)
             if not (report.rotation or {}).get("applied"):
                 why = report.rotation or {}
                 raise Unsupported(f"{src}: the residual stream cannot be rotated: {why.get('reason', '?')}"
                                   + (f" (at {why['at']})" if why.get("at") else "") + "; nothing written")
-        quantize_file(fp32, tmp / "model.onnx", scheme)
+        quantize_file(fp32, tmp / "model.onnx", scheme, exclude=online_rotations(fp32) if online else None)
         commit([(tmp / "model.onnx", dst)], tmp)
         return report
     finally:

@@ -189,3 +189,31 @@ def test_quantize_verb_refuses_an_unrotatable_model(tmp_path):
     onnx.save(decoder(extra_reader=True), str(src))
     assert main(["quantize", str(src), "-o", str(dst), "--scheme", "w8a8", "--rotate"]) == EXIT_UNSUPPORTED
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("k", [64, 128, 576, 1536, 48])
+def test_kronecker_factors(k):
+    from rewriter.rotate.online import kronecker_factors, online_matrix
+    a, b = kronecker_factors(k)
+    assert a * b == k and hadamard(a) is not None and hadamard(b) is not None
+    r = online_matrix(k)
+    assert np.allclose(r @ r.T, np.eye(k), atol=1e-12)
+
+
+def test_online_rotation_exact_and_kept_in_float(tmp_path):
+    from rewriter.cli import main
+    from rewriter.rotate import online_rotation_nodes
+    import onnx_ir as ir
+    proto = decoder(gemm=False)
+    rotated, report = rewrite(proto, rotate_online=True)
+    assert report.rotation["applied"] and report.rotation["online"] == 2, report.rotation
+    feeds = {"ids": np.arange(VOCAB, dtype=np.int64)}
+    parity, err_orig, err_rot = errors_vs_float64(proto, rotated, feeds)
+    assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
+    online = online_rotation_nodes(ir.from_proto(rotated).graph)
+    assert len(online) == 2             # width 16: one Hadamard factor per writer
+    src, dst = tmp_path / "d.onnx", tmp_path / "q.onnx"
+    onnx.save(proto, str(src))
+    assert main(["quantize", str(src), "-o", str(dst), "--scheme", "w8a8", "--rotate-online", "--quiet"]) == 0
+    kept = {n.name for n in onnx.load(str(dst)).graph.node if n.op_type == "MatMul"}
+    assert set(online) <= kept          # the online rotations stay float MatMuls

@@ -19,6 +19,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from .apply import rotate_stream
 from .hadamard import hadamard, rotation
+from .online import insert_online, online_rotation_nodes
 from .stream import Refused, Stream, find_stream
 
 
@@ -35,6 +36,7 @@ class RotationResult:
     writers: int = 0
     readers: int = 0
     constants: int = 0        # constants rewritten (tied embedding/head: one)
+    online: int = 0           # writers whose input is rotated at run time (--rotate-online)
 
     def line(self) -> str:
         if not self.applied:
@@ -42,7 +44,9 @@ class RotationResult:
         centered = ", stream centered (LayerNorm)" if self.norm_kind == "layer" else ""
         return (f"residual stream rotated: n = {self.size}, {self.matrix} Q (seed {self.seed}){centered}; "
                 f"{self.norms} norms, {self.writers} writers, {self.readers} readers, "
-                f"{self.constants} constants rewritten")
+                f"{self.constants} constants rewritten"
+                + (f"; {self.online} writer inputs rotated online (Kronecker-factored Hadamard MatMuls)"
+                   if self.online else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,9 +56,10 @@ class RotatePass(ir.passes.InPlacePass):
     """Rotate the residual stream of a model whose stream norms are weightless (run the fold
     first). Needs inferred shapes. `self.result` holds the outcome; `self.stream` the stream."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, online: bool = False):
         super().__init__()
         self.seed = seed
+        self.online = online
         self.result: RotationResult | None = None
         self.stream: Stream | None = None
 
@@ -65,24 +70,26 @@ class RotatePass(ir.passes.InPlacePass):
             self.result = RotationResult(False, refused.failure.reason, refused.failure.where, seed=self.seed)
             return ir.passes.PassResult(model, False)
         q, matrix = rotation(stream.size, self.seed, fix_ones=stream.kind == "layer")
-        constants = rotate_stream(stream, q)
+        inputs = insert_online(model.graph, stream) if self.online else {}
+        constants = rotate_stream(stream, q, inputs)
         self.stream = stream
         self.result = RotationResult(
             True, size=stream.size, matrix=matrix, seed=self.seed, norm_kind=stream.kind, norms=len(stream.norms),
-            writers=len(stream.writers), readers=sum(u.role == "reader" for u in stream.uses), constants=constants)
+            writers=len(stream.writers), readers=sum(u.role == "reader" for u in stream.uses), constants=constants,
+            online=len(inputs))
         return ir.passes.PassResult(model, True)
 
 
-def rotate_residual_stream(model: ir.Model, seed: int, report) -> RotationResult:
+def rotate_residual_stream(model: ir.Model, seed: int, report, online: bool = False) -> RotationResult:
     """Rotate `model`'s residual stream in place (its norms folded already); the outcome goes
     to `report` (rewriter.report.Report: its `rotation` and a note)."""
     ShapeInferencePass(strict_mode=False, data_prop=True)(model)
-    rotate = RotatePass(seed)
+    rotate = RotatePass(seed, online)
     rotate(model)
     report.rotation = rotate.result.to_dict()
     report.notes.append(rotate.result.line())
     return rotate.result
 
 
-__all__ = ["RotatePass", "RotationResult", "Refused", "Stream", "find_stream", "hadamard", "rotate_residual_stream",
-           "rotation"]
+__all__ = ["RotatePass", "RotationResult", "Refused", "Stream", "find_stream", "hadamard", "online_rotation_nodes",
+           "rotate_residual_stream", "rotation"]

@@ -27,9 +27,12 @@ def rotated(array: np.ndarray, axis: int, q: np.ndarray, center: bool) -> np.nda
     return np.moveaxis(x @ q, -1, axis)
 
 
-def rotate_stream(stream: Stream, q: np.ndarray) -> int:
+def rotate_stream(stream: Stream, q: np.ndarray, inputs: dict[ir.Node, np.ndarray] | None = None) -> int:
     """Rewrite every constant of `stream` in place (lazily: computed when it is read or saved).
-    Returns how many constants changed."""
+    `inputs`: {writer: R} for writers whose input is rotated online by R (their weight gets Rᵀ
+    on its input axis, in the same float64 pass). Returns how many constants changed."""
+    online = {use.source: inputs[use.node] for use in stream.uses if inputs and use.node in inputs
+              and use.role == "writer"}
     roles: dict[ir.Value, set[str]] = {}
     for use in stream.uses:
         roles.setdefault(use.source, set()).add(use.role)
@@ -39,8 +42,11 @@ def rotate_stream(stream: Stream, q: np.ndarray) -> int:
         dtype = old.dtype
         do_center = center and bool(roles[source] & CENTERED_ROLES)
 
-        def compute(old=old, axis=axis, dtype=dtype, do_center=do_center) -> ir.TensorProtocol:
-            values = rotated(old.numpy(), axis, q, do_center)
+        def compute(old=old, axis=axis, dtype=dtype, do_center=do_center, r=online.get(source)) -> ir.TensorProtocol:
+            values = old.numpy()
+            if r is not None:       # Rᵀ·W on the input axis of a 2-D writer weight
+                values = rotated(values, 1 - axis, r, False)
+            values = rotated(values, axis, q, do_center)
             return ir.Tensor(values.astype(dtype.numpy()), dtype=dtype)
 
         tensor = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(old.shape)), name=old.name)

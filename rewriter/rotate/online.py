@@ -1,0 +1,103 @@
+"""Online rotations: a Hadamard transform of each stream writer's input, as graph ops.
+
+The residual-stream rotation reaches the activations the norms produce; the inputs of the
+writers (the attention output before o_proj, the GLU product before down_proj) keep their
+outlier channels. For a writer x·W with W [k, n]: x·W = (x·R)·(Rᵀ·W) for any orthogonal R,
+so R = A ⊗ B (normalized Hadamard matrices of orders a·b = k) is applied to x at run time and
+Rᵀ folded into W. With x viewed as X [.., a, b] (row-major), x·(A ⊗ B) is Aᵀ·X·B: a Reshape,
+MatMul(X, B), MatMul(Aᵀ, ·), a Reshape back — k·(a + b) multiply-adds per row instead of k².
+
+The two MatMuls have constant operands, so onnxruntime's quantize_dynamic would quantize them
+(and lose what they gain): `online_rotation_nodes` finds them by structure (a MatMul with a
+constant square matrix of entries of one magnitude) for nodes_to_exclude.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from rewriter.patterns.graph import GraphEditor, const_array, const_tensor, op, rank_of
+
+from .hadamard import hadamard
+from .stream import Stream
+
+MAX_FACTOR = 256        # the larger factor; the smaller one is what is left
+
+
+def kronecker_factors(k: int) -> tuple[int, int] | None:
+    """(a, b), a·b = k, both Hadamard orders, b the largest such ≤ MAX_FACTOR (a ≤ b where
+    possible), or None."""
+    for b in range(min(k, MAX_FACTOR), 0, -1):
+        if k % b == 0 and hadamard(b) is not None and hadamard(k // b) is not None:
+            return k // b, b
+    return None
+
+
+def _normalized(order: int) -> np.ndarray:
+    return hadamard(order).astype(np.float64) / np.sqrt(order)
+
+
+def online_matrix(k: int) -> np.ndarray | None:
+    """R = A ⊗ B (orthogonal, k×k, float64) that `insert_online` applies, or None."""
+    factors = kronecker_factors(k)
+    if factors is None:
+        return None
+    a, b = factors
+    return np.kron(_normalized(a), _normalized(b))
+
+
+def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
+    """Insert x → x·R before every MatMul writer of `stream` whose input width has a Kronecker
+    factorization; returns {writer: R} (Rᵀ is for its weight, rewriter.rotate.apply)."""
+    editor = GraphEditor(graph, prefix="rotate_online")
+    done: dict[ir.Node, np.ndarray] = {}
+    for use in stream.uses:
+        node = use.node
+        if use.role != "writer" or not op(node, "MatMul", domain="") or node in done:
+            continue
+        x = node.inputs[0]
+        k = int(const_tensor(use.source).shape[1 - use.axis])
+        rank = rank_of(x)
+        factors = kronecker_factors(k)
+        if factors is None or rank is None or rank < 2:
+            continue
+        a, b = factors
+        dtype = x.dtype or ir.DataType.FLOAT
+        np_dtype = dtype.numpy()
+        lead = [0] * (rank - 1)         # Reshape's 0 copies the dim (allowzero stays 0)
+        split = editor.initializer(np.array(lead + [a, b], np.int64), "split_shape")
+        merge = editor.initializer(np.array(lead + [k], np.int64), "merge_shape")
+        y = editor.node("Reshape", [x, split], before=node).outputs[0]
+        y = editor.node("MatMul", [y, editor.initializer(_normalized(b).astype(np_dtype), "hadamard")],
+                        before=node).outputs[0]
+        if a > 1:
+            y = editor.node("MatMul", [editor.initializer(_normalized(a).T.astype(np_dtype), "hadamard"), y],
+                            before=node).outputs[0]
+        y = editor.node("Reshape", [y, merge], before=node).outputs[0]
+        y.dtype = dtype
+        node.replace_input_with(0, y)
+        done[node] = np.kron(_normalized(a), _normalized(b))
+    return done
+
+
+def online_rotation_nodes(graph: ir.Graph) -> list[str]:
+    """Names of the MatMuls that apply a normalized Hadamard factor: a constant square
+    operand whose entries all have one magnitude (what `insert_online` makes)."""
+    names = []
+    for node in graph:
+        if not op(node, "MatMul", domain=""):
+            continue
+        for value in node.inputs:
+            tensor = const_tensor(value)
+            if tensor is None or len(tensor.shape) != 2 or tensor.shape[0] != tensor.shape[1] \
+                    or tensor.shape[0] > 4096:
+                continue
+            array = np.abs(const_array(value).astype(np.float64))
+            if array.size > 1 and np.allclose(array, array.flat[0], rtol=1e-6) and array.flat[0] > 0:
+                names.append(node.name)
+                break
+    return names
+
+
+__all__ = ["insert_online", "kronecker_factors", "online_matrix", "online_rotation_nodes"]
