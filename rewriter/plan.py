@@ -81,7 +81,7 @@ TARGETS = {
 
 @dataclass
 class Options:
-    """How a model is rewritten. Which strategy each site gets is one rule (`strategy_for`):
+    """How a model is rewritten. Which strategy each site gets is one rule:
 
         strategy (one forced everywhere)
         > target (ort-cpu/ort-cuda: chosen per site from measured costs, the target's
@@ -89,7 +89,8 @@ class Options:
         > mode   (the paper's two forms: defer, fold — the short spelling of those strategies)
 
     The command line's --strategy, --target and --mode and the keywords of rewrite() set these
-    fields; nothing else picks a strategy. The other fields say how a strategy is carried out."""
+    fields; nothing else picks a strategy (`default_strategy`; with a measured target, the cost
+    table's chooser per site). The other fields say how a strategy is carried out."""
 
     mode: Mode = Mode.DEFER      # "defer": fold + defer 1/RMS past the linears; "fold": fold only
     clone_shared: bool = False   # fold into a copy of a weight something else also reads (tied lm_head);
