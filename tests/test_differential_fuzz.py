@@ -1250,7 +1250,7 @@ def gemm(f: Fuzz, a: V) -> V:
     """Gemm(A, W, C) reading the rank-2 `a` [M, n] (through a Transpose when transA)."""
     m, n = a.shape
     k = f.choice([8, 4, 1, 16])
-    trans_a, trans_b = f.flag(), f.flag()
+    trans_a, trans_b = f.choice([False, False, True]), f.flag()
     alpha, beta = f.choice([1.0, 0.5, 2.0, -1.5]), f.choice([1.0, 0.0, 0.5, -2.0])
     c_form = f.choice(["none", "scalar", "[1]", "[N]", "[1,N]", "[M,1]", "[M,N]", "input[N]"])
     if c_form == "none" and f.opset < 11:
@@ -1368,7 +1368,7 @@ def second_norm(f: Fuzz, t: V, form: str, eps: float, axis: int) -> V:
 GENERATORS = {"base": base_graph, "absent_attrs": absent_attrs_graph, "gemm": gemm_graph, "opsets": opsets_graph,
               "approx_axis": approx_graph}
 # each family's share of the examples (the CI profile's time budget is shared, not extended)
-SHARES = {"base": 8, "absent_attrs": 3, "gemm": 3, "opsets": 4, "approx_axis": 2}
+SHARES = {"base": 7, "absent_attrs": 3, "gemm": 3, "opsets": 4, "approx_axis": 3}
 ONLY = os.environ.get("FUZZ_ONLY")      # one generator family (FUZZ_ONLY=gemm), to hunt in it
 
 
@@ -1497,5 +1497,6 @@ def test_differential_fuzz(tmp_path_factory):
     stats["fuzz seconds"] = round(elapsed)
     tried = stats["graphs tried"]
     assert tried >= 10, f"only {tried} graphs ran in {elapsed:.0f} s"
-    assert stats["graphs rewritten (≥ 1 site)"] >= 0.4 * tried, \
+    # the mix, not one family alone (gemm's transA and non-constant C are refused by design)
+    assert ONLY or stats["graphs rewritten (≥ 1 site)"] >= 0.4 * tried, \
         f"only {stats['graphs rewritten (≥ 1 site)']} of {tried} graphs had a rewritten site"
