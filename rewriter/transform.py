@@ -385,7 +385,9 @@ class Rewriter(NormKernels):
         """Fold: keep the norm, weightless (as one fused op when `fuse`)."""
         if fuse and site.form == "decomposed" and self.fuse(site):
             return
-        if site.pre_affine is not None:
+        if site.pre_affine is not None and site.kind == "layer":
+            self.unit_affine(site)
+        elif site.pre_affine is not None:
             self.redirect(site.output, self.narrow_source(site.pre_affine, dtype_of(site.output)))
         if site.gain_input is not None:
             gain = site.anchor.inputs[site.gain_input]
@@ -398,6 +400,23 @@ class Rewriter(NormKernels):
             beta = site.anchor.inputs[site.beta_input]
             shape = tuple(beta.shape) if beta.shape is not None else site.beta.shape
             site.anchor.replace_input_with(site.beta_input, self.constant(0, shape, dtype_of(beta)))
+
+    def unit_affine(self, site: Site) -> None:
+        """A decomposed LayerNorm kept weightless: its γ Mul and β Add stay, γ = 1 and β = 0
+        (exact), the original's own kernels, so a runtime fuses them as it fused the original.
+        onnxruntime fuses ReduceMean … Div → Mul → Add into its LayerNormalization kernel, whose
+        mean is more accurate than an fp32 ReduceMean; the bare … Div it leaves decomposed: on a
+        stream with a large common offset that was 3.4× the original's error against float64
+        (tests/test_layernorm_precision.py). Like the fused ops' unit gain and zero β."""
+        value = site.pre_affine
+        while value is not site.output:
+            node = users(value)[0][0]       # match_affine: each value of the chain has one reader
+            if node.op_type in ("Mul", "Add"):
+                index = 1 if node.inputs[0] is value else 0
+                other = node.inputs[index]
+                shape = const_array(other).shape
+                node.replace_input_with(index, self.constant(int(node.op_type == "Mul"), shape, dtype_of(other)))
+            value = node.outputs[0]
 
     def meet_untouched_norm(self, site: Site) -> None:
         """A scale reaching this (not rewritten) norm's input is applied once before it, or
