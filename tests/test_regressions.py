@@ -24,3 +24,18 @@ def test_regression(path):
     result = diff.check_model(model)
     diff.STATS["regression graphs checked"] += 1
     assert result.ok, f"{path.name}: {diff.recipe(model)}\n{result.summary()}"
+
+
+def test_cli_survives_a_graph_onnxruntime_crashes_on_at_level_all(tmp_path):
+    """onnxruntime 1.32 crashes the process (SIGSEGV) creating an ORT_ENABLE_ALL session of
+    target_load_check_segfault.onnx (a valid fp16 graph it runs at ORT_ENABLE_EXTENDED): the
+    rewriter's own checks of its output (load, run) must not open one."""
+    import subprocess
+    import sys
+    out = tmp_path / "out.onnx"
+    for extra in ([], ["--target", "ort-cpu"]):
+        done = subprocess.run([sys.executable, "-m", "rewriter", str(Path(__file__).parent / "regressions" /
+                                                                     "target_load_check_segfault.onnx"),
+                               "-o", str(out), "--overwrite", *extra], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (extra, done.returncode, done.stderr[-500:])
+        assert onnx.load(str(out)).graph.node
