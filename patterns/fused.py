@@ -44,6 +44,18 @@ def _input(node: ir.Node, index: int | None) -> ir.Value | None:
     return node.inputs[index]
 
 
+def _widens(value: ir.Value, other: ir.Value) -> bool:
+    """`other` added to `value` would make a sum larger than `value` (an axis where `value` has 1
+    and `other` may not, or more axes). Skip* kernels keep their input's shape and read only the
+    skip's leading batch there, so such a site is not the Add it is rewritten into."""
+    a, b = value.shape, other.shape
+    if a is None or b is None:
+        return False
+    if len(b) > len(a):
+        return True
+    return any(da == 1 and db != 1 for da, db in zip(reversed(list(a)), reversed(list(b))))
+
+
 class FusedNormRule:
     """Matches any op in FUSED_NORMS."""
 
@@ -80,6 +92,10 @@ class FusedNormRule:
         skip_inputs: tuple = ()
         residual = None
         if spec.skip is not None:
+            if _widens(node.inputs[0], node.inputs[spec.skip]):
+                return Miss(node, spec.kind, fail("the skip is larger than the input along an axis: onnxruntime's "
+                                                  "kernel keeps the input's shape, input + skip would broadcast",
+                                                  node.inputs[spec.skip]), form)
             skip_inputs = (node.inputs[0], node.inputs[spec.skip], _input(node, spec.bias))
             if spec.residual_out < len(node.outputs) and is_used(node.outputs[spec.residual_out]):
                 residual = node.outputs[spec.residual_out]

@@ -4,8 +4,10 @@ tests' assertions."""
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from rewriter.plan import Decision
 
@@ -79,8 +81,16 @@ class Report:
                 "sites": [asdict(s) for s in self.sites]}
 
     def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        """Written beside `path` and renamed over it: a file that was another name (a hard link)
+        of a model or its weights keeps its contents."""
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "x") as f:
+                json.dump(self.to_dict(), f, indent=2)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def table(self) -> str:
         by_kind = Counter((s.kind, s.op or s.form) for s in self.sites)
