@@ -11,13 +11,13 @@ import onnx_ir as ir
 from rewriter.patterns import Site
 from rewriter.patterns.graph import dtype_of, exact_source, holds, rank_of, residual_add, set_dtype
 from rewriter.plan import kernel_width, skip_operands
+from rewriter.plumbing import Plumbing
 
 F32 = ir.DataType.FLOAT
 
 
-class NormKernels:
-    """Mixed into transform.Rewriter: uses its `edit`, `constant`, `current`, `redirect` and
-    `narrow_source`."""
+class NormKernels(Plumbing):
+    """onnxruntime's norm kernels on the plumbing's graph (a room of transform.Rewriter)."""
 
     def norm_kernel_stats(self, x: ir.Value, eps: float, centered: bool, size: int | None) -> list[ir.Value] | None:
         """The fp32 statistics outputs of SimplifiedLayerNormalization ([inverse std]) or, when
