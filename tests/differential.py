@@ -2,7 +2,7 @@
 regressions (test_regressions): rewrite one model with every strategy and mode, run original
 and rewritten on the same inputs at several scales, and say what is wrong.
 
-Criteria (issue 10):
+Criteria:
 - fp32 graphs (onnxruntime CPU): every fp32 output within FP32_TOL relative (max |Δ| /
   max |original|) of the original — or rewriter.verify.FLOOR_K × the original's own move under 1-ulp
   weight/input changes where that is larger (an output that cancels to near zero; the judgement

@@ -1,4 +1,4 @@
-"""Differential fuzzing (issue 10): random graphs, every strategy and mode, checked against the
+"""Differential fuzzing: random graphs, every strategy and mode, checked against the
 original by tests/differential.py.
 
 A graph is: input(s) of rank 2, 3 or 4 (dynamic or fixed dims; fp32 mostly, some fp16, fp64 and
