@@ -49,6 +49,7 @@ from rewriter.costs import CostTable
 from rewriter.errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE_CLOSED, BadInput, OutputError,
                              RewriterError, UsageError, VerificationFailed)
 from rewriter.folders import rewrite_folder
+from rewriter.files import check_not_a_model_file
 from rewriter.io import check_target
 from rewriter.plan import MODES, STRATEGIES, TARGETS, Options
 from rewriter.verify import format_verdicts, load_npz, summary
@@ -301,6 +302,7 @@ def cmd_calibrate(args) -> int:
     from rewriter.calibrate import calibrate, model_shapes, parse_shapes
     if bool(args.model) == bool(args.shapes):
         raise UsageError("give a MODEL or --shapes (one of the two)")
+    check_not_a_model_file(Path(args.output), (args.model,), "output")
     shapes = model_shapes(args.model) if args.model else parse_shapes(
         args.shapes, kind=args.kind, form=args.form, residual=not args.no_residual, dtype=args.dtype)
     shapes = [s for s in shapes if s.dtype in ("float16", "float32")]

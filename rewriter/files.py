@@ -60,6 +60,21 @@ def check_target(path: Path, what: str) -> None:
         raise OutputError(f"{what} {path}: is {kind}, not a regular file; refusing to replace it")
 
 
+def check_not_a_model_file(path: Path, models, what: str) -> None:
+    """Raise OutputError if `path` (a file a verb writes that is not a model: bench's --json and
+    --plot, calibrate's -o) is one of `models` or an external data file of one — by name, through
+    a symlink or as another hard link — or is no regular file (check_target)."""
+    path = Path(path)
+    check_target(path, what)
+    for model in models:
+        if model is None:
+            continue
+        for used in (Path(model), *map(Path, data_files_of(Path(model)))):
+            if path.resolve() == used.resolve() or (path.exists() and used.exists() and os.path.samefile(path, used)):
+                raise OutputError(f"{what} {path}: is {'the model' if used == Path(model) else 'a data file of'} "
+                                  f"{model}; refusing to write over it")
+
+
 def proto_tensors(graph: onnx.GraphProto):
     """Every TensorProto of `graph` and its subgraphs (initializers and tensor attributes)."""
     yield from graph.initializer

@@ -98,3 +98,21 @@ def test_report_on_a_hard_link_of_an_input_file_leaves_the_input(model, linked_f
     assert after == before
     assert json.loads(report.read_text())["sites"]
     assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- the verbs that write something other than a model: never over the model they read ----------
+
+@pytest.mark.parametrize("target", ["ext/model.onnx", "ext/./model.onnx.data", "link.onnx"])
+@pytest.mark.parametrize("verb", [("calibrate", "{m}", "--provider", "cpu", "-o", "{t}"),
+                                  ("bench", "{m}", "--tokens", "1", "--json", "{t}"),
+                                  ("bench", "{m}", "--tokens", "1", "--plot", "{t}")])
+def test_non_model_outputs_never_replace_the_model_read(verb, target, linked):
+    """`calibrate M -o M`, `bench M --json M` / `--plot M` (or its data file, or another hard link
+    of it) are exit 5 before anything is measured (were exit 0: the model replaced by the cost
+    table, the JSON or the PNG)."""
+    root = linked
+    os.link(root / "ext/model.onnx", root / "link.onnx")
+    before = digests(root / "ext")
+    code, _, err = cli(*[a.format(m=root / "ext/model.onnx", t=root / target) for a in verb])
+    assert code == 5 and "refusing to write over it" in err, err
+    assert digests(root / "ext") == before

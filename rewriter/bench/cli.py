@@ -40,6 +40,7 @@ from rewriter.bench.timing import (Settings, Shape, device_name, log_to_stderr, 
 from rewriter.bench.variants import BEST_FUSED, prepare_variants
 from rewriter.args import ArgumentParser, int_list, positive_int
 from rewriter.errors import BadInput, UsageError
+from rewriter.files import check_not_a_model_file
 from rewriter.verify import OPT_LEVELS
 
 DEFAULT_TOKENS = "1,128,512,2048,4096"
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
     for path in (args.original, args.rewritten):
         if path is not None and not Path(path).is_file():
             raise BadInput(f"{path}: no such file")
+    for what in ("json", "plot"):
+        if getattr(args, what):
+            check_not_a_model_file(Path(getattr(args, what)), (args.original, args.rewritten), f"--{what}")
     log = quiet_log if args.quiet else log_to_stderr
     stacked = tuple(s for s in args.stacked.split(",") if s)
     if stacked and not args.baselines:
