@@ -38,9 +38,10 @@ class Plumbing:
             new.shape = old.shape
         if (new.type is None or new.dtype is None) and old.type is not None:
             new.type = old.type
-        for node, index in users(old):
-            node.replace_input_with(index, new)
-        self.take_output_slot(old, new)
+        was_output = old.is_graph_output()
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        if was_output:
+            self._hand_over_name(old, new)
         self.replaced[old] = new
 
     def current(self, value: ir.Value | None) -> ir.Value | None:
@@ -52,11 +53,17 @@ class Plumbing:
         return value
 
     def take_output_slot(self, old: ir.Value, new: ir.Value) -> None:
+        """`new` takes `old`'s places among the graph's outputs, under `old`'s name (`new`
+        reads `old`, so not every use of `old` is replaced: not replace_all_uses_with)."""
         if not old.is_graph_output():
             return
         for i, out in enumerate(self.graph.outputs):
             if out is old:
                 self.graph.outputs[i] = new
+        self._hand_over_name(old, new)
+
+    def _hand_over_name(self, old: ir.Value, new: ir.Value) -> None:
+        """A graph output keeps its name (what callers feed and fetch): `new` takes it."""
         name, old.name = old.name, self.edit.fresh("renamed")
         new.name = name
         new.shape, new.type = new.shape or old.shape, new.type or old.type
