@@ -1250,7 +1250,7 @@ def gemm(f: Fuzz, a: V) -> V:
     """Gemm(A, W, C) reading the rank-2 `a` [M, n] (through a Transpose when transA)."""
     m, n = a.shape
     k = f.choice([8, 4, 1, 16])
-    trans_a, trans_b = f.choice([False, False, True]), f.flag()
+    trans_a, trans_b = f.choice([False, False, False, True]), f.flag()
     alpha, beta = f.choice([1.0, 0.5, 2.0, -1.5]), f.choice([1.0, 0.0, 0.5, -2.0])
     c_form = f.choice(["none", "scalar", "[1]", "[N]", "[1,N]", "[M,1]", "[M,N]", "input[N]"])
     if c_form == "none" and f.opset < 11:
