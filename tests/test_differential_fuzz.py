@@ -1060,8 +1060,8 @@ def fam_clip(f: Fuzz, v: V):
 def row_move(f: Fuzz, y: V) -> V:
     """Between the norm and its linears, an op that moves rows (the γ fold may pass it) or
     does not (it must stop there), in the opset's form: Pad (zero or nonzero value, edge;
-    a row axis or the normalized one), Slice, Split (one part to the linears, the other an
-    output), Concat with itself, a Transpose of two row axes, an Unsqueeze."""
+    a row axis or the normalized one), Slice, Split (one part to the linears, the other
+    to a MatMul), Concat with itself, a Transpose of two row axes, an Unsqueeze."""
     kind = f.choice(["pad", "pad", "slice", "split", "concat", "transpose", "unsqueeze"])
     axes = [i for i, d in enumerate(y.shape) if d >= 2]
     axis = f.choice(list(range(y.rank))) if kind in ("pad", "concat", "unsqueeze") else f.choice(axes)
@@ -1080,7 +1080,8 @@ def row_move(f: Fuzz, y: V) -> V:
     if kind == "split":
         first = f.draw(st.integers(1, y.shape[axis] - 1))
         parts = split_op(f, y, axis, [first, y.shape[axis] - first])
-        f.add(parts[1])
+        other = parts[1]        # read by a linear too (as a graph output it would stop the site)
+        f.add(f.op("MatMul", [other, f.weight(other.shape[-1], 4, other.dtype)], other.shape[:-1] + (4,), other.dtype))
         return parts[0]
     if kind == "concat":
         out = list(y.shape)
