@@ -75,6 +75,16 @@ def check_not_a_model_file(path: Path, models, what: str) -> None:
                                   f"{model}; refusing to write over it")
 
 
+# ExternalTensor.meta key: the location the model gave a tensor whose data file is read through a
+# link (rewriter.io.read_through_links); its `location` is then the file's absolute path
+GIVEN_LOCATION = "rewriter.given_location"
+
+
+def given_location(tensor: ir.ExternalTensor) -> str:
+    """The external data location as the model wrote it."""
+    return tensor.meta.get(GIVEN_LOCATION, str(tensor.location))
+
+
 def proto_tensors(graph: onnx.GraphProto):
     """Every TensorProto of `graph` and its subgraphs (initializers and tensor attributes)."""
     yield from graph.initializer
@@ -175,7 +185,7 @@ def _default_data_names(model: ir.Model, path: Path, replacing_input: bool):
     """OUTPUT.data, first the input's own data file when it is replaced, then OUTPUT.1.data, ..."""
     first = []
     if replacing_input:
-        locations = {str(v.const_value.location) for v in initializers(model)
+        locations = {given_location(v.const_value) for v in initializers(model)
                      if isinstance(v.const_value, ir.ExternalTensor)}
         if len(locations) == 1 and len(Path(next(iter(locations))).parts) == 1:
             first = list(locations)

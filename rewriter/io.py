@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from rewriter.errors import BadInput, InternalError, OutputError, Unsupported, UsageError, first_line
 from rewriter.inline import SpanTensor, attach_spans, read_structure, write_inline
-from rewriter.files import (Siblings, check_also_written, check_target, commit, mentions_external_data,
+from rewriter.files import (GIVEN_LOCATION, Siblings, check_also_written, check_target, commit, mentions_external_data,
                             output_data_name, proto_tensors, remove_stale_temporaries, temp_prefix,
                             temporary_model_name)
 from rewriter.patterns.graph import has_external_data, initializers, weight_bytes
@@ -142,28 +142,35 @@ def load_path(path: Path) -> ir.Model:
 
 
 
-class _InputExternalTensor(ir.ExternalTensor):
-    """An external tensor of the model the user handed us, readable through symlinks and hard
-    links. onnx_ir refuses, when the weight is first read, a data file whose real path leaves
-    the model's folder or that has several hard links (a defence for servers loading untrusted
-    models); the Hugging Face cache is exactly that (snapshots/<rev>/model.onnx.data ->
-    ../../blobs/<sha>), and a hard link is an ordinary way to share weights. The location
-    itself was checked at load (relative, no '..'): the file read is the one the folder names."""
-
-    __slots__ = ()
-
-    def _check_path_containment(self) -> None:
-        return None
-
-
 def _read_through_links(model: ir.Model) -> None:
+    """External data reached through a link. onnx_ir refuses to read, from a tensor with a
+    base_dir, a data file whose real path leaves that folder or that has several hard links (a
+    defence for servers loading untrusted models); the Hugging Face cache is exactly that
+    (snapshots/<rev>/model.onnx.data -> ../../blobs/<sha>), and a hard link is an ordinary way
+    to share weights. Their locations were checked at load (check_external_data: relative, no
+    '..', the file the model's folder names), so such a tensor is given that file's absolute
+    path and no base_dir — onnx_ir's form for a path its caller vouches for — and keeps the
+    location it was given (files.given_location) for what is written back. Every other tensor
+    keeps onnx_ir's check."""
     for value in initializers(model):
         tensor = value.const_value
-        if type(tensor) is ir.ExternalTensor:
-            value.const_value = _InputExternalTensor(
-                tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
-                name=tensor.name, doc_string=tensor.doc_string, metadata_props=tensor.metadata_props,
-                base_dir=tensor.base_dir)
+        if type(tensor) is ir.ExternalTensor and tensor.base_dir and _through_a_link(tensor):
+            linked = ir.ExternalTensor(
+                os.path.abspath(tensor.path), tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                name=tensor.name, doc_string=tensor.doc_string, metadata_props=tensor.metadata_props, base_dir="")
+            linked.meta[GIVEN_LOCATION] = str(tensor.location)
+            value.const_value = linked
+
+
+def _through_a_link(tensor: ir.ExternalTensor) -> bool:
+    """The data file's real path leaves the tensor's base_dir, or the file has several hard
+    links: what onnx_ir refuses to read."""
+    base, real = os.path.realpath(tensor.base_dir), os.path.realpath(tensor.path)
+    try:
+        links = os.stat(real).st_nlink
+    except OSError:
+        links = 1
+    return os.path.commonpath([base, real]) != base or links > 1
 
 
 def check_weights(model: ir.Model, base_dir=None) -> None:
@@ -193,6 +200,8 @@ def _readable(path: Path) -> str | None:
 
 
 def _external_location(tensor: ir.ExternalTensor, base: Path, name: str) -> Path:
+    if GIVEN_LOCATION in tensor.meta:       # checked at load, read through a link
+        return Path(tensor.path)
     location = str(tensor.location)
     if not location or os.path.isabs(location) or ".." in Path(location).parts:
         raise BadInput(f"external data location {location!r} of tensor {name!r} is not a relative "
@@ -243,10 +252,22 @@ def to_kind(model: ir.Model, kind: str, source=None):
         return model
     if kind == "onnxprogram":
         return source
-    proto = ir.to_proto(model)
+    proto = _given_locations(ir.to_proto(model), model)
     if kind == "proto":
         return proto
     return _graphsurgeon().import_onnx(proto)
+
+
+def _given_locations(proto: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:
+    """External data read through a link is written back under the location it was given."""
+    given = {str(v.const_value.location): v.const_value.meta[GIVEN_LOCATION] for v in initializers(model)
+             if isinstance(v.const_value, ir.ExternalTensor) and GIVEN_LOCATION in v.const_value.meta}
+    if given:
+        for tensor in proto_tensors(proto.graph):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value in given:
+                    entry.value = given[entry.value]
+    return proto
 
 
 def _graphsurgeon():
@@ -267,8 +288,8 @@ def _referenced_files(model: ir.Model) -> set[str]:
     files = set()
     for value in initializers(model):
         tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and tensor.base_dir:
-            files.add(str((Path(tensor.base_dir) / str(tensor.location)).resolve()))
+        if isinstance(tensor, ir.ExternalTensor) and (tensor.base_dir or GIVEN_LOCATION in tensor.meta):
+            files.add(str(Path(tensor.path).resolve()))
     return files
 
 

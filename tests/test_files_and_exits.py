@@ -435,6 +435,39 @@ def test_hugging_face_cache_layout_just_works(tmp_path):
     assert digests(blobs) == before
 
 
+def test_only_data_read_through_a_link_skips_onnx_irs_containment_check(tmp_path):
+    """onnx_ir refuses to read data whose real path leaves the model's folder or that has
+    several hard links; the loader checked those locations itself, so only such tensors are
+    read by their absolute path (no base_dir: onnx_ir's check off). Every other tensor keeps
+    its base_dir and the check; and a model handed in memory gets its own locations back."""
+    import onnx_ir as ir
+
+    from rewriter import rewrite
+    repo = tmp_path / "hub"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "rev"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    save_external(llama_like_block(), snapshot / "model.onnx", location="model.onnx.data")
+    shutil.move(snapshot / "model.onnx.data", blobs / "4c5b6a")
+    (snapshot / "model.onnx.data").symlink_to("../../blobs/4c5b6a")
+    save_external(llama_like_block(), tmp_path / "plain.onnx", location="plain.onnx.data")
+
+    linked, _ = rio.load(snapshot / "model.onnx")
+    plain, _ = rio.load(tmp_path / "plain.onnx")
+    external = [v.const_value for v in linked.graph.initializers.values()
+                if isinstance(v.const_value, ir.ExternalTensor)]
+    assert external and all(not t.base_dir and Path(str(t.location)).is_absolute() for t in external)
+    assert all(t.numpy() is not None for t in external)          # readable through the symlink
+    kept = [v.const_value for v in plain.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    assert kept and all(t.base_dir and str(t.location) == "plain.onnx.data" for t in kept)
+
+    proto = onnx.load(str(snapshot / "model.onnx"), load_external_data=False)
+    out, report = rewrite(proto, base_dir=snapshot)
+    assert report.rewritten > 0
+    locations = {e.value for t in out.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+
+
 def test_an_output_failing_the_checker_is_an_internal_error(dirs, monkeypatch):
     src, out = dirs
     path = external_input(src)
