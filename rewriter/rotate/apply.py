@@ -41,8 +41,9 @@ def rotate_stream(stream: Stream, q: np.ndarray, inputs: dict[ir.Node, np.ndarra
         old = const_tensor(source)
         dtype = old.dtype
         do_center = center and bool(roles[source] & CENTERED_ROLES)
+        writer_rotation = online.get(source)
 
-        def compute(old=old, axis=axis, dtype=dtype, do_center=do_center, r=online.get(source)) -> ir.TensorProtocol:
+        def compute(old=old, axis=axis, dtype=dtype, do_center=do_center, r=writer_rotation) -> ir.TensorProtocol:
             values = old.numpy()
             if r is not None:       # Rᵀ·W on the input axis of a 2-D writer weight
                 values = rotated(values, 1 - axis, r, False)
