@@ -120,7 +120,9 @@ def tensor_stats(model: Path) -> dict:
     """Largest single tensor (from the proto's dims, no external data read) and counts."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
-    proto = onnx.load(str(model), load_external_data=False)
+    from rewriter.inline import read_structure
+    structure = read_structure(str(model))      # a single file's weights are not read
+    proto = structure[0] if structure else onnx.load(str(model), load_external_data=False)
     largest, name, count, total = 0, None, 0, 0
     for init in proto.graph.initializer:
         n = 1
@@ -134,10 +136,30 @@ def tensor_stats(model: Path) -> dict:
     return dict(largest_tensor_bytes=largest, largest_tensor=name, tensors=count, tensor_bytes=total)
 
 
+GNU_TIME = "/usr/bin/time"
+
+
+def program_pid(pid: int) -> int:
+    """The measured program's pid: `pid`'s child when `pid` is GNU time wrapping it."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return pid
+    return int(children[0]) if children else pid
+
+
 def run_measured(cmd: list[str], *, label: str, watch: Path | None, total: int | None,
                  interval: float, logfile: Path, cwd: Path = ROOT) -> dict:
     """Run `cmd` as a child; sample its RSS and the bytes under `watch`; return wall time,
-    peak RSS (ru_maxrss of this child alone), exit code and the sampled timeline."""
+    peak RSS, exit code and the sampled timeline. The peak is the program's own, as GNU time
+    reports it: a child's ru_maxrss also counts this process's RSS at the fork (Linux carries
+    it over the exec), which would make every case after a large one look as large."""
+    maxrss_file = logfile.with_suffix(".maxrss")
+    maxrss_file.unlink(missing_ok=True)
+    timed = os.access(GNU_TIME, os.X_OK)
+    if timed:
+        cmd = [GNU_TIME, "-f", "%M", "-o", str(maxrss_file)] + list(cmd)
     t0 = time.perf_counter()
     with open(logfile, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
@@ -147,7 +169,7 @@ def run_measured(cmd: list[str], *, label: str, watch: Path | None, total: int |
             now = time.perf_counter() - t0
             if pid != 0:
                 break
-            rss = proc_status(proc.pid).get("VmRSS", 0)
+            rss = proc_status(program_pid(proc.pid) if timed else proc.pid).get("VmRSS", 0)
             written = tree_bytes(watch) if watch is not None else 0
             timeline.append({"t": round(now, 2), "rss": rss, "written": written})
             if now - last_print >= interval:
@@ -161,13 +183,20 @@ def run_measured(cmd: list[str], *, label: str, watch: Path | None, total: int |
     t1 = time.perf_counter()
     os.sync()
     sync_s = time.perf_counter() - t1
-    peak = usage.ru_maxrss * 1024             # kB on Linux
+    try:
+        peak = int(maxrss_file.read_text().split()[-1]) * 1024 if timed else None    # kB
+        source = "GNU time"
+    except (OSError, ValueError, IndexError):
+        peak = None
+    if peak is None:
+        peak, source = usage.ru_maxrss * 1024, "ru_maxrss (with this process's RSS at the fork)"
     log(f"  [{label}] done in {seconds:.1f} s (+{sync_s:.1f} s sync), rc {proc.returncode}, "
         f"peak RSS {peak / GiB:.2f} GiB")
     # keep the timeline short: at most ~400 points
     stride = max(1, len(timeline) // 400)
     return dict(cmd=[str(c) for c in cmd], rc=proc.returncode, seconds=round(seconds, 3),
                 sync_s=round(sync_s, 3), synced_s=round(seconds + sync_s, 3), peak_rss_bytes=peak,
+                peak_rss_source=source,
                 user_s=round(usage.ru_utime, 2), sys_s=round(usage.ru_stime, 2),
                 log=str(logfile), timeline=timeline[::stride])
 
