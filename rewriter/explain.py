@@ -12,7 +12,7 @@ from rewriter.errors import NothingToRewrite
 from rewriter.passes import FlashNormPass
 from rewriter.pipeline import run_pipeline
 from rewriter.patterns import Site
-from rewriter.plan import Decision, Options
+from rewriter.plan import Action, Decision, Options
 
 
 def _names(decision: Decision) -> set[str]:
@@ -101,7 +101,7 @@ def explain(path, name: str, options: Options | None = None) -> str:
             out += describe_site(site)
         if decision.rewritten:
             out.append(f"decision: {decision.strategy} — {decision.reason}")
-            if decision.action == "defer":
+            if decision.action == Action.DEFER:
                 out.append("deferred 1/RMS (the scale algebra, in graph order):")
                 out += scale_steps(flash, site)
         else:

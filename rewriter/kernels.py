@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from rewriter.patterns import Site
+from rewriter.patterns import NormKind, Site
 from rewriter.patterns.graph import dtype_of, exact_source, holds, rank_of, residual_add, set_dtype
 from rewriter.plan import kernel_width, skip_operands
 from rewriter.plumbing import Plumbing
@@ -46,7 +46,7 @@ class NormKernels(Plumbing):
         (`fuse_norm`; never SkipLayerNormalization, LayerNormalization only from opset 17); a
         gated group norm's kernel normalizes each group, the Reshape merging them follows it."""
         n = kernel_width(site)
-        if n is None or site.kind not in ("rms", "layer") or (site.kind == "layer" and self.edit.opset < 17):
+        if n is None or site.kind not in (NormKind.RMS, NormKind.LAYER) or (site.kind == NormKind.LAYER and self.edit.opset < 17):
             return False
         x = self.current(site.x)
         if holds(dtype_of(site.output), dtype_of(exact_source(x))):
@@ -58,10 +58,10 @@ class NormKernels(Plumbing):
         self.fuse_norm(x, site.output, site.kind, site.eps, self.constant(1, (n,), dtype), merge=site.merge)
         return True
 
-    def fuse_norm(self, x: ir.Value, output: ir.Value, kind: str, eps: float, gain: ir.Value,
+    def fuse_norm(self, x: ir.Value, output: ir.Value, kind: NormKind, eps: float, gain: ir.Value,
                   beta: ir.Value | None = None, *, skip_layernorm: bool = False,
                   trust_unknown_shapes: bool = False, merge: ir.Node | None = None) -> str:
-        """Replace the norm x → `output` ("rms" or "layer"; x already in output's dtype) by
+        """Replace the norm x → `output` (RMS or LAYER; x already in output's dtype) by
         onnxruntime's fused op weighted by `gain` (and `beta`). Where the Skip* kernels take x's
         residual Add (plan.skip_operands): SkipSimplifiedLayerNormalization (SkipLayerNormalization
         only with `skip_layernorm`) on its operands, its output 3 replacing the sum; else
@@ -72,15 +72,15 @@ class NormKernels(Plumbing):
         weights = [gain] if beta is None else [gain, beta]
         operands = skip_operands(x) if not trust_unknown_shapes else tuple(add.inputs) if (
             rank_of(x) in (None, 2, 3) and residual_add(add, trust_unknown_shapes)) else None
-        if (kind == "rms" or skip_layernorm) and operands:
-            op_type = "SkipSimplifiedLayerNormalization" if kind == "rms" else "SkipLayerNormalization"
+        if (kind == NormKind.RMS or skip_layernorm) and operands:
+            op_type = "SkipSimplifiedLayerNormalization" if kind == NormKind.RMS else "SkipLayerNormalization"
             fused = self.edit.node(op_type, [*operands, *weights], {"epsilon": float(eps)},
                                    domain="com.microsoft", num_outputs=4, hint=op_type)
             for stat in fused.outputs[1:3]:
                 set_dtype(stat, F32)
             self.redirect(x, fused.outputs[3])
         else:
-            op_type = "SimplifiedLayerNormalization" if kind == "rms" else "LayerNormalization"
+            op_type = "SimplifiedLayerNormalization" if kind == NormKind.RMS else "LayerNormalization"
             fused = self.edit.node(op_type, [x, *weights], {"epsilon": float(eps), "axis": -1, "stash_type": 1},
                                    hint=op_type)
         set_dtype(fused.outputs[0], dtype_of(x))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.patterns import Linear, Miss, Site, StrEnum
+from rewriter.patterns import Form, Linear, Miss, NormKind, Site, StrEnum
 from rewriter.patterns.graph import dtype_of, last_dim, op, rank_of, residual_add, users
 
 
@@ -280,14 +280,15 @@ def skip_operands(x: ir.Value) -> tuple[ir.Value, ir.Value] | None:
 
 
 def _form_allows(site: Site, strategy: str) -> str:
-    if site.kind == "dyt" and strategy in DEFERRING + ("fold-fused",):
-        return "fold"
+    if site.kind == NormKind.DYT and strategy in DEFERRING + (Strategy.FOLD_FUSED,):
+        return Strategy.FOLD
     if strategy in DEFERRING and site.defer_blocker:
-        return "fold"
-    if strategy == "fold-fused" and site.form != "decomposed":
-        return "fold"
-    if strategy == "defer-normop" and site.kind == "layer" and site.form == "decomposed" and site.size is None:
-        return "defer"
+        return Strategy.FOLD
+    if strategy == Strategy.FOLD_FUSED and site.form != Form.DECOMPOSED:
+        return Strategy.FOLD
+    if strategy == Strategy.DEFER_NORMOP and site.kind == NormKind.LAYER and site.form == Form.DECOMPOSED \
+            and site.size is None:
+        return Strategy.DEFER
     return strategy
 
 
@@ -308,7 +309,7 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
            agreed: set[ir.Value] = frozenset()) -> Decision:
     asked = strategy or options.default_strategy
     strategy = applicable(site, asked)
-    if asked in DEFERRING and strategy == "fold" and site.defer_blocker:
+    if asked in DEFERRING and strategy == Strategy.FOLD and site.defer_blocker:
         evidence = "; ".join(filter(None, [f"fold only: {site.defer_blocker}", evidence]))
     considered = TARGETS[options.target]["candidates"] if options.measured and not options.strategy else (asked,)
     evidence = "; ".join(filter(None, [kernels_refused(site, considered), evidence]))
@@ -321,13 +322,13 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
                         strategy=strategy, evidence=evidence)
     once = [linear for linear in site.linears if linear.weight.source in agreed]
     shared = [linear for linear in site.linears if linear.weight.source not in agreed and not owns_weight(linear)]
-    reason = "fold gain into weights" if action == "fold" else "fold gain, defer 1/RMS past the linears"
-    if site.kind == "layer":
-        reason = ("fold γ, β into weights/bias" if action == "fold"
+    reason = "fold gain into weights" if action == Action.FOLD else "fold gain, defer 1/RMS past the linears"
+    if site.kind == NormKind.LAYER:
+        reason = ("fold γ, β into weights/bias" if action == Action.FOLD
                   else "fold γ, β into weights/bias, linears read x − mean(x), defer 1/σ")
-    if strategy == "fold-fused":
+    if strategy == Strategy.FOLD_FUSED:
         reason += "; norm fused into one onnxruntime kernel"
-    if strategy == "defer-normop":
+    if strategy == Strategy.DEFER_NORMOP:
         reason += " (1/RMS from one onnxruntime norm kernel)"
     if once:
         reason += (f"; {len(once)} weight(s) read only by sites with this gain (e.g. both branches "

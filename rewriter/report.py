@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rewriter.plan import Decision
+from rewriter.plan import Action, Decision
 
 
 @dataclass
@@ -57,11 +57,11 @@ class Report:
 
     @property
     def rewritten(self) -> int:
-        return sum(s.action != "skip" for s in self.sites)
+        return sum(s.action != Action.SKIP for s in self.sites)
 
     @property
     def skipped(self) -> Counter:
-        return Counter(s.reason for s in self.sites if s.action == "skip")
+        return Counter(s.reason for s in self.sites if s.action == Action.SKIP)
 
     @property
     def weights_changed(self) -> int:

@@ -15,9 +15,9 @@ import onnx_ir as ir
 from rewriter.bias import BiasPlacement
 from rewriter.fold import WeightFolding
 from rewriter.kernels import NormKernels
-from rewriter.patterns import Site
+from rewriter.patterns import Form, NormKind, Site
 from rewriter.patterns.graph import GraphEditor, const_array, dtype_of, set_dtype, users
-from rewriter.plan import Decision
+from rewriter.plan import Action, Decision, Strategy
 from rewriter.rowmoves import RowMoves
 from rewriter.scale_walker import ScaleWalker
 
@@ -91,13 +91,13 @@ class Rewriter(WeightFolding, BiasPlacement, RowMoves, NormKernels):
     # -- one site -------------------------------------------------------------------------
     def apply(self, decision: Decision) -> None:
         site = decision.site
-        defer = decision.action == "defer" and site.kind in ("rms", "layer")
+        defer = decision.action == Action.DEFER and site.kind in (NormKind.RMS, NormKind.LAYER)
         kept = {id(linear) for linear in decision.gain_kept}
         once = {id(linear) for linear in decision.folded_once}
         deltas = [self.fold_linear(site, linear, keep_weight=id(linear) in kept, once=id(linear) in once)
                   for linear in site.linears]
         if defer:
-            self.defer(site, deltas, norm_kernel=decision.strategy == "defer-normop")
+            self.defer(site, deltas, norm_kernel=decision.strategy == Strategy.DEFER_NORMOP)
         else:
             self.drop_gain(site, fuse=decision.fused)
             for linear, delta in zip(site.linears, deltas):
@@ -121,7 +121,7 @@ class Rewriter(WeightFolding, BiasPlacement, RowMoves, NormKernels):
     def defer(self, site: Site, deltas, norm_kernel: bool = False) -> None:
         x = self.residual_input(site)
         before = {node for node, _ in users(x)}
-        if site.kind == "layer":
+        if site.kind == NormKind.LAYER:
             read, scale = self.center(x, site.eps, site.size, norm_kernel)
         else:
             read, scale = x, self.inverse_rms(x, site.eps, site.size, norm_kernel)
@@ -141,9 +141,9 @@ class Rewriter(WeightFolding, BiasPlacement, RowMoves, NormKernels):
 
     def drop_gain(self, site: Site, fuse: bool = False) -> None:
         """Fold: keep the norm, weightless (as one fused op when `fuse`)."""
-        if fuse and site.form == "decomposed" and self.fuse(site):
+        if fuse and site.form == Form.DECOMPOSED and self.fuse(site):
             return
-        if site.pre_affine is not None and site.kind == "layer":
+        if site.pre_affine is not None and site.kind == NormKind.LAYER:
             self.unit_affine(site)
         elif site.pre_affine is not None:
             self.redirect(site.output, self.narrow_source(site.pre_affine, dtype_of(site.output)))
@@ -179,7 +179,7 @@ class Rewriter(WeightFolding, BiasPlacement, RowMoves, NormKernels):
     def meet_untouched_norm(self, site: Site) -> None:
         """A scale reaching this (not rewritten) norm's input is applied once before it, or
         with --approx cancels in it."""
-        if site.kind not in ("rms", "layer") or site.skip_inputs or site.x is None:
+        if site.kind not in (NormKind.RMS, NormKind.LAYER) or site.skip_inputs or site.x is None:
             return
         x = self.current(site.x)
         readers = [node for node in site.nodes if x in node.inputs]
