@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rewriter.patterns import Site
+from rewriter.patterns import Form, NormKind, Site
 from rewriter.patterns.graph import dtype_of, residual_add, through_casts
 from rewriter.plan import STRATEGIES, TARGETS, applicable
 
@@ -143,8 +143,8 @@ def _positive(v) -> bool:
 
 
 # The schema of a probe: what each field must be, and the message naming it when it is not.
-KINDS = ("rms", "layer", "dyt")
-FORMS = ("decomposed", "fused")
+KINDS = tuple(NormKind)
+FORMS = tuple(Form)
 STRATEGY_NAMES = tuple(STRATEGIES)
 PROBE_FIELDS = {
     "ep": (lambda v: isinstance(v, str) and bool(v), "a provider name"),
