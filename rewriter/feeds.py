@@ -10,6 +10,7 @@ producer shares (optimum, onnxruntime-genai, transformers) only where structure 
 | mask | an integer or bool input named `*mask*` | ones over past + sequence |
 | positions | an integer input named `*position*` | past, past + 1, … |
 | other | anything else | normal floats; integers 0/1 |
+| unranked | an input that declares no shape | none: its rank is unknown (CannotRun: pass the inputs) |
 
 Sizes are never guessed from what a dimension is called: a size the graph fixes is kept; the
 batch, sequence and past-sequence axes are the roles' own (batch first, the sequence last for
@@ -52,7 +53,7 @@ class Input:
     name: str
     dtype: np.dtype
     dims: tuple                      # int (fixed by the graph), str (a symbol) or None per axis
-    role: str = "other"              # past | tokens | mask | positions | other
+    role: str = "other"              # past | tokens | mask | positions | other | unranked
     rows: int = 2                    # tokens: ids are below this
     present: str | None = None       # past: the graph output it becomes
     axis: int | None = None          # past: the cache (past-sequence) axis
@@ -82,6 +83,8 @@ class Signature:
         return table
 
     def shape(self, inp: Input, batch: int, seq: int, past: int, table: dict[str, int]) -> list[int]:
+        if inp.role == "unranked":
+            raise CannotRun(f"input {inp.name!r} declares no shape (its rank is unknown); pass the inputs (--inputs)")
         own = role_axes(inp, batch, seq, past, self.has_past)
         dims = []
         for axis, dim in enumerate(inp.dims):
@@ -162,6 +165,8 @@ def signature(source) -> Signature:
             continue
         inp = Input(value.name, _numpy_dtype(value), _dims(value))
         _assign_role(inp, value)
+        if value.shape is None:     # no declared shape: not even its rank is known
+            inp.role = "unranked"
         inputs.append(inp)
     return Signature(inputs, _logits(graph, inputs))
 

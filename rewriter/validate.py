@@ -202,6 +202,22 @@ def skeleton(model: ir.Model, for_checker: bool = True) -> onnx.ModelProto:
     return proto
 
 
+def _rank_declared(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` for onnx.checker, which insists that the main graph's tensor inputs and outputs
+    declare a shape: one declared without (rank unknown — onnxruntime runs such a model) gets an
+    empty one in a copy. The checker infers nothing; shape inference reads the model as it is."""
+    unshaped = [i for i in list(proto.graph.input) + list(proto.graph.output)
+                if i.type.HasField("tensor_type") and not i.type.tensor_type.HasField("shape")]
+    if not unshaped:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for info in list(copy.graph.input) + list(copy.graph.output):
+        if info.type.HasField("tensor_type") and not info.type.tensor_type.HasField("shape"):
+            info.type.tensor_type.shape.SetInParent()
+    return copy
+
+
 def _undeclared(proto: onnx.ModelProto) -> onnx.ModelProto:
     """`proto` without its value_info and with its outputs' shapes unset (types kept): what is
     left to check is what the graph itself says."""
@@ -245,7 +261,7 @@ def check_proto(proto: onnx.ModelProto) -> dict[str, str]:
     are skipped). Declarations that contradict it are not errors — onnxruntime merges them
     leniently — they are returned (name -> what clashes) to be repaired and reported."""
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(_rank_declared(proto))
     except Exception as exc:
         raise Unsupported(f"invalid graph: {first_line(exc)}") from exc
     bare = _undeclared(proto)
@@ -306,6 +322,18 @@ def check_structure(path: Path, op_types: set[str] | None = None, framing_only: 
         onnx.checker.check_model(str(path))
     except Exception as exc:
         message = first_line(exc)
+        if "Field 'shape' of 'type' is required" in message:     # an input or output of unknown rank
+            proto = onnx.load(str(path), load_external_data=False)
+            if _rank_declared(proto) is not proto:    # checked as a file beside it: its data files resolve
+                declared = Path(path).with_name(f".{Path(path).name}.ranked.onnx")
+                try:
+                    onnx.save(_rank_declared(proto), str(declared))
+                    onnx.checker.check_model(str(declared))
+                    return
+                except Exception as again:          # noqa: BLE001 - reported below like the first
+                    message = first_line(again)
+                finally:
+                    declared.unlink(missing_ok=True)
         unknown = message.split("No Op registered for ", 1)
         if len(unknown) == 2 and unknown[1].split()[0] in ORT_ONNX_DOMAIN_CONTRIB:
             return
