@@ -30,10 +30,8 @@ from rewriter.patterns.graph import weight_bytes
 from rewriter.plan import Options
 from rewriter.pipeline import run_pipeline
 from rewriter.report import Report
-from rewriter.verify import make_inputs, run, session
+from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, run_check, session
 from rewriter.verify import verify as compare_outputs
-
-RUN_CHECK_BYTES = 1 << 30     # a written model is also run once when its weights are smaller than this
 
 
 def rewrite_ir(model: ir.Model, options: Options) -> Report:
@@ -99,7 +97,7 @@ def check_loads_and_runs(src, model: ir.Model, written, report: Report, *, ran: 
     """Refuse (InternalError, exit 7; nothing is written) a rewritten `model` that onnxruntime
     (CPU) cannot load or run. With weights under RUN_CHECK_BYTES, unless a comparison runs it
     anyway (`ran`), `written` (its temporary file) is loaded and run once on inputs made from
-    its signature (batch 1, 4 tokens); otherwise its weightless skeleton is loaded (any size).
+    its signature (verify.run_check); otherwise its weightless skeleton is loaded (any size).
     Where the input fails alike the failure is not the rewrite's: a note says what went
     unchecked."""
     if ran or weight_bytes(model) >= RUN_CHECK_BYTES:
@@ -107,20 +105,15 @@ def check_loads_and_runs(src, model: ir.Model, written, report: Report, *, ran: 
         if problem:
             _blame("load", problem, bool(ort_load_error(io.load(src)[0])), report)
         return
-    try:    # level "extended", as ort_load_error: level "all" crashes onnxruntime 1.32 on some fp16 graphs
-        sess = session(written, "cpu", opt_level="extended")
-    except Exception as exc:        # noqa: BLE001 - onnxruntime's refusal, judged against the input's
-        return _blame("load", first_line(exc), _fails(lambda: session(src, "cpu", opt_level="extended")), report)
     try:
-        feeds = make_inputs(written, batch=1, seq=4)
-    except Exception:               # noqa: BLE001 - a signature feeds.py cannot fill: loaded only
-        report.notes.append("no inputs could be made from the output's signature: it was load-checked only")
-        return
-    try:
-        run(written, feeds, sess=sess)
-    except Exception as exc:        # noqa: BLE001
-        _blame("run", first_line(exc), _fails(lambda: run(src, feeds, sess=session(src, "cpu", opt_level="extended"))),
-               report)
+        run_check(written)
+    except RunCheckFailed as exc:   # onnxruntime's refusal, judged against the input's
+        if exc.stage == "inputs":
+            report.notes.append("no inputs could be made from the output's signature: it was load-checked only")
+        elif exc.stage == "load":
+            _blame("load", exc.problem, _fails(lambda: session(src, "cpu")), report)
+        else:
+            _blame("run", exc.problem, _fails(lambda: run_check(src, exc.feeds)), report)
 
 
 def _fails(action) -> bool:

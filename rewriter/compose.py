@@ -1,8 +1,10 @@
 """The ort-* targets compose with the ecosystem: onnxscript's ORT fusions (optimize_for_ort:
 attention, rotary, skip norms, GELU) run on the rewritten graph where the target's
 measurements say so (plan.TARGETS; a KV-cache graph, from feeds.signature, not on ORT CPU),
-and are undone where the peer fails or leaves a graph onnxruntime cannot load
-(`ort_load_error`, also the load check of every written model)."""
+and are undone where the peer fails, leaves a graph onnxruntime cannot load (`ort_load_error`,
+also the load check of every written model) or — models with weights under RUN_CHECK_BYTES —
+one that does not run on inputs from the signature or whose outputs the rewrite alone does not
+match (verify.run_check, verify.judge_runs: the output check's run and the one verdict)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import onnx_ir as ir
 from rewriter.errors import first_line
 from rewriter.feeds import signature
 from rewriter.plan import TARGETS, Options
+from rewriter.patterns.graph import weight_bytes
 from rewriter.validate import skeleton
-from rewriter.verify import session
+from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, judge_runs, run_check, session
 
 
 ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
@@ -33,7 +36,8 @@ def ort_fusions(model: ir.Model, declared=None) -> str:
     optimize_for_ort: attention/GQA/MHA, rotary embedding, skip norms, GELU), in place.
     Returns the report's note. Where the peer fails, leaves an op onnxruntime does not register
     (its intermediate ai.onnxruntime._fusion ops) or a graph onnxruntime cannot load (e.g. its
-    MultiHeadAttention on GPT-2 feeding a rank-2 Gemm), the model is put back as it was."""
+    MultiHeadAttention on GPT-2 feeding a rank-2 Gemm) or one that fails `_runs_as_before`,
+    the model is put back as it was."""
     backup = model.clone()          # structure only: the tensors are shared
     copies = {old: new for old_graph, new_graph in zip(model.graphs(), backup.graphs())
               for old_node, new_node in zip(old_graph, new_graph)
@@ -42,14 +46,50 @@ def ort_fusions(model: ir.Model, declared=None) -> str:
     try:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort   # only ort-* targets: a slow import
         _, counts = optimize_for_ort(model)
-        problem = _new_unregistered_op(model, allowed) or _ort_cannot_load(model, unless_also=backup)
+        problem = (_new_unregistered_op(model, allowed) or _ort_cannot_load(model, unless_also=backup)
+                   or _runs_as_before(model, backup))
         if problem:
             raise RuntimeError(problem)
     except Exception as exc:    # noqa: BLE001 - the peer's bug must not cost the user the rewrite
         _put_back(model, backup, copies, declared)
         return f"onnxscript's ORT fusions not applied: {first_line(exc, 200)}"
     made = ", ".join(f"{name} {n}" for name, n in sorted(counts.items()) if n) or "none"
-    return f"then onnxscript's ORT fusions (optimize_for_ort): {made}"
+    checked = ("" if weight_bytes(model) < RUN_CHECK_BYTES else
+               f" (load-checked only: weights of {RUN_CHECK_BYTES >> 30} GiB or more are not run)")
+    return f"then onnxscript's ORT fusions (optimize_for_ort): {made}{checked}"
+
+
+def _runs_as_before(composed: ir.Model, rewrite: ir.Model) -> str:
+    """Why the peer's result `composed` cannot replace the `rewrite` it was made from, or '':
+    with weights under RUN_CHECK_BYTES both run once on the same inputs from the signature
+    (verify.run_check) and each output of `composed` is judged against the rewrite's
+    (verify.judge_runs, the rewrite's own noise floor included). Where the rewrite alone does not
+    run either, nothing shows the peer's result right: it is not kept."""
+    if weight_bytes(rewrite) >= RUN_CHECK_BYTES:
+        return ""
+    reference = _serialized(rewrite)
+    try:
+        feeds, expected = run_check(reference, signature_of=rewrite)
+    except RunCheckFailed as exc:
+        return f"the rewrite alone could not be run to check them against ({exc})"
+    try:
+        _, got = run_check(_serialized(composed), feeds)
+    except RunCheckFailed as exc:
+        return f"onnxruntime cannot {exc.stage} the result ({exc.problem})"
+    verdicts = judge_runs(reference, [(feeds, expected, got, "")])
+    bad = [v for v in verdicts if not v.ok]
+    if bad:
+        worst = max(bad, key=lambda v: v.max_rel if v.max_rel == v.max_rel else float("inf"))
+        return (f"the result does not match the rewrite alone: {len(bad)} of {len(verdicts)} output(s) differ, "
+                f"worst {worst.name!r} {worst.max_rel:.3e} relative (bound {worst.bound:.1e})")
+    return ""
+
+
+def _serialized(model: ir.Model) -> bytes:
+    """`model` with its weights, as bytes onnxruntime loads (external weights read)."""
+    copy = model.clone()        # its values hold the tensors: loading them leaves `model`'s as they were
+    ir.external_data.load_to_model(copy)
+    return ir.to_proto(copy).SerializeToString()
 
 
 def _new_unregistered_op(model: ir.Model, allowed: set[str]) -> str:
@@ -68,9 +108,7 @@ def ort_load_error(model: ir.Model) -> str:
     proto = skeleton(model, for_checker=False)
     proto.graph.ClearField("value_info")
     try:
-        # its optimizers re-check shapes; not level "all": onnxruntime 1.32 crashes the process
-        # (SIGSEGV) creating a session of some valid fp16 Transpose → FusedMatMul graphs there
-        session(proto.SerializeToString(), "cpu", opt_level="extended")
+        session(proto.SerializeToString(), "cpu")     # its optimizers re-check shapes (verify.CHECK_LEVEL)
     except Exception as exc:    # noqa: BLE001 - any refusal is the answer
         return first_line(exc, 200)
     return ""

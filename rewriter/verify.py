@@ -41,16 +41,24 @@ def providers(preferred: str | None = None) -> list[str]:
 
 
 OPT_LEVELS = ("all", "extended", "basic", "disable")     # onnxruntime graph optimization levels
+# The level of every correctness check (verify, --verify, the load and run checks of a written
+# model and of the peer's fusions), not "all": onnxruntime 1.32 crashes the process (SIGSEGV)
+# creating a level-"all" session of some valid fp16 Transpose → FusedMatMul graphs, where
+# "extended" (which keeps its graph fusions; "all" adds layout transforms) runs them. The noise
+# floor compares this level with "disable". Timing (rewriter/bench) passes the level users run,
+# "all", explicitly.
+CHECK_LEVEL = "extended"
 
 
 def session(path, provider: str | None = None, optimize: bool = True, *, opt_level: str | None = None,
-            threads: int = 0, cuda_options: dict | None = None):
+            threads: int = 0, cuda_options: dict | None = None, optimized_model_path=None):
     """The onnxruntime session every caller opens (verify, bench, benchmarks): `path` is a file
-    or serialized model bytes; `opt_level` one of OPT_LEVELS (default "all", "disable" when not
-    `optimize`); `threads` intra-op threads (0: ORT's default); `cuda_options` the CUDA
-    provider's options."""
+    or serialized model bytes; `opt_level` one of OPT_LEVELS (default CHECK_LEVEL, "disable"
+    when not `optimize`); `threads` intra-op threads (0: ORT's default); `cuda_options` the CUDA
+    provider's options; `optimized_model_path`: where ORT writes the graph it runs (weights
+    of 1 KiB and more beside it, in optimized.data)."""
     import onnxruntime as ort
-    level = opt_level or ("all" if optimize else "disable")
+    level = opt_level or (CHECK_LEVEL if optimize else "disable")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = {
@@ -59,6 +67,12 @@ def session(path, provider: str | None = None, optimize: bool = True, *, opt_lev
     }[level]
     if threads:
         options.intra_op_num_threads = threads
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         "1024")
     names = [(name, cuda_options) if name == "CUDAExecutionProvider" and cuda_options else name
              for name in providers(provider)]
     model = path if isinstance(path, bytes) else str(path)     # a path or serialized model bytes
@@ -67,22 +81,15 @@ def session(path, provider: str | None = None, optimize: bool = True, *, opt_lev
 
 def ort_kernels(path, provider: str | None = None) -> dict[str, int]:
     """Op types (with counts) of the graph onnxruntime actually runs: the model after ORT's own
-    optimizations (level all) for `provider` — its fusions, not only the rewriter's graph."""
+    optimizations for `provider` at the level the bench times (level "all", not CHECK_LEVEL) —
+    its fusions, not only the rewriter's graph."""
     import tempfile
     from collections import Counter
 
-    import onnxruntime as ort
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         "optimized.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                         "1024")
-        ort.InferenceSession(str(path), options, providers=providers(provider))
-        graph = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+        optimized = Path(tmp) / "optimized.onnx"
+        session(path, provider, opt_level="all", optimized_model_path=optimized)
+        graph = onnx.load(str(optimized), load_external_data=False).graph
         return dict(sorted(Counter(n.op_type for n in graph.node).items()))
 
 
@@ -103,6 +110,39 @@ def run(path, feeds, provider: str | None = None, sess=None) -> dict[str, np.nda
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4        # a failed run is an exception; ORT's own log line repeats it
     return dict(zip(names, sess.run(names, feeds, quiet)))
+
+
+RUN_CHECK_BYTES = 1 << 30     # a model is run-checked (run_check) when its weights are smaller than this
+RUN_CHECK_SHAPE = {"batch": 1, "seq": 4}    # the inputs a run check makes from the signature
+
+
+class RunCheckFailed(Exception):
+    """A run check failed at `stage`: "load" (onnxruntime refused the model), "inputs" (no
+    inputs could be made from its signature) or "run" (on `feeds`); `problem` is the reason."""
+
+    def __init__(self, stage: str, problem: str, feeds: dict | None = None):
+        super().__init__(f"{stage}: {problem}")
+        self.stage, self.problem, self.feeds = stage, problem, feeds
+
+
+def run_check(model, feeds: dict | None = None, signature_of=None) -> tuple[dict, dict]:
+    """The run check of a model the rewriter made (`model`: a path or serialized bytes): loaded
+    on CPU at CHECK_LEVEL and run once on `feeds` — default: made from the signature of
+    `signature_of` (a path, bytes or onnx_ir.Model; default `model`), RUN_CHECK_SHAPE.
+    Returns (feeds, outputs); RunCheckFailed names the stage that failed."""
+    try:
+        sess = session(model, "cpu")
+    except Exception as exc:        # noqa: BLE001 - onnxruntime's refusal is the answer
+        raise RunCheckFailed("load", first_line(exc)) from exc
+    if feeds is None:
+        try:
+            feeds = make_inputs(signature_of if signature_of is not None else model, **RUN_CHECK_SHAPE)
+        except Exception as exc:    # noqa: BLE001 - a signature feeds.py cannot fill
+            raise RunCheckFailed("inputs", first_line(exc)) from exc
+    try:
+        return feeds, run(None, feeds, sess=sess)
+    except Exception as exc:        # noqa: BLE001
+        raise RunCheckFailed("run", first_line(exc), feeds) from exc
 
 
 FLOOR_K = 3.0       # an output fails beyond max(tolerance, FLOOR_K × the original's own noise floor)

@@ -149,3 +149,59 @@ def test_a_folded_layernorm_keeps_a_zero_beta_only_where_it_had_one(with_beta, t
     if with_beta:
         zero = next(t for t in out.graph.initializer if t.name == ln.input[2])
         assert not numpy_helper.to_array(zero).any()
+
+
+def _ln_matmul(rng, seq=3):
+    """LayerNormalization → MatMul, fp32, opset 18: one site the peer has nothing to fuse in."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    inits = [numpy_helper.from_array(rng.standard_normal(16).astype(np.float32) + 1, "gamma"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W")]
+    graph = helper.make_graph(
+        [helper.make_node("LayerNormalization", ["x", "gamma"], ["y"], axis=-1, epsilon=1e-5),
+         helper.make_node("MatMul", ["y", "W"], ["out"])], "ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, seq, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, seq, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def test_a_peer_result_that_loads_but_does_not_run_is_undone():
+    """The peer's result loads in onnxruntime and fails at run time (its FusedMatMul on a
+    transposed activation): the API returns the rewrite alone, which runs, and says why."""
+    import onnx
+    from rewriter import rewrite
+    from rewriter.verify import run_check
+    out, report = rewrite(onnx.load(str(REGRESSIONS / "target_peer_fusedmatmul_transpose.onnx")), target="ort-cpu")
+    assert report.rewritten == 1
+    assert any("ORT fusions not applied: onnxruntime cannot run the result" in n and "FusedMatMul" in n
+               for n in report.notes), report.notes
+    _, outputs = run_check(out.SerializeToString())          # raises where it does not run
+    assert outputs
+
+
+def test_a_peer_result_that_runs_but_differs_is_undone(monkeypatch):
+    """A peer result that loads and runs but whose outputs the rewrite alone does not match
+    (here: negated) is undone with the verdict; the same peer that changes nothing is kept."""
+    import numpy as np
+    import onnxscript.rewriter.ort_fusions as fusions
+    from rewriter import rewrite
+
+    def negate(model):          # the output, same name, negated: it loads and runs
+        old = model.graph.outputs[0]
+        node = ir.node("Neg", [old])
+        model.graph.append(node)
+        new = node.outputs[0]
+        new.shape, new.type, name, old.name = old.shape, old.type, old.name, "before_neg"
+        new.name = name
+        model.graph.outputs[0] = new
+        return model, {"negate": 1}
+    src = _ln_matmul(np.random.default_rng(0))
+    monkeypatch.setattr(fusions, "optimize_for_ort", negate)
+    out, report = rewrite(src, target="ort-cpu", compose=True)
+    assert report.rewritten == 1
+    assert [o.name for o in out.graph.output] == ["out"] and "Neg" not in {n.op_type for n in out.graph.node}
+    assert any("ORT fusions not applied: the result does not match the rewrite alone: 1 of 1 output(s)" in n
+               and "'out' 2.000e+00 relative" in n for n in report.notes), report.notes
+    monkeypatch.setattr(fusions, "optimize_for_ort", lambda model: (model, {"nothing": 0}))
+    _, report = rewrite(src, target="ort-cpu", compose=True)
+    assert "then onnxscript's ORT fusions (optimize_for_ort): none" in report.notes, report.notes
