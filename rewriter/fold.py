@@ -1,7 +1,8 @@
-"""Folding a norm's gain (and a deferred LayerNorm's centering) into the weights of the linears
-it feeds: a MatMul/Gemm weight (in place, in one copy its readers share, or — a shared weight
-kept — as a Mul on the linear's input), a Conv's input channels, stacked MoE experts; and β's
-term after the linear (α·β·W). Weights are folded lazily: each is an `ir.LazyTensor` computed
+"""Folding a norm's gain into the weights of the linears it feeds: a MatMul/Gemm weight (in
+place, in one copy its readers share, or — a shared weight kept — as a Mul on the linear's
+input), a Conv's input channels, stacked MoE experts; and β's term after the linear (α·β·W).
+A deferred LayerNorm's centering is not folded: its linears read the centered input
+(transform.Rewriter.center). Weights are folded lazily: each is an `ir.LazyTensor` computed
 (the exact product rounded once: rewriter/weights.py) when the model is saved or run."""
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ class WeightFolding(Plumbing):
 
     def __init__(self, graph: ir.Graph, edit):
         super().__init__(graph, edit)
-        self.folded_once: dict = {}     # (weight, gain, center) → its folded copy, in the weight's scope
+        self.folded_once: dict = {}     # (weight, gain) → its folded copy, in the weight's scope
         self._stacks: set = set()
 
     def fold_linear(self, site: Site, linear: Linear, keep_weight: bool = False,
                     once: bool = False) -> np.ndarray | None:
         """Replace the linear's weight by diag(gain)·W — in place, or in one copy its readers
         share (`once`, see Decision.folded_once), or not at all (`keep_weight`: `gain_before`
-        scales the input). A deferred LayerNorm's centering is not folded (see `center`).
+        scales the input). A deferred LayerNorm's centering is not folded (transform.Rewriter.center).
         Returns the bias delta α·β·W, or None when β is absent."""
         ref = linear.weight
         if keep_weight:
