@@ -39,7 +39,7 @@ class BiasPlacement(Plumbing):
                 node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
             return
         if gemm_c:          # the scale must come before the bias: take C out of the Gemm
-            c = const_array(linear.bias).astype(np.float64) * float(attr(node, "beta"))
+            c = gemm_bias(const_array(linear.bias), float(attr(node, "beta")), 0.0)
             if self.edit.opset < 11:        # Gemm-7..10 require C: a zero one
                 zero = np.zeros(1, const_array(linear.bias).dtype)
                 node.replace_input_with(2, self.edit.initializer(zero, "zero_c", dtype=dtype_of(linear.bias)))

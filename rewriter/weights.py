@@ -229,5 +229,6 @@ def beta_through_weight(ref: WeightRef, beta: np.ndarray) -> np.ndarray:
 def gemm_bias(c: np.ndarray, beta: float, delta: np.ndarray) -> np.ndarray:
     """β·C + delta in float64, for a Gemm whose beta becomes 1 (exact for any β, 0 included;
     C' = C + delta/β would divide by zero and round twice). C broadcasts against the output
-    [M, N] (checked by the pattern), so C' does too."""
-    return beta * c.astype(np.float64) + delta
+    [M, N] (checked by the pattern), so C' does too. With β = 0 C is not read at all (as
+    onnxruntime's Gemm skips it): 0·inf would be NaN."""
+    return (beta * c.astype(np.float64) if beta != 0 else np.zeros(c.shape)) + delta

@@ -142,3 +142,22 @@ def test_unknown_rank_input_and_output_rewrite(external, tmp_path):
         assert report.rewritten == 1, report.table()
         assert any("load-checked only" in note for note in report.notes), report.notes
         assert_exact(diffs)
+
+
+# -- Gemm with beta = 0 does not read C ------------------------------------------------------------
+
+@pytest.mark.parametrize("options", [{"mode": "defer"}, {"mode": "fold"}, {"target": "ort-cpu"}])
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_gemm_beta_zero_ignores_a_non_finite_c(value, options, tmp_path):
+    """LayerNorm(γ, β) → Gemm(beta = 0, C with one inf/NaN entry): onnxruntime skips C, the
+    output is finite; the rewrite wrote β·C = 0·inf = NaN into its bias (was: exit 0, NaN
+    outputs)."""
+    g = GraphBuilder(18)
+    x = g.input("x", [T, N])
+    y = g.layernorm(x, gain=g.gain(N), beta=(0.3 * g.rng.standard_normal(N)).astype(np.float32))
+    c = np.zeros(K, np.float32)
+    c[3] = value
+    g.output(g.op("Gemm", [y, g.weight(N, K), g.const(c, "C")], alpha=2.0, beta=0.0), shape=[T, K])
+    report, diffs, _ = rewrite_and_run(g.model(), tmp_path, **options)
+    assert report.rewritten == 1, report.table()
+    assert_exact(diffs)
