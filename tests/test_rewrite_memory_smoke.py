@@ -105,3 +105,34 @@ def test_inline_writer_matches_protobuf(tmp_path):
     assert inline.write_inline(model, tmp_path / "streamed.onnx")
     ir.save(model, tmp_path / "whole.onnx", format="protobuf")
     assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+
+
+def test_inline_writer_fixes_lengths_through_subgraphs(tmp_path):
+    """A large tensor in an If branch is streamed too: every enclosing length (initializer,
+    graph, attribute, node, model) is recomputed, and the bytes are protobuf's."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from rewriter import inline
+
+    def branch(name, scale):
+        weight = helper.make_tensor(f"{name}_w", TensorProto.FLOAT, [64, 64], np.full(64 * 64, scale, np.float32))
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 64])],
+                                 initializer=[weight])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0), else_branch=branch("else", 2.0))],
+        "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        initializer=[helper.make_tensor("big", TensorProto.FLOAT, [300], np.ones(300, np.float32))])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    for sub in model.graphs():
+        for value in sub.initializers.values():     # in-memory tensors: the writer streams them
+            value.const_value = ir.tensor(value.const_value.numpy() * 3, name=value.name)
+    assert inline.write_inline(model, tmp_path / "streamed.onnx")
+    ir.save(model, tmp_path / "whole.onnx", format="protobuf")
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+    onnx.checker.check_model(str(tmp_path / "streamed.onnx"))
