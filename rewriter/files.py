@@ -25,8 +25,7 @@ def check_external_name(name: str, path: Path) -> None:
     """A data name is a plain file name, written beside the output `path`: a path (a separator,
     `..`, absolute) is a usage error, never resolved somewhere else; the output's own name is
     refused like every other file the run must not replace."""
-    parts = Path(name).parts
-    if not name or os.path.isabs(name) or len(parts) != 1 or name in (".", ".."):
+    if not name or os.path.isabs(name) or Path(name).name != name or name in (".", ".."):   # ./x, x/, a/b
         raise UsageError(f"--external-data {name!r}: give a file name (it is written beside the output)")
     if name == path.name:
         raise OutputError(f"--external-data {name!r}: is the output model's own name; refusing to write its "

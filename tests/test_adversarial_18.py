@@ -161,3 +161,13 @@ def test_gemm_beta_zero_ignores_a_non_finite_c(value, options, tmp_path):
     report, diffs, _ = rewrite_and_run(g.model(), tmp_path, **options)
     assert report.rewritten == 1, report.table()
     assert_exact(diffs)
+
+
+@pytest.mark.parametrize("name", ["w.data/", "./w.data", "sub/"])
+def test_data_name_with_a_separator_is_a_usage_error(name, linked):
+    """A data name ending in a separator passed as a plain name (was exit 5: "cannot write (No
+    such file or directory)" after the rewrite); "./w.data" is a path like any other."""
+    root = linked
+    code, _, err = cli(root / "ext/model.onnx", "-o", root / "o.onnx", "--external-data", name)
+    assert code == 2 and "give a file name" in err, err
+    assert not (root / "o.onnx").exists()
