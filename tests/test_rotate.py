@@ -196,8 +196,13 @@ def test_kronecker_factors(k):
     from rewriter.rotate.online import kronecker_factors, online_matrix
     a, b = kronecker_factors(k)
     assert a * b == k and hadamard(a) is not None and hadamard(b) is not None
-    r = online_matrix(k)
+    r = online_matrix(a, b)
     assert np.allclose(r @ r.T, np.eye(k), atol=1e-12)
+    # what the inserted ops compute: (Aᵀ·X·B)ᵀ flattened, X the row viewed as [a, b]
+    x = np.random.default_rng(0).standard_normal((3, k))
+    ha, hb = hadamard(a) / np.sqrt(a), hadamard(b) / np.sqrt(b)
+    ops = np.swapaxes(ha.T @ x.reshape(3, a, b) @ hb, -1, -2).reshape(3, k)
+    assert np.allclose(ops, x @ r, atol=1e-12)
 
 
 def test_online_rotation_exact_and_kept_in_float(tmp_path):
@@ -212,6 +217,10 @@ def test_online_rotation_exact_and_kept_in_float(tmp_path):
     assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
     online = online_rotation_nodes(ir.from_proto(rotated).graph)
     assert len(online) == 2             # width 16: one Hadamard factor per writer
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    onnx.save(rotated, str(tmp_path / "rot.onnx"))      # onnxruntime's defaults leave them in float too
+    quantize_dynamic(str(tmp_path / "rot.onnx"), str(tmp_path / "rot-q.onnx"), weight_type=QuantType.QInt8)
+    assert set(online) <= {n.name for n in onnx.load(str(tmp_path / "rot-q.onnx")).graph.node if n.op_type == "MatMul"}
     src, dst = tmp_path / "d.onnx", tmp_path / "q.onnx"
     onnx.save(proto, str(src))
     assert main(["quantize", str(src), "-o", str(dst), "--scheme", "w8a8", "--rotate-online", "--quiet"]) == 0

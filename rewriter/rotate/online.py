@@ -3,13 +3,17 @@
 The residual-stream rotation reaches the activations the norms produce; the inputs of the
 writers (the attention output before o_proj, the GLU product before down_proj) keep their
 outlier channels. For a writer x·W with W [k, n]: x·W = (x·R)·(Rᵀ·W) for any orthogonal R,
-so R = A ⊗ B (normalized Hadamard matrices of orders a·b = k) is applied to x at run time and
-Rᵀ folded into W. With x viewed as X [.., a, b] (row-major), x·(A ⊗ B) is Aᵀ·X·B: a Reshape,
-MatMul(X, B), MatMul(Aᵀ, ·), a Reshape back — k·(a + b) multiply-adds per row instead of k².
+so R is applied to x at run time and Rᵀ folded into W. R = (A ⊗ B)·P, A and B normalized
+Hadamard matrices of orders a·b = k, P a permutation: with x viewed as X [.., a, b]
+(row-major), Reshape → MatMul(Aᵀ, X) → Transpose (last two axes) → MatMul(Bᵀ, ·) → Reshape
+computes (Aᵀ·X·B)ᵀ flattened, i.e. x·(A ⊗ B) with its entries permuted (P, folded into W
+with the rest) — k·(a + b) multiply-adds per row instead of k².
 
-The two MatMuls have constant operands, so onnxruntime's quantize_dynamic would quantize them
-(and lose what they gain): `online_rotation_nodes` finds them by structure (a MatMul with a
-constant square matrix of entries of one magnitude) for nodes_to_exclude.
+Both MatMuls take their constant as the *first* input: onnxruntime's quantize_dynamic (with
+its defaults) quantizes a MatMul by a constant second input, which would lose what the
+rotation gains, and leaves these in float; MatMulNBits takes constant second inputs only.
+`online_rotation_nodes` finds them by structure (a MatMul with a constant square matrix of
+entries of one magnitude), for quantizers configured otherwise (nodes_to_exclude).
 """
 
 from __future__ import annotations
@@ -38,13 +42,12 @@ def _normalized(order: int) -> np.ndarray:
     return hadamard(order).astype(np.float64) / np.sqrt(order)
 
 
-def online_matrix(k: int) -> np.ndarray | None:
-    """R = A ⊗ B (orthogonal, k×k, float64) that `insert_online` applies, or None."""
-    factors = kronecker_factors(k)
-    if factors is None:
-        return None
-    a, b = factors
-    return np.kron(_normalized(a), _normalized(b))
+def online_matrix(a: int, b: int) -> np.ndarray:
+    """R = (A ⊗ B)·P (orthogonal, float64) that `insert_online` applies for factors (a, b):
+    column j·a + i of R is column i·b + j of A ⊗ B."""
+    r = np.kron(_normalized(a), _normalized(b))
+    perm = (np.arange(a)[None, :] * b + np.arange(b)[:, None]).reshape(-1)     # new j·a + i ← old i·b + j
+    return r[:, perm]
 
 
 def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
@@ -69,15 +72,17 @@ def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
         split = editor.initializer(np.array(lead + [a, b], np.int64), "split_shape")
         merge = editor.initializer(np.array(lead + [k], np.int64), "merge_shape")
         y = editor.node("Reshape", [x, split], before=node).outputs[0]
-        y = editor.node("MatMul", [y, editor.initializer(_normalized(b).astype(np_dtype), "hadamard")],
-                        before=node).outputs[0]
         if a > 1:
             y = editor.node("MatMul", [editor.initializer(_normalized(a).T.astype(np_dtype), "hadamard"), y],
                             before=node).outputs[0]
+        perm = list(range(rank - 1)) + [rank, rank - 1]
+        y = editor.node("Transpose", [y], {"perm": perm}, before=node).outputs[0]
+        y = editor.node("MatMul", [editor.initializer(_normalized(b).T.astype(np_dtype), "hadamard"), y],
+                        before=node).outputs[0]
         y = editor.node("Reshape", [y, merge], before=node).outputs[0]
         y.dtype = dtype
         node.replace_input_with(0, y)
-        done[node] = np.kron(_normalized(a), _normalized(b))
+        done[node] = online_matrix(a, b)
     return done
 
 
