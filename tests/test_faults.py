@@ -294,9 +294,7 @@ def test_overwrite_replaces_the_input_atomically(external, dirs):
 
 # -- interrupted runs leave nothing -------------------------------------------------------------
 
-def _failing_save(exc: BaseException):
-    real = ir.save
-
+def _failing_save(exc: BaseException, real=ir.save):
     def save(model, path, *args, **kwargs):
         real(model, path, *args, **kwargs)                    # the files are there, complete
         Path(path).write_bytes(Path(path).read_bytes()[:50])  # then a partial rewrite
@@ -317,7 +315,8 @@ def test_failure_while_saving_leaves_nothing(exc, code, message, external, dirs,
     else:
         onnx.save(llama_like_block(), src / "model.onnx")
     before = digests(src)
-    monkeypatch.setattr(rio.ir, "save", _failing_save(exc))
+    monkeypatch.setattr(rio.ir, "save", _failing_save(exc))                    # external data
+    monkeypatch.setattr(rio, "write_inline", _failing_save(exc, rio.write_inline))  # weights inline
     got, _, err = cli(src / "model.onnx", "-o", out / "flash.onnx")
     assert_error(got, err, code, message)
     assert list(out.iterdir()) == []
