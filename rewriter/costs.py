@@ -253,9 +253,10 @@ def choose(table: CostTable, ep: str, shape: SiteShape | None, candidates, refer
 __all__ = ["CostTable", "FORMAT", "SiteShape", "choose", "site_shape"]
 
 
-def chooser_for(options):
+def chooser_for(options, opsets=None):
     """`site -> (strategy, evidence)` from measured costs, for a target with a provider (None
-    otherwise: every site takes the options' default strategy). `options`: rewriter.Options."""
+    otherwise: every site takes the options' default strategy). `options`: rewriter.Options;
+    `opsets`: the model's opset imports, which decide the kernel strategies open to a site."""
     spec = TARGETS.get(options.target or "", {})
     if options.strategy is not None or not spec.get("ep"):
         return None
@@ -266,7 +267,7 @@ def chooser_for(options):
         table = CostTable.load(table)
 
     def chooser(site):
-        candidates = list(dict.fromkeys(applicable(site, c) for c in spec["candidates"]))
+        candidates = list(dict.fromkeys(applicable(site, c, opsets) for c in spec["candidates"]))
         return choose(table, spec["ep"], site_shape(site), candidates,
-                      applicable(site, spec["reference"]), tokens=options.tokens)
+                      applicable(site, spec["reference"], opsets), tokens=options.tokens)
     return chooser

@@ -60,7 +60,8 @@ class FlashNormPass(ir.passes.InPlacePass):
             notes.append(f"inlined {inlined} call(s) of model-local functions holding a norm "
                          "(as onnxruntime does when it loads the model)")
         self.plan, self.trace, cancelled, kept = [], [], 0, {}
-        chooser = chooser_for(options)
+        opsets = dict(model.opset_imports)       # the kernel strategies need their ops' opsets
+        chooser = chooser_for(options, opsets)
         graphs = list(model.graphs())
         found = [find_sites(graph) for graph in graphs]
         # weights that only sites with the same gain read, across scopes, are folded once
@@ -71,7 +72,7 @@ class FlashNormPass(ir.passes.InPlacePass):
         for index, graph in enumerate(graphs):
             # matched again once an enclosing scope was rewritten: its values may have moved
             sites, misses = find_sites(graph) if changed else found[index]
-            plan = make_plan(sites, misses, options, chooser=chooser, agreed=agreed)
+            plan = make_plan(sites, misses, options, chooser=chooser, agreed=agreed, opsets=opsets)
             self.plan += plan
             if any(d.rewritten for d in plan):
                 rewriter = apply_plan(model, plan, push_scales=options.push_scales, approx=options.approx,

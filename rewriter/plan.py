@@ -7,6 +7,7 @@ decision names one strategy from STRATEGIES; with a target that has measured cos
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -244,10 +245,19 @@ def kernel_width(site: Site) -> int | None:
     return n if n is not None or site.merge is not None else site.size
 
 
-def kernel_contract(site: Site, strategy: str) -> str:
+# The opsets a model must import for them: LayerNormalization (a LayerNorm's fold-fused kernel
+# and its centered defer-normop statistics) is an ONNX op from opset 17; onnxruntime registers
+# SimplifiedLayerNormalization in the ONNX domain at every opset, and the Skip* kernels in
+# com.microsoft at version 1 only.
+LAYERNORM_OPSET = 17
+CONTRIB_VERSION = 1
+
+
+def kernel_contract(site: Site, strategy: str, opsets: Mapping[str, int] | None = None) -> str:
     """Why onnxruntime's kernel for `strategy` (fold-fused: the weightless norm as one op;
-    defer-normop: 1/RMS from one norm op's inverse std) would not accept this site, or ''.
-    A site without a graph (calibrate's shape-only stand-in: no `x`) is its probe's, which fits."""
+    defer-normop: 1/RMS from one norm op's inverse std) would not accept this site in a model
+    importing `opsets` ({domain: version}; None: not checked), or ''. A site without a graph
+    (calibrate's shape-only stand-in: no `x`) is its probe's, which fits."""
     if strategy not in KERNEL_DTYPES or getattr(site, "x", None) is None:
         return ""
     if kernel_width(site) is None:
@@ -255,6 +265,20 @@ def kernel_contract(site: Site, strategy: str) -> str:
     dtype = dtype_of(site.output)
     if dtype not in KERNEL_DTYPES[strategy]:
         return f"{strategy} not possible: no onnxruntime norm kernel for {dtype} here"
+    return _opsets_refuse(site, strategy, opsets) if opsets is not None else ""
+
+
+def _opsets_refuse(site: Site, strategy: str, opsets: Mapping[str, int]) -> str:
+    """Why the model's opset imports have no kernel for `strategy` at this site, or ''."""
+    version = int(opsets.get("", opsets.get("ai.onnx", 0)))
+    if site.kind == NormKind.LAYER and version < LAYERNORM_OPSET:
+        return (f"{strategy} not possible: a LayerNorm's kernel is LayerNormalization, an ONNX op from opset "
+                f"{LAYERNORM_OPSET}; the model imports opset {version}")
+    contrib = opsets.get("com.microsoft")
+    if (strategy == Strategy.FOLD_FUSED and site.kind == NormKind.RMS and contrib not in (None, CONTRIB_VERSION)
+            and skip_operands(site.x)):
+        return (f"{strategy} not possible: the residual norm's kernel, SkipSimplifiedLayerNormalization, is "
+                f"com.microsoft version {CONTRIB_VERSION}; the model imports version {contrib}")
     return ""
 
 
@@ -292,27 +316,30 @@ def _form_allows(site: Site, strategy: str) -> str:
     return strategy
 
 
-def applicable(site: Site, strategy: str) -> str:
+def applicable(site: Site, strategy: str, opsets: Mapping[str, int] | None = None) -> str:
     """The strategy this site can take: DyT has no 1/RMS to defer, an already fused norm is its
-    own fused kernel, and a kernel strategy needs a site its onnxruntime op accepts
-    (kernel_contract; else fold-fused → fold, defer-normop → defer)."""
+    own fused kernel, and a kernel strategy needs a site its onnxruntime op accepts in a model
+    importing `opsets` (kernel_contract; else fold-fused → fold, defer-normop → defer)."""
     strategy = _form_allows(site, strategy)
-    return KERNEL_FALLBACK[strategy] if kernel_contract(site, strategy) else strategy
+    return KERNEL_FALLBACK[strategy] if kernel_contract(site, strategy, opsets) else strategy
 
 
-def kernels_refused(site: Site, strategies) -> str:
+def kernels_refused(site: Site, strategies, opsets: Mapping[str, int] | None = None) -> str:
     """Why the kernel strategies among `strategies` were not open to this site ('' if all were)."""
-    return "; ".join(dict.fromkeys(filter(None, (kernel_contract(site, _form_allows(site, s)) for s in strategies))))
+    return "; ".join(dict.fromkeys(filter(None, (kernel_contract(site, _form_allows(site, s), opsets)
+                                                 for s in strategies))))
 
 
 def decide(site: Site, options: Options, strategy: str | None = None, evidence: str = "",
-           agreed: set[ir.Value] = frozenset()) -> Decision:
+           agreed: set[ir.Value] = frozenset(), opsets: Mapping[str, int] | None = None) -> Decision:
+    """The plan for one site: `strategy` (default the options') where the site and the model's
+    `opsets` allow it (applicable), else its fallback with the reason in the evidence."""
     asked = strategy or options.default_strategy
-    strategy = applicable(site, asked)
+    strategy = applicable(site, asked, opsets)
     if asked in DEFERRING and strategy == Strategy.FOLD and site.defer_blocker:
         evidence = "; ".join(filter(None, [f"fold only: {site.defer_blocker}", evidence]))
     considered = TARGETS[options.target]["candidates"] if options.measured and not options.strategy else (asked,)
-    evidence = "; ".join(filter(None, [kernels_refused(site, considered), evidence]))
+    evidence = "; ".join(filter(None, [kernels_refused(site, considered, opsets), evidence]))
     if strategy == Strategy.KEEP:
         return Decision(site, None, Action.SKIP, "kept as exported: measured fastest on the target"
                         + (f" ({evidence})" if evidence else ""), strategy=strategy, evidence=evidence)
@@ -346,13 +373,14 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
 
 
 def make_plan(sites: list[Site], misses: list[Miss], options: Options, chooser=None,
-              agreed: set[ir.Value] = frozenset()) -> list[Decision]:
+              agreed: set[ir.Value] = frozenset(), opsets: Mapping[str, int] | None = None) -> list[Decision]:
     """`chooser(site) -> (strategy, evidence)` picks per site (rewriter.costs); without one,
-    every site takes the options' default strategy. `agreed`: see agreeing_weights."""
+    every site takes the options' default strategy. `agreed`: see agreeing_weights. `opsets`:
+    the model's opset imports, which the kernel strategies need (kernel_contract)."""
     plan = []
     for site in sites:
         strategy, evidence = chooser(site) if chooser is not None else (None, "")
-        plan.append(decide(site, options, strategy, evidence, agreed))
+        plan.append(decide(site, options, strategy, evidence, agreed, opsets))
     plan += [Decision(None, miss, Action.SKIP, miss.reason) for miss in misses]
     return plan
 

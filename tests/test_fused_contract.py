@@ -162,3 +162,50 @@ def test_mamba2_for_ort_cuda_loads_runs_and_is_exact(name, tmp_path):
     assert [s.strategy for s in report.sites] == ["fold-fused"] * 3, report.table()
     assert op_types(out).count(PLAIN) + op_types(out).count(SKIP) == 3
     assert_exact(diffs)
+
+
+def layernorm_site(opset: int, shape=(2, 5, N)):
+    """x → decomposed LayerNorm(γ, β) → MatMul at `opset`."""
+    g = GraphBuilder(opset=opset)
+    x = g.input("x", list(shape))
+    y = g.layernorm(x, gain=g.gain(N), beta=g.gain(N) - 1)
+    g.output(g.op("MatMul", [y, g.weight(N, K)]), shape=[*shape[:-1], K])
+    return g.model()
+
+
+@pytest.mark.parametrize("strategy,fallback,op_type", [("fold-fused", "fold", "LayerNormalization"),
+                                                       ("defer-normop", "defer", "LayerNormalization")])
+@pytest.mark.parametrize("opset", [16, 17])
+def test_a_layernorm_kernel_needs_opset_17_and_the_report_says_so(opset, strategy, fallback, op_type, tmp_path):
+    """LayerNormalization (a LayerNorm's fused kernel, and defer-normop's centered statistics)
+    is an ONNX op from opset 17: below it the site takes the fallback, and the report names the
+    strategy it took and why; from 17 the kernel is emitted and reported."""
+    report, diffs, out = rewrite_and_run(layernorm_site(opset), tmp_path, strategy=strategy)
+    assert_exact(diffs)
+    (site,) = report.sites
+    emitted = op_type in op_types(out)
+    if opset < 17:
+        assert site.strategy == fallback and not emitted, (site.strategy, op_types(out))
+        assert ("not possible: a LayerNorm's kernel is LayerNormalization, an ONNX op from opset 17; "
+                "the model imports opset 16") in site.reason, site.reason
+        assert report.table().count(f"{fallback}: 1"), report.table()
+    else:
+        assert site.strategy == strategy and emitted, (site.strategy, op_types(out))
+        assert "not possible" not in site.reason, site.reason
+
+
+def test_the_rms_kernel_needs_no_opset_but_skip_needs_contrib_version_1():
+    """SimplifiedLayerNormalization is onnxruntime's op in the ONNX domain at every opset (no
+    opset refusal for an RMSNorm); SkipSimplifiedLayerNormalization is com.microsoft version 1."""
+    from rewriter.patterns import find_sites
+    from rewriter.plan import Strategy, kernel_contract
+    import onnx_ir as ir
+    model = ir.from_proto(residual_site([2, 5, N]))
+    from rewriter.passes import infer_shapes
+    infer_shapes(model)
+    (site,), _ = find_sites(model.graph)
+    assert kernel_contract(site, Strategy.FOLD_FUSED, {"": 13, "com.microsoft": 1}) == ""
+    assert kernel_contract(site, Strategy.DEFER_NORMOP, {"": 9}) == ""
+    refusal = kernel_contract(site, Strategy.FOLD_FUSED, {"": 18, "com.microsoft": 2})
+    assert "SkipSimplifiedLayerNormalization, is com.microsoft version 1; the model imports version 2" in refusal
+    assert kernel_contract(site, Strategy.FOLD_FUSED, {"": 18}) == ""     # imported where emitted
