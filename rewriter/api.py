@@ -113,7 +113,8 @@ def check_loads_and_runs(src, model: ir.Model, written, report: Report, *, ran: 
         elif exc.stage == "load":
             _blame("load", exc.problem, _fails(lambda: session(src, "cpu")), report)
         else:
-            _blame("run", exc.problem, _fails(lambda: run_check(src, exc.feeds)), report)
+            feeds = exc.feeds
+            _blame("run", exc.problem, _fails(lambda: run_check(src, feeds)), report)
 
 
 def _fails(action) -> bool:
