@@ -1,8 +1,9 @@
 """The pipeline the CLI and the API run (`run_pipeline`):
 
     FlashNormPass (shape inference, the rewrite) → [if modified: unused-node removal (to a
-    fixed point) → shape inference] → [ort-* targets: onnxscript's ORT fusions, rewriter/
-    compose.py] → the producer's declarations restored
+    fixed point) → shape inference] → [--rotate: the residual stream rotated, rewriter/rotate]
+    → [ort-* targets: onnxscript's ORT fusions, rewriter/compose.py] → the producer's
+    declarations restored
 
 The output does not keep the inferred shapes: it keeps the value_info its producer declared
 (where the value still exists) and adds none, so a run that rewrites nothing writes the graph
