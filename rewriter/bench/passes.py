@@ -5,7 +5,7 @@ what it did; run `tidy()` after it, as `transform_file` does):
                           trick can pass (not a usable model)
     FuseNorms             every decomposed RMSNorm/LayerNorm that patterns.find_sites finds (with
                           linear consumers or not) replaced by onnxruntime's fused op with its own
-                          γ/β, through the rewriter's own emitter (Rewriter.fuse_norm)
+                          γ/β, through the rewriter's own emitter (NormKernels.fuse_norm)
     OnnxscriptFusions     onnxscript's optimize_for_ort: the peer that fuses for onnxruntime
     OrtTransformersOptimizer  onnxruntime.transformers' optimizer: a second peer
 
@@ -30,8 +30,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from rewriter import io
 from rewriter.patterns import Site, find_sites
 from rewriter.patterns.fused import FUSED_NORMS
-from rewriter.patterns.graph import dtype_of, is_used, set_dtype
-from rewriter.transform import Rewriter
+from rewriter.kernels import NormKernels
+from rewriter.patterns.graph import GraphEditor, dtype_of, is_used, set_dtype
 
 NORM_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
             "SkipLayerNormalization", "RMSNormalization"}
@@ -53,8 +53,13 @@ def _norm_site(found) -> Site | None:
     return found if isinstance(found, Site) else getattr(found, "site", None)
 
 
-def _substitute(rw: Rewriter, old: ir.Value, new: ir.Value) -> None:
-    """Rewriter.redirect, but a graph output never takes over a graph input or another output:
+def _editor(model: ir.Model, prefix: str) -> NormKernels:
+    """The rewriter's plumbing and norm kernels on the main graph; new names start with `prefix`."""
+    return NormKernels(model.graph, GraphEditor(model.graph, prefix, main=model.graph))
+
+
+def _substitute(rw: NormKernels, old: ir.Value, new: ir.Value) -> None:
+    """Plumbing.redirect, but a graph output never takes over a graph input or another output:
     then it reads `new` through an Identity (BERT's last_hidden_state is a norm output)."""
     if old.is_graph_output() and (new.is_graph_input() or new.is_graph_output()):
         new = rw.edit.op1("Identity", new, hint="keep_output")
@@ -73,8 +78,7 @@ class NormFree(_Reporting):
     """Every normalization replaced by identity. info: {"removed": n, "kept": [[name, why]]}."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rw = Rewriter(model)
-        rw.edit.prefix = "bench_nf"
+        rw = _editor(model, "bench_nf")
         sites, misses = find_sites(model.graph)
         removed, kept = 0, []
         for found in (*sites, *misses):
@@ -93,7 +97,7 @@ class NormFree(_Reporting):
         return ir.passes.PassResult(model, modified=removed > 0)
 
     @staticmethod
-    def _drop_fused(rw: Rewriter, node: ir.Node, spec) -> None:
+    def _drop_fused(rw: NormKernels, node: ir.Node, spec) -> None:
         out = node.outputs[0]
         if spec.skip is None:
             _substitute(rw, out, rw.narrow_source(node.inputs[0], dtype_of(out)))
@@ -113,14 +117,13 @@ class NormFree(_Reporting):
 
 class FuseNorms(_Reporting):
     """Each decomposed RMSNorm/LayerNorm → onnxruntime's fused op with its own γ/β
-    (Rewriter.fuse_norm): Skip* when its input is a residual Add (SkipLayerNormalization too,
+    (NormKernels.fuse_norm): Skip* when its input is a residual Add (SkipLayerNormalization too,
     and Adds of unknown shape count: the graph is not shape-inferred), else
     SimplifiedLayerNormalization / LayerNormalization. Norms already fused are left alone.
     info: {"fused": {op type: n}, "kept": [[name, why]]}."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rw = Rewriter(model)
-        rw.edit.prefix = "bench_fuse"                      # names of what it adds
+        rw = _editor(model, "bench_fuse")                  # names of what it adds
         sites, misses = find_sites(model.graph)
         fused: dict[str, int] = {}
         kept: list = []
@@ -139,7 +142,7 @@ class FuseNorms(_Reporting):
         return ir.passes.PassResult(model, modified=bool(fused))
 
     @staticmethod
-    def _fuse(rw: Rewriter, site: Site) -> tuple[str | None, str]:
+    def _fuse(rw: NormKernels, site: Site) -> tuple[str | None, str]:
         """(op type emitted, "") or (None, why not)."""
         if site.kind not in ("rms", "layer"):
             return None, f"kind {site.kind}"
