@@ -55,6 +55,13 @@ def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
     factorization; returns {writer: R} (Rᵀ is for its weight, rewriter.rotate.apply)."""
     editor = GraphEditor(graph, prefix="rotate_online")
     done: dict[ir.Node, np.ndarray] = {}
+    factors_made: dict[tuple[int, ir.DataType], ir.Value] = {}     # one constant per order, shared
+
+    def factor(order: int, dtype: ir.DataType) -> ir.Value:
+        if (order, dtype) not in factors_made:
+            factors_made[order, dtype] = editor.initializer(_normalized(order).T.astype(dtype.numpy()), "hadamard")
+        return factors_made[order, dtype]
+
     for use in stream.uses:
         node = use.node
         if use.role != "writer" or not op(node, "MatMul", domain="") or node in done:
@@ -67,18 +74,15 @@ def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
             continue
         a, b = factors
         dtype = x.dtype or ir.DataType.FLOAT
-        np_dtype = dtype.numpy()
         lead = [0] * (rank - 1)         # Reshape's 0 copies the dim (allowzero stays 0)
         split = editor.initializer(np.array(lead + [a, b], np.int64), "split_shape")
         merge = editor.initializer(np.array(lead + [k], np.int64), "merge_shape")
         y = editor.node("Reshape", [x, split], before=node).outputs[0]
         if a > 1:
-            y = editor.node("MatMul", [editor.initializer(_normalized(a).T.astype(np_dtype), "hadamard"), y],
-                            before=node).outputs[0]
+            y = editor.node("MatMul", [factor(a, dtype), y], before=node).outputs[0]
         perm = list(range(rank - 1)) + [rank, rank - 1]
         y = editor.node("Transpose", [y], {"perm": perm}, before=node).outputs[0]
-        y = editor.node("MatMul", [editor.initializer(_normalized(b).T.astype(np_dtype), "hadamard"), y],
-                        before=node).outputs[0]
+        y = editor.node("MatMul", [factor(b, dtype), y], before=node).outputs[0]
         y = editor.node("Reshape", [y, merge], before=node).outputs[0]
         y.dtype = dtype
         node.replace_input_with(0, y)
