@@ -248,3 +248,15 @@ def test_real_smollm2_rotation_exact(online, tmp_path):
     ratio = float(np.exp(np.mean(np.log(token_errors(got, want) / token_errors(orig, want)))))
     detail = f"vs original {max_rel(got, orig):.2e}; per-token error {ratio:.3f}x the original's"
     assert max_rel(got, orig) <= FP32_TOL and ratio <= 1.5, detail
+
+
+def test_refused_broadcast_writer():
+    """A writer of width 1 (its output broadcast over the stream by the residual Add) is no
+    rotatable linear: refused, not crashed."""
+    g = GraphBuilder(opset=17, seed=2)
+    ids = g.input("ids", [None], np.int64)
+    v = g.op("Gather", [g.const(g.rng.standard_normal((VOCAB, N)).astype(np.float32), "E"), ids], axis=0)
+    y = g.rms(v, gain=g.gain(N))
+    v = g.op("Add", [v, g.op("MatMul", [g.op("MatMul", [y, g.weight(N, 8)]), g.weight(8, 1)])])
+    g.output(g.op("MatMul", [g.rms(v, gain=g.gain(N)), g.weight(N, VOCAB)], hint="logits"), shape=[None, VOCAB])
+    refused(g.model(contrib=False), "1 wide along the stream's axis", "MatMul")

@@ -321,6 +321,10 @@ def _check_owned(stream: Stream) -> None:
     axes: dict[ir.Value, int] = {}
     allowed: dict[ir.Value, set[ir.Node]] = {}
     for use in stream.uses:
+        width = const_tensor(use.source).shape[use.axis]
+        if width != stream.size:        # e.g. a writer of width 1, broadcast by the residual Add
+            raise Refused(fail(f"a {use.role} constant is {width} wide along the stream's axis, not {stream.size}",
+                               use.node))
         if axes.setdefault(use.source, use.axis) != use.axis:
             raise Refused(fail("a constant is read along two different axes by the stream's linears", use.node))
         allowed.setdefault(use.source, set()).update((use.node, *use.steps))
