@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter.patterns import Failure, Site, fail, find_sites
-from rewriter.patterns.graph import (attr, cast_to, const_array, const_tensor, dtype_of, is_cast, last_dim, op,
+from rewriter.patterns.graph import (attr, cast_to, const_array, const_tensor, dtype_of, holds, is_cast, last_dim, op,
                                      transpose_perm, users)
 from rewriter.patterns.linear import resolve_weight
 
@@ -167,11 +167,12 @@ def _embedding_part(value: ir.Value, add: ir.Node | None, n: int) -> list[Use]:
 
 
 def _alias_step(node: ir.Node) -> bool:
-    """Identity, or a Cast to the type its input already has (TorchScript's `.to(float32)` of an
-    fp32 stream): the stream passes through unchanged."""
+    """Identity, or a Cast that keeps or widens the type (TorchScript's `.to(float32)` of an fp32
+    stream, an fp16 stream widened for its norm): every value passes exactly, so the rotated
+    stream passes as the rotated stream."""
     if op(node, "Identity", domain=""):
         return True
-    return is_cast(node) and cast_to(node) is not None and cast_to(node) == dtype_of(node.inputs[0])
+    return is_cast(node) and holds(cast_to(node), dtype_of(node.inputs[0]))
 
 
 def _unalias(value: ir.Value) -> ir.Value:
