@@ -282,3 +282,17 @@ def test_fp16_rotation_as_accurate_as_the_original(online):
             squared[name] += float(np.sum((run(model, feeds)[0].astype(np.float64) - ref) ** 2))
     ratio = np.sqrt(squared["rotated"] / squared["original"])
     assert ratio <= 1.5, ratio
+
+
+def test_kv_cache_decoder_rotation_exact(tmp_path):
+    """An optimum-style decoder with a KV cache (models/kv_export.py): exact at the prefill and
+    at decode steps (rewriter.verify runs both, the presents included)."""
+    from models.kv_export import export_optimum_style
+    from rewriter import rewrite_file
+    from rewriter.api import check_outputs
+    src, dst = tmp_path / "kv.onnx", tmp_path / "kv-rot.onnx"
+    export_optimum_style(zoo_model("llama"), str(src))
+    report = rewrite_file(src, dst, rotate_online=True)
+    assert report.rotation["applied"] and report.rotation["online"] == 4, report.rotation
+    diffs = check_outputs(src, dst, provider="cpu")     # raises VerificationFailed beyond 1e-5
+    assert len(diffs) == 5
