@@ -284,6 +284,10 @@ def main_rotate(args) -> int:
         row["vs_original_same_scheme"] = paired(nll[(row["model"], row["scheme"])], nll[("original", row["scheme"])])
         row["ppl_ratio_vs_original"] = row["perplexity"] / next(
             r["perplexity"] for r in rows if r["model"] == "original" and r["scheme"] == row["scheme"])
+        if row["model"] in ("rotate", "rotate-online") and ("olive-quarot", row["scheme"]) in nll:
+            # ours against the peer token by token (negative: ours better)
+            row["vs_olive_quarot_same_scheme"] = paired(nll[(row["model"], row["scheme"])],
+                                                        nll[("olive-quarot", row["scheme"])])
     import onnxruntime
     import onnx
     out = {
@@ -309,6 +313,15 @@ def main_rotate(args) -> int:
             cells.append(f"{r['perplexity']:.2f}" + ("" if base == "original" else
                                                      f" ({c['mean_nll_diff']:+.3f} ± {c['stderr']:.3f})"))
         print(f"| {base} | " + " | ".join(cells) + " |")
+    if args.olive:
+        print("\nΔNLL per token vs olive-quarot quantized the same way (± paired s.e.; negative: ours better)\n")
+        print("| model | " + " | ".join(["fp32", *schemes]) + " |")
+        print("|---|" + "---|" * (len(schemes) + 1))
+        for base in ("rotate", "rotate-online"):
+            print(f"| {base} | " + " | ".join(
+                "{mean_nll_diff:+.3f} ± {stderr:.3f}".format(**next(
+                    r for r in rows if r["model"] == base and r["scheme"] == s)["vs_olive_quarot_same_scheme"])
+                for s in ["fp32", *schemes]) + " |")
     if args.latency:
         print("\nprefill of 128 tokens, ms (median of 7; shared machine)\n")
         print("| model | " + " | ".join(["fp32", *schemes]) + " |")
