@@ -296,3 +296,17 @@ def test_kv_cache_decoder_rotation_exact(tmp_path):
     assert report.rotation["applied"] and report.rotation["online"] == 4, report.rotation
     diffs = check_outputs(src, dst, provider="cpu")     # raises VerificationFailed beyond 1e-5
     assert len(diffs) == 5
+
+
+def test_skip_norms_rotation_exact():
+    """onnxruntime's optimizer output: SkipSimplifiedLayerNormalization holds each residual Add
+    (its output 3 the next stream value): rotated, exact."""
+    proto = onnx.load(str(exported("llama", "torchscript", 17, ort_opt=True)))
+    assert any(n.op_type == "SkipSimplifiedLayerNormalization" for n in proto.graph.node)
+    rotated, report = rewrite(proto, rotate=True)
+    assert report.rotation["applied"] and report.rotation["norms"] == 5, report.rotation
+    ids = np.random.default_rng(0).integers(0, zoo_model("llama").config.vocab_size, (2, 12))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in proto.graph.input}}
+    want, got = run(proto, feeds)[0], run(rotated, feeds)[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -160,10 +160,9 @@ def _embedding_part(value: ir.Value, add: ir.Node | None, n: int) -> list[Use]:
     if not op(producer, "Gather", domain="") or int(attr(producer, "axis")) != 0:
         raise Refused(fail("the residual stream does not start at a Gather of embedding rows",
                            producer or value))
-    table = const_tensor(producer.inputs[0])
-    if table is None or len(table.shape) != 2 or int(table.shape[1]) != n:
-        raise Refused(fail(f"the embedding table is not a constant [V, {n}]", producer))
-    return [Use(producer.inputs[0], 1, producer, "embedding")]
+    # the table [V, n] as Gather reads it: stored, or behind Transpose/Cast (genai's builder
+    # gathers from the transposed head weight)
+    return [_weight_use(producer.inputs[0], 1, producer, "embedding")]
 
 
 def _alias_step(node: ir.Node) -> bool:
@@ -238,14 +237,18 @@ def find_stream(graph: ir.Graph) -> Stream:
                 raise Refused(fail("post-norm: a norm's output is the residual stream (its Add reads it); "
                                    "rotation needs pre-norm", miss.anchor))
         raise Refused(fail("no RMSNorm or LayerNorm reads a residual stream"))
-    fused_skip = next((s for s in sites if s.skip_inputs), None)
-    if fused_skip is not None:
-        raise Refused(fail("a Skip* norm holds the residual Add inside one op (rotate the unfused graph)",
-                           fused_skip.anchor))
+    # Skip* norms (onnxruntime's fusion of the residual Add and the norm): by their node
+    skips = {site.anchor: site for site in sites if site.skip_inputs}
     # the start: walk back from the last norm along the stream operand of each residual Add
     v = _unalias(stream_norms[-1].x)
-    while op(v.producer(), "Add", domain="") and _residual_operand(v.producer()) is not None:
-        v = _unalias(_residual_operand(v.producer()))
+    while True:
+        producer = v.producer()
+        if op(producer, "Add", domain="") and _residual_operand(producer) is not None:
+            v = _unalias(_residual_operand(producer))
+        elif producer in skips and v is skips[producer].residual_out:
+            v = _unalias(_skip_operands(skips[producer])[0])
+        else:
+            break
     n = stream_norms[-1].size
     if n is None:
         raise Refused(fail("the residual stream's width is unknown", v))
@@ -261,6 +264,9 @@ def find_stream(graph: ir.Graph) -> Stream:
                 raise Refused(fail("the residual stream is a graph output (it would come out rotated)", alias))
             for node, _ in users(alias):
                 if node in norm_nodes or _alias_step(node) or node.op_type in ("Shape", "Size"):
+                    continue
+                if node in skips and nxt is None and _skip_operands(skips[node])[0] is alias:
+                    nxt = node
                     continue
                 miss = miss_by_x.get(alias)
                 if miss is not None and node in miss.site.nodes:
@@ -281,11 +287,25 @@ def find_stream(graph: ir.Graph) -> Stream:
             stream.uses += _norm_uses(site, n)
         if nxt is None:
             break
-        k = 0 if _residual_operand(nxt) is nxt.inputs[0] else 1
-        uses = _writer(nxt.inputs[1 - k], nxt, n)
-        stream.writers.append(uses[-1].node)
+        if nxt in skips:        # the residual Add, a bias and the next norm in one op
+            site = skips[nxt]
+            _, written, bias = _skip_operands(site)
+            uses = _writer(written, nxt, n)
+            if bias is not None:
+                uses.append(_bias_use(bias, n, nxt))
+            stream.norms.append(site)
+            stream.uses += _norm_uses(site, n)
+            nxt_value = site.residual_out if site.residual_out is not None and \
+                (site.residual_out.uses() or site.residual_out.is_graph_output()) else None
+        else:
+            k = 0 if _residual_operand(nxt) is nxt.inputs[0] else 1
+            uses = _writer(nxt.inputs[1 - k], nxt, n)
+            nxt_value = nxt.outputs[0]
+        stream.writers.append(next(u.node for u in uses if u.role == "writer"))
         stream.uses += uses
-        v = nxt.outputs[0]
+        if nxt_value is None:   # the last Skip* norm: its sum is not read
+            break
+        v = nxt_value
         stream.values.append(v)
     if not stream.norms or not stream.writers:
         raise Refused(fail("no residual stream (norms reading a chain of residual Adds) was found", v))
@@ -307,6 +327,22 @@ def _residual_operand(add: ir.Node) -> ir.Value | None:
                 return None
             return add.inputs[k]
     return None
+
+
+def _skip_operands(site: Site) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+    """(stream, writer output, bias) of a Skip* norm: the writer's side is the linear's output
+    (a MatMul/Gemm, maybe behind its bias Add or a Reshape), the stream the other."""
+    first, second, bias = (tuple(site.skip_inputs) + (None, None, None))[:3]
+
+    def written(value: ir.Value) -> bool:
+        producer = _unalias(value).producer()
+        return op(producer, "MatMul", "Gemm", "Reshape", domain="") or (
+            op(producer, "Add", domain="") and any(const_array(v, follow=False) is not None for v in producer.inputs))
+    if written(second) and not written(first):
+        return first, second, bias
+    if written(first) and not written(second):
+        return second, first, bias
+    raise Refused(fail("a Skip* norm's inputs do not tell the stream from the writer", site.anchor))
 
 
 def _embedding_start(node: ir.Node | None) -> bool:
