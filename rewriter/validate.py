@@ -116,7 +116,12 @@ def check_tensors(model: ir.Model) -> None:
     for name, tensor in _tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             continue
-        if isinstance(tensor, SpanTensor) and tensor.length != tensor.nbytes:
+        if isinstance(tensor, SpanTensor):
+            try:
+                needed = tensor.nbytes
+            except TypeError:           # STRING, UNDEFINED: no fixed width, so never raw bytes
+                raise Unsupported(f"invalid tensor {name!r}: {tensor.dtype.name} data stored as raw bytes") from None
+        if isinstance(tensor, SpanTensor) and tensor.length != needed:
             raise Unsupported(f"invalid tensor {name!r}: data does not match its type and shape ({tensor.length} "
                               f"bytes of data, {tensor.dtype.name} {list(tensor.shape)} needs {tensor.nbytes})")
         proto = getattr(tensor, "raw", None)

@@ -445,3 +445,16 @@ def test_metadata_is_kept(dirs):
     assert [i.name for i in sess.get_inputs()] == ["tokens_in"]
     feeds = random_feeds(sess)
     assert_exact(judge(run(src / "m.onnx", feeds, provider="cpu"), run(out / "flash.onnx", feeds, provider="cpu")))
+
+
+def test_string_initializer_with_raw_bytes_is_bad_input(tmp_path):
+    """A large initializer declared STRING but holding raw bytes (a mutation the CLI fuzzer
+    makes) is an invalid model, exit 4 — not an internal error in the lazy reader's size check."""
+    proto = llama_like_block()
+    big = next(t for t in proto.graph.initializer if len(t.raw_data) > 1024)
+    big.data_type = TensorProto.STRING
+    onnx.save(proto, tmp_path / "model.onnx")
+    before = digests(tmp_path)
+    code, _, err = cli(tmp_path / "model.onnx", "-o", tmp_path / "flash.onnx")
+    assert_error(code, err, EXIT_UNSUPPORTED, "STRING data stored as raw bytes")
+    assert digests(tmp_path) == before
