@@ -98,7 +98,7 @@ def benchmark(src: Path, dst: Path, work: Path, tokens: list[int], budget: float
     plot(result, work / "bench.png", title=src.name, ratios=("raw/rewritten", peer))
     print()
     print(compare_table(result, SHOWN))
-    print("(median ms [p10-p90]; a ratio > 1: the rewritten graph is faster; ≈: within noise)")
+    print("(median ms [p10-p90]; ours: the rewritten graph, faster where a ratio > 1; ≈: within noise)")
     print(f"plot: {work / 'bench.png'}\nevery variant, more token counts: python -m rewriter bench {src} {dst} "
           "--baselines")
 

@@ -13,6 +13,8 @@ CORE_TESTS=(
     test_faults test_files_and_exits test_fused_forms test_layernorm_dyt test_pass_protocol
     test_precision test_regressions test_rewrite_memory_smoke test_scale_rules test_scale_walker
     test_scopes test_soundness test_strategies test_weights
+    test_schema_defaults test_gemm_scaling test_conv_pad test_approx_axes test_fused_contract
+    test_file_safety test_verify_floor test_adversarial_18 test_layernorm_precision test_options
 )
 
 "$PY" -m venv "$WORK/venv"

@@ -20,7 +20,7 @@ def test_demo_runs_every_step_and_ends_with_one_narrow_table(tmp_path, capsys):
     table = lines[head:head + 4]            # header, rule, one row per token count
     assert [line.split()[:2] for line in table[2:]] == [["b1", "t1"], ["b1", "t8"]]
     assert all(len(line) <= 100 for line in table), table
-    assert "onnxscript ms" in table[0] and "onnxscript÷rewritten" in table[0]
+    assert "onnxscript ms" in table[0] and "onnxscript÷ours" in table[0]
     assert sum(line.startswith("shape ") for line in lines) == 1        # the table is printed once
     assert f"plot: {work / 'bench.png'}" in out and (work / "bench.png").stat().st_size > 0
     result = json.loads((work / "bench.json").read_text())

@@ -85,11 +85,11 @@ def table(result: dict, markdown: bool = False) -> str:
 
 
 def compare_table(result: dict, names: tuple[str, ...], ours: str = "rewritten") -> str:
-    """A short table (under 100 columns for three variants): per shape, each of `names`'
-    median ms [p10-p90], and t(other) / t(`ours`) for every other one (> 1: ours is faster),
+    """A short table (under 100 columns for three variants, sub-ms times included): per shape,
+    each of `names`' median ms [p10-p90], and t(other) / t(`ours`) for every other one (> 1: ours is faster),
     marked "≈" where the two p10-p90 ranges overlap (within noise)."""
     others = [n for n in names if n != ours]
-    head = ["shape"] + [f"{n} ms" for n in names] + [f"{n}÷{ours}" for n in others]
+    head = ["shape"] + [f"{n} ms" for n in names] + [f"{n}÷ours" for n in others]   # ours: `ours`
     rows = []
     for r in result["shapes"]:
         v = r["variants"]
