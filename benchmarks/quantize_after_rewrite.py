@@ -169,7 +169,8 @@ def op_counts(path: Path) -> dict:
     return {k: out[k] for k in keys if k in out}
 
 
-def run_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
+def session_and_feed(path: Path, ids: list[int], threads: int):
+    """An onnxruntime CPU session of `path` and its feed for one sequence of `ids`."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -177,6 +178,11 @@ def run_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
     feed = {"input_ids": np.array([ids], np.int64)}
     if "attention_mask" in {i.name for i in sess.get_inputs()}:
         feed["attention_mask"] = np.ones((1, len(ids)), np.int64)
+    return sess, feed
+
+
+def run_logits(path: Path, ids: list[int], threads: int) -> np.ndarray:
+    sess, feed = session_and_feed(path, ids, threads)
     out = sess.run(["logits"], feed)[0][0]
     del sess
     gc.collect()
@@ -222,13 +228,7 @@ def olive_quarot(dst: Path, seed: int) -> Path:
 def latency_ms(path: Path, ids: list[int], threads: int, tokens: int = 128, rounds: int = 7) -> float:
     """Median wall time of one prefill of `tokens` tokens on onnxruntime CPU (the machine is
     shared: a rough figure)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    feed = {"input_ids": np.array([ids[:tokens]], np.int64)}
-    if "attention_mask" in {i.name for i in sess.get_inputs()}:
-        feed["attention_mask"] = np.ones((1, tokens), np.int64)
+    sess, feed = session_and_feed(path, ids[:tokens], threads)
     sess.run(["logits"], feed)
     times = []
     for _ in range(rounds):
