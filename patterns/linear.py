@@ -150,11 +150,10 @@ def _linear(node: ir.Node, index: int, path: tuple[ir.Node, ...]) -> Linear | Fa
             return stacked
         return fail(f"{node.op_type} weight is not a constant 2-D tensor", node.inputs[1])
     if op(node, "Gemm", domain="") and len(node.inputs) > 2 and node.inputs[2] is not None:
-        c = node.inputs[2]
-        if const_array(c) is None:
+        c, array = node.inputs[2], const_array(node.inputs[2])
+        if array is None:
             return fail("Gemm bias is not constant", c)
-        found = Linear(node, ref, path, bias=c)
-        shape = const_array(c).shape     # C' = β·C + α·β_LN·W must broadcast to [M, N] as C did
+        found, shape = Linear(node, ref, path, bias=c), array.shape     # C' = β·C + α·β_LN·W broadcasts as C
         if len(shape) > 2 or shape and shape[-1] not in (1, found.weight_shape[1]):
             return fail(f"Gemm C of shape {list(shape)} does not broadcast to the output", c)
         return found
@@ -489,8 +488,7 @@ def beta_blocker(site: Site) -> Failure | None:
 
 def _transposes(ref: WeightRef) -> bool:
     """Whether the Transpose steps swap the stored tensor's two axes."""
-    flips = sum(1 for kind, perm in ref.steps if kind == "transpose" and tuple(perm) == (1, 0))
-    return flips % 2 == 1
+    return sum(1 for kind, perm in ref.steps if kind == "transpose" and tuple(perm) == (1, 0)) % 2 == 1
 
 
 def weight_dtype(linear: Linear) -> ir.DataType:
