@@ -30,7 +30,7 @@ from rewriter.patterns.graph import weight_bytes
 from rewriter.plan import Options
 from rewriter.pipeline import run_pipeline
 from rewriter.report import Report
-from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, run_check, session
+from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, judge_runs, run_check, session
 from rewriter.verify import verify as compare_outputs
 
 
@@ -68,6 +68,11 @@ def check_outputs(original, rewritten, *, inputs: dict | None = None, tolerance:
         raise
     except Exception as exc:    # onnxruntime refuses a model, or the feeds: nothing was compared
         raise CannotRun(f"could not run the models under onnxruntime: {first_line(exc)}") from exc
+    return refuse_differences(diffs)
+
+
+def refuse_differences(diffs: list) -> list:
+    """`diffs` (per-output verdicts) when every output is within its bound; else VerificationFailed."""
     bad = [d for d in diffs if not d.ok]
     if bad:
         worst = max(bad, key=lambda d: math.inf if math.isnan(d.max_rel) else d.max_rel)
@@ -97,16 +102,17 @@ def check_loads_and_runs(src, model: ir.Model, written, report: Report, *, ran: 
     """Refuse (InternalError, exit 7; nothing is written) a rewritten `model` that onnxruntime
     (CPU) cannot load or run. With weights under RUN_CHECK_BYTES, unless a comparison runs it
     anyway (`ran`), `written` (its temporary file) is loaded and run once on inputs made from
-    its signature (verify.run_check); otherwise its weightless skeleton is loaded (any size).
-    Where the input fails alike the failure is not the rewrite's: a note says what went
-    unchecked."""
+    its signature (verify.run_check), the input run on the same inputs, and the two judged
+    (VerificationFailed, exit 1, beyond the bound); otherwise its weightless skeleton is loaded
+    (any size). Where the input fails alike the failure is not the rewrite's: a note says what
+    went unchecked."""
     if ran or weight_bytes(model) >= RUN_CHECK_BYTES:
         problem = ort_load_error(model)
         if problem:
             _blame("load", problem, bool(ort_load_error(io.load(src)[0])), report)
         return
     try:
-        run_check(written)
+        feeds, outputs = run_check(written)
     except RunCheckFailed as exc:   # onnxruntime's refusal, judged against the input's
         if exc.stage == "inputs":
             report.notes.append("no inputs could be made from the output's signature: it was load-checked only")
@@ -115,6 +121,14 @@ def check_loads_and_runs(src, model: ir.Model, written, report: Report, *, ran: 
         else:
             feeds = exc.feeds
             _blame("run", exc.problem, _fails(lambda: run_check(src, feeds)), report)
+        return
+    try:
+        _, reference = run_check(src, feeds)
+    except RunCheckFailed as exc:
+        report.notes.append(f"the input does not run on the check's inputs ({exc.problem}): the output was "
+                            "run, not compared")
+        return
+    refuse_differences(judge_runs(src, [(feeds, reference, outputs, "run check")], provider="cpu"))
 
 
 def _fails(action) -> bool:

@@ -20,7 +20,7 @@ from test_reach import _gated_feeds, gated_graph
 
 from rewriter import rewrite_file
 from rewriter.cli import main
-from rewriter.errors import EXIT_INTERNAL, InternalError
+from rewriter.errors import EXIT_INTERNAL, EXIT_VERIFY_FAILED, InternalError
 
 N, K = 16, 24
 SKIP = "SkipSimplifiedLayerNormalization"
@@ -210,3 +210,23 @@ def test_the_rms_kernel_needs_no_opset_but_skip_needs_contrib_version_1():
     refusal = kernel_contract(site, Strategy.FOLD_FUSED, {"": 18, "com.microsoft": 2})
     assert "SkipSimplifiedLayerNormalization, is com.microsoft version 1; the model imports version 2" in refusal
     assert kernel_contract(site, Strategy.FOLD_FUSED, {"": 18}) == ""     # imported where emitted
+
+
+def test_output_that_runs_but_differs_is_not_written(tmp_path, monkeypatch, capsys):
+    """Without --verify too: a writer that folds the gain twice (the output loads and runs, its
+    values are wrong) is caught by the run check, which runs the input on the same inputs and
+    judges the two: exit 1, one line, nothing written."""
+    import rewriter.fold
+    real = rewriter.fold.folded_weight
+    monkeypatch.setattr(rewriter.fold, "folded_weight",
+                        lambda ref, gain, dtype: real(ref, None if gain is None else gain * gain, dtype))
+    src = tmp_path / "m.onnx"
+    g = GraphBuilder()
+    g.output(g.op("MatMul", [g.rms(g.input("x", [2, 5, N]), gain=g.gain(N)), g.weight(N, K)]))
+    onnx.save(g.model(), src)
+    code = main([str(src), "-o", str(tmp_path / "out.onnx"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_VERIFY_FAILED and len(err) == 1 and "verification failed" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    monkeypatch.setattr(rewriter.fold, "folded_weight", real)      # the same run, writer intact: written
+    assert main([str(src), "-o", str(tmp_path / "out.onnx"), "--quiet"]) == 0
