@@ -27,23 +27,23 @@ def _jacobsthal(q: int) -> np.ndarray:
     return chi[idx]
 
 
+def _bordered_jacobsthal(q: int, first_column: int) -> np.ndarray:
+    """[[0, 1ᵀ], [first_column·1, Q]], Q the Jacobsthal matrix of GF(q)."""
+    c = np.zeros((q + 1, q + 1), dtype=np.int64)
+    c[0, 1:] = 1
+    c[1:, 0] = first_column
+    c[1:, 1:] = _jacobsthal(q)
+    return c
+
+
 def _paley1(q: int) -> np.ndarray:
     """Order q + 1, q ≡ 3 (mod 4) prime."""
-    jac = _jacobsthal(q)
-    s = np.zeros((q + 1, q + 1), dtype=np.int64)
-    s[0, 1:] = 1
-    s[1:, 0] = -1
-    s[1:, 1:] = jac
-    return s + np.eye(q + 1, dtype=np.int64)
+    return _bordered_jacobsthal(q, -1) + np.eye(q + 1, dtype=np.int64)
 
 
 def _paley2(q: int) -> np.ndarray:
     """Order 2(q + 1), q ≡ 1 (mod 4) prime."""
-    jac = _jacobsthal(q)
-    c = np.zeros((q + 1, q + 1), dtype=np.int64)
-    c[0, 1:] = 1
-    c[1:, 0] = 1
-    c[1:, 1:] = jac
+    c = _bordered_jacobsthal(q, 1)
     one = np.array([[1, -1], [-1, -1]], dtype=np.int64)
     zero = np.array([[1, 1], [1, -1]], dtype=np.int64)
     return np.kron(c, one) + np.kron(np.eye(q + 1, dtype=np.int64), zero)
@@ -75,7 +75,7 @@ def hadamard(n: int) -> np.ndarray | None:
         return direct
     # the largest factor first keeps the search short; every factor is itself a Hadamard order
     for factor in range(n // 2, 1, -1):
-        if n % factor or factor % 2 and factor > 1:
+        if n % factor or factor % 2:    # orders above 2 are multiples of 4
             continue
         left, right = hadamard(factor), hadamard(n // factor)
         if left is not None and right is not None:
