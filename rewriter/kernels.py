@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from rewriter.patterns import NormKind, Site
 from rewriter.patterns.graph import dtype_of, exact_source, holds, rank_of, residual_add, set_dtype
-from rewriter.plan import kernel_width, skip_operands
+from rewriter.plan import KERNEL_DTYPES, LAYERNORM_OPSET, Strategy, kernel_contract, kernel_width, skip_operands
 from rewriter.plumbing import Plumbing
 
 F32 = ir.DataType.FLOAT
@@ -27,7 +27,8 @@ class NormKernels(Plumbing):
         reduction)."""
         source = exact_source(x)
         dtype = dtype_of(source)
-        if size is None or dtype not in (F32, ir.DataType.FLOAT16) or (centered and self.edit.opset < 17):
+        if size is None or dtype not in KERNEL_DTYPES[Strategy.DEFER_NORMOP] or (
+                centered and self.edit.opset < LAYERNORM_OPSET):
             return None
         ones = self.constant(1, (size,), dtype)
         attrs = {"epsilon": eps, "axis": -1, "stash_type": 1}
@@ -45,17 +46,18 @@ class NormKernels(Plumbing):
         """Replace a decomposed weightless norm by onnxruntime's fused kernel with a unit gain
         (`fuse_norm`; never SkipLayerNormalization, LayerNormalization only from opset 17); a
         gated group norm's kernel normalizes each group, the Reshape merging them follows it."""
-        n = kernel_width(site)
-        if n is None or site.kind not in (NormKind.RMS, NormKind.LAYER) or (site.kind == NormKind.LAYER and self.edit.opset < 17):
+        if site.kind not in (NormKind.RMS, NormKind.LAYER) or \
+                kernel_contract(site, Strategy.FOLD_FUSED, {"": self.edit.opset}):
             return False
         x = self.current(site.x)
         if holds(dtype_of(site.output), dtype_of(exact_source(x))):
             x = self.narrow_source(x, dtype_of(site.output))   # an exact copy in the output's type
         # else (fp32 norm → fp16 output, autocast): the kernel normalizes in x's type, the Cast after
         dtype = dtype_of(x)
-        if dtype not in (F32, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        if dtype not in KERNEL_DTYPES[Strategy.FOLD_FUSED]:
             return False
-        self.fuse_norm(x, site.output, site.kind, site.eps, self.constant(1, (n,), dtype), merge=site.merge)
+        self.fuse_norm(x, site.output, site.kind, site.eps, self.constant(1, (kernel_width(site),), dtype),
+                       merge=site.merge)
         return True
 
     def fuse_norm(self, x: ir.Value, output: ir.Value, kind: NormKind, eps: float, gain: ir.Value,
