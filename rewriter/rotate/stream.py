@@ -104,16 +104,23 @@ def _bias_use(bias: ir.Value, n: int, node: ir.Node) -> Use:
     return Use(bias, array.ndim - 1, node, "bias")
 
 
+def _behind_row_reshapes(producer: ir.Node | None, value: ir.Value, n: int) -> tuple[ir.Node | None, ir.Value]:
+    """(producer, value) behind the row-regrouping Reshapes that produce `value`, each the only
+    reader of its input."""
+    while _row_reshape(producer, n):
+        reshape, value = producer, producer.inputs[0]
+        if not _only_reader(value, reshape):
+            raise Refused(fail("a writer's output is also read elsewhere than its Reshape", value))
+        producer = value.producer()
+    return producer, value
+
+
 def _writer(value: ir.Value, add: ir.Node, n: int) -> list[Use]:
     """The constants of the linear whose output `value` the residual Add `add` adds to the stream."""
     producer = value.producer()
     if not _only_reader(value, add):
         raise Refused(fail("a writer's output is also read elsewhere than the residual Add", value))
-    while _row_reshape(producer, n):        # Conv1D/addmm exports: Reshape → Gemm → Reshape
-        add, value = producer, producer.inputs[0]
-        if not _only_reader(value, add):
-            raise Refused(fail("a writer's output is also read elsewhere than its Reshape", value))
-        producer = value.producer()
+    producer, value = _behind_row_reshapes(producer, value, n)     # Conv1D/addmm exports: Reshape → Gemm → Reshape
     uses: list[Use] = []
     if op(producer, "Add", domain="") and any(const_array(v, follow=False) is not None for v in producer.inputs):
         k = 0 if const_array(producer.inputs[0], follow=False) is not None else 1
@@ -121,12 +128,7 @@ def _writer(value: ir.Value, add: ir.Node, n: int) -> list[Use]:
         inner = producer.inputs[1 - k]
         if not _only_reader(inner, producer):
             raise Refused(fail("a writer's output is also read elsewhere than its bias Add", inner))
-        producer = inner.producer()
-        while _row_reshape(producer, n):
-            reshape, inner = producer, producer.inputs[0]
-            if not _only_reader(inner, reshape):
-                raise Refused(fail("a writer's output is also read elsewhere than its Reshape", inner))
-            producer = inner.producer()
+        producer, _ = _behind_row_reshapes(inner.producer(), inner, n)
     if op(producer, "MatMul", domain=""):
         uses.append(_weight_use(producer.inputs[1], 1, producer, "writer"))
     elif op(producer, "Gemm", domain=""):
