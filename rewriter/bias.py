@@ -28,8 +28,9 @@ class BiasPlacement(Plumbing):
             if border is not None:
                 self.insert_after(after, lambda v: self.edit.op1("Add", v, border, hint="beta_border"))
             return
-        gemm_c = op(node, "Gemm", domain="") and linear.bias is not None
-        if op(node, "Gemm", domain="") and not detach_gemm_bias and (gemm_c or linear.bias_add is None):
+        gemm = op(node, "Gemm", domain="")
+        gemm_c = gemm and linear.bias is not None
+        if gemm and not detach_gemm_bias and (gemm_c or linear.bias_add is None):
             if delta is not None:       # C' = β·C + α·β_LN·W, beta := 1 (β may be 0: C' is exact for any β)
                 c = const_array(linear.bias) if gemm_c else None
                 dtype = c.dtype if c is not None else (dtype_of(linear.output) or F32).numpy()
@@ -39,9 +40,10 @@ class BiasPlacement(Plumbing):
                 node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
             return
         if gemm_c:          # the scale must come before the bias: take C out of the Gemm
-            c = gemm_bias(const_array(linear.bias), float(attr(node, "beta")), 0.0)
+            stored = const_array(linear.bias)
+            c = gemm_bias(stored, float(attr(node, "beta")), 0.0)
             if self.edit.opset < 11:        # Gemm-7..10 require C: a zero one
-                zero = np.zeros(1, const_array(linear.bias).dtype)
+                zero = np.zeros(1, stored.dtype)
                 node.replace_input_with(2, self.edit.initializer(zero, "zero_c", dtype=dtype_of(linear.bias)))
             else:
                 node.resize_inputs(2)
