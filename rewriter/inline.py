@@ -66,8 +66,9 @@ def _fields(buf, start: int, end: int):
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
+            payload = pos
             _, pos = _varint(buf, pos)
-            yield number, wire, field_start, field_start, pos
+            yield number, wire, field_start, payload, pos
             continue
         if wire == _LEN:
             length, pos = _varint(buf, pos)
@@ -158,10 +159,11 @@ def _span_of(buf, start: int, end: int) -> tuple[int, int, bytes] | None:
     field_start, payload, field_end = raw
     try:
         data_type = ir.DataType(dtype)
-        exact_bytes = data_type.numpy().itemsize * 8 == data_type.bitwidth
-    except Exception:     # noqa: BLE001 - unknown or packed dtype: parsed as it is
+        # STRING has no raw bytes: kept as a span only for check_tensors to report the model invalid
+        packed = data_type != ir.DataType.STRING and data_type.numpy().itemsize * 8 != data_type.bitwidth
+    except Exception:     # noqa: BLE001 - unknown or undefined dtype: parsed as it is
         return None
-    if not exact_bytes or data_type == ir.DataType.STRING or field_end - payload <= SPAN_MIN_BYTES:
+    if packed or field_end - payload <= SPAN_MIN_BYTES:      # INT4, FLOAT4E2M1: parsed as they are
         return None
     return payload, field_end - payload, bytes(buf[start:field_start]) + bytes(buf[field_end:end])
 

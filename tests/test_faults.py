@@ -458,3 +458,20 @@ def test_string_initializer_with_raw_bytes_is_bad_input(tmp_path):
     code, _, err = cli(tmp_path / "model.onnx", "-o", tmp_path / "flash.onnx")
     assert_error(code, err, EXIT_UNSUPPORTED, "STRING data stored as raw bytes")
     assert digests(tmp_path) == before
+
+
+def test_large_packed_int4_initializer_is_read_as_it_is(tmp_path):
+    """A large INT4 initializer (two values a byte) inline in the file is parsed as the proto
+    it is, not read as a span of fixed-width bytes: its values are the ones onnx reads."""
+    values = np.resize(np.arange(-8, 8, dtype=np.int8), (64, 96))
+    nibbles = (values.flatten() & 0xF).astype(np.uint8)
+    packed = (nibbles[0::2] | nibbles[1::2] << 4).tobytes()          # low nibble first
+    weight = helper.make_tensor("w", TensorProto.INT4, values.shape, packed, raw=True)
+    assert len(weight.raw_data) > 1024
+    node = helper.make_node("Identity", ["w"], ["y"])
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.INT4, values.shape)],
+                              initializer=[weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save(proto, tmp_path / "model.onnx")
+    model = rio.load_path(tmp_path / "model.onnx")
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy().astype(np.int8), values)
