@@ -19,6 +19,11 @@ from rewriter.plumbing import Plumbing
 from rewriter.weights import beta_through_weight, folded_weight
 
 
+def _gain(site: Site) -> np.ndarray | None:
+    """The site's gain in float64, None when there is none to fold (absent or all ones)."""
+    return None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
+
+
 def _alpha(linear: Linear) -> float:
     return float(attr(linear.node, "alpha")) if linear.node.op_type in ("Gemm", "FusedMatMul") else 1.0
 
@@ -45,7 +50,7 @@ class WeightFolding(Plumbing):
         if linear.stacked_axis is not None:
             return self.fold_stack(site, linear)
         dtype = weight_dtype(linear)
-        gain = None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
+        gain = _gain(site)
         if gain is None:        # the weight stays; β, if any, goes through it
             return self.beta_delta(site, linear)
         n, k = linear.weight_shape
@@ -56,7 +61,7 @@ class WeightFolding(Plumbing):
 
         tensor = ir.LazyTensor(folded, dtype=dtype, shape=ir.Shape(out_shape))
         if once:        # before owns_weight: the last reader would own what the others left
-            key = (ref.source, None if gain is None else gain.tobytes())
+            key = (ref.source, gain.tobytes())
             if key not in self.folded_once:
                 self.folded_once[key] = self.edit.initializer(tensor, "folded_weight", graph=ref.source.graph)
             linear.node.replace_input_with(1, self.folded_once[key])
@@ -72,8 +77,8 @@ class WeightFolding(Plumbing):
         """W[:, c, ...]·γ[c] (float64, cast back once); returns β's part, Σ_c W[o, c, ...]·β[c]
         per tap (rewriter/conv.py)."""
         ref = linear.weight
-        if site.gain is not None and not np.all(site.gain == 1):
-            gain, dtype = site.gain.astype(np.float64).reshape(-1), ref.tensor.dtype
+        if (gain := _gain(site)) is not None:
+            gain, dtype = gain.reshape(-1), ref.tensor.dtype
             tensor = ir.LazyTensor(lambda: ir.Tensor(folded_conv_weight(linear, gain), dtype=dtype),
                                    dtype=dtype, shape=ir.Shape(tuple(ref.tensor.shape)))
             linear.node.replace_input_with(1, self.edit.initializer(tensor, "folded_conv_weight"))
@@ -85,11 +90,12 @@ class WeightFolding(Plumbing):
         centered input like every other linear); β never reaches here (patterns refuse it: no
         constant bias)."""
         table = linear.weight.source
-        if table in self._stacks or site.gain is None or np.all(site.gain == 1):
+        gain = _gain(site)
+        if table in self._stacks or gain is None:
             return None
         self._stacks.add(table)
         ref, axis = linear.weight, linear.stacked_axis
-        gain = site.gain.astype(np.float64).reshape(-1)
+        gain = gain.reshape(-1)
         dtype = ref.tensor.dtype
 
         def folded() -> ir.TensorProtocol:
