@@ -47,6 +47,13 @@ def _fmt(ms: float) -> str:
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
 
+def _columns(head: list[str], rows: list[list[str]]) -> str:
+    """`head` and `rows` as left-aligned plain-text columns under a dashed rule."""
+    widths = [max(len(h), *(len(c[i]) for c in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+
+
 def table(result: dict, markdown: bool = False) -> str:
     """One row per shape: each variant's median ms [p10-p90], the rewritten graph's speed-up
     over raw and best-fused (t_base / t_rewritten), and a note where it is slower."""
@@ -79,9 +86,7 @@ def table(result: dict, markdown: bool = False) -> str:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c) + " |" for c in rows]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(c[i]) for c in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+    return _columns(head, rows)
 
 
 def compare_table(result: dict, names: tuple[str, ...], ours: str = "rewritten") -> str:
@@ -102,9 +107,7 @@ def compare_table(result: dict, names: tuple[str, ...], ours: str = "rewritten")
             overlap = not (a["p90_ms"] < b["p10_ms"] or b["p90_ms"] < a["p10_ms"])
             cells.append(f"{a['median_ms'] / b['median_ms']:.2f}" + (" ≈" if overlap else ""))
         rows.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in rows)) if rows else len(h) for i, h in enumerate(head)]
-    fmt = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in rows])
+    return _columns(head, rows)
 
 
 STYLES = {"raw": "C3", "best-fused": "C0", "rewritten": "C2", "rewritten-fold": "C8", "ort-cuda": "C1", "ort-cpu": "C6",
