@@ -340,8 +340,8 @@ def _copy_source(source: Path, tmp_model: Path, data_name: str | None) -> bool:
     When the data file is renamed, only the model's location entries change. False (nothing
     written) where a copy cannot be the output: weights inline in one and external in the other,
     or several data files to gather into one."""
-    locations = {entry.value for entry in _location_entries(_proto_without_weights(source))} \
-        if mentions_external_data(source) else set()
+    proto = _proto_without_weights(source) if mentions_external_data(source) else None
+    locations = {entry.value for entry in _location_entries(proto)} if proto is not None else set()
     if not locations:
         if data_name is not None:
             return False
@@ -354,7 +354,6 @@ def _copy_source(source: Path, tmp_model: Path, data_name: str | None) -> bool:
     if location == data_name:
         shutil.copyfile(source, tmp_model)
     else:
-        proto = _proto_without_weights(source)
         for entry in _location_entries(proto):
             entry.value = data_name
         tmp_model.write_bytes(proto.SerializeToString())
