@@ -329,10 +329,11 @@ def check_structure(path: Path, op_types: set[str] | None = None, framing_only: 
         message = first_line(exc)
         if "Field 'shape' of 'type' is required" in message:     # an input or output of unknown rank
             proto = onnx.load(str(path), load_external_data=False)
-            if _rank_declared(proto) is not proto:    # checked as a file beside it: its data files resolve
+            ranked = _rank_declared(proto)
+            if ranked is not proto:    # checked as a file beside it: its data files resolve
                 declared = Path(path).with_name(f".{Path(path).name}.ranked.onnx")
                 try:
-                    onnx.save(_rank_declared(proto), str(declared))
+                    onnx.save(ranked, str(declared))
                     onnx.checker.check_model(str(declared))
                     return
                 except Exception as again:          # noqa: BLE001 - reported below like the first
