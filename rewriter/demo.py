@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rewriter.api import rewrite_file
 from rewriter.bench.cli import run_bench
-from rewriter.bench.present import compare_table, plot, write_json
+from rewriter.bench.present import compare_table, plot, speedup, write_json
 from rewriter.bench.timing import Settings
 from rewriter.args import int_list
 from rewriter.errors import EXIT_OK, EXIT_VERIFY_FAILED, UsageError
@@ -91,9 +91,9 @@ def benchmark(src: Path, dst: Path, work: Path, tokens: list[int], budget: float
             print(f"    {name}: not measured: {v['error']}")
     peer = "onnxscript/rewritten"           # the peer is no baseline of bench's: its ratio is added here
     for row in result["shapes"]:
-        v = row["variants"]
-        if "median_ms" in v.get("onnxscript", {}) and "median_ms" in v.get("rewritten", {}):
-            row["ratios"][peer] = v["onnxscript"]["median_ms"] / v["rewritten"]["median_ms"]
+        measured = speedup(row["variants"].get("onnxscript"), row["variants"].get("rewritten"))
+        if measured is not None:
+            row["ratios"][peer] = measured[0]
     write_json(result, work / "bench.json")
     plot(result, work / "bench.png", title=src.name, ratios=("raw/rewritten", peer))
     print()

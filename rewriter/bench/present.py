@@ -23,14 +23,22 @@ def add_ratios(result: dict) -> None:
         ratios, verdicts = {}, {}
         for target in CONTENDERS:
             for base in BASES:
-                a, b = v.get(base, {}), v.get(target, {})
-                if "median_ms" in a and "median_ms" in b:
+                measured = speedup(v.get(base), v.get(target))
+                if measured is not None:
                     key = f"{base}/{target}"
-                    ratios[key] = a["median_ms"] / b["median_ms"]
-                    overlap = not (a["p90_ms"] < b["p10_ms"] or b["p90_ms"] < a["p10_ms"])
+                    ratios[key], overlap = measured
                     verdicts[key] = "within noise" if overlap else (
                         "faster" if ratios[key] > 1 else "SLOWER")
         row["ratios"], row["verdicts"] = ratios, verdicts
+
+
+def speedup(base: dict | None, target: dict | None) -> tuple[float, bool] | None:
+    """(t(base) / t(target), whether their p10-p90 ranges overlap: within noise), or None
+    unless both were measured."""
+    a, b = base or {}, target or {}
+    if "median_ms" not in a or "median_ms" not in b:
+        return None
+    return a["median_ms"] / b["median_ms"], not (a["p90_ms"] < b["p10_ms"] or b["p90_ms"] < a["p10_ms"])
 
 
 def _cell(s: dict | None) -> str:
@@ -100,12 +108,12 @@ def compare_table(result: dict, names: tuple[str, ...], ours: str = "rewritten")
         v = r["variants"]
         cells = [Shape(**r["shape"]).label] + [_cell(v.get(n)) for n in names]
         for n in others:
-            a, b = v.get(n, {}), v.get(ours, {})
-            if "median_ms" not in a or "median_ms" not in b:
+            measured = speedup(v.get(n), v.get(ours))
+            if measured is None:
                 cells.append("-")
                 continue
-            overlap = not (a["p90_ms"] < b["p10_ms"] or b["p90_ms"] < a["p10_ms"])
-            cells.append(f"{a['median_ms'] / b['median_ms']:.2f}" + (" ≈" if overlap else ""))
+            ratio, overlap = measured
+            cells.append(f"{ratio:.2f}" + (" ≈" if overlap else ""))
         rows.append(cells)
     return _columns(head, rows)
 
@@ -216,4 +224,5 @@ def write_json(result: dict, path) -> None:
         json.dump(result, f, indent=1, default=str)
 
 
-__all__ = ["PLOT_RATIOS", "add_ratios", "compare_table", "merge_cases", "plot", "table", "variants_json", "write_json"]
+__all__ = ["PLOT_RATIOS", "add_ratios", "compare_table", "merge_cases", "plot", "speedup", "table", "variants_json",
+           "write_json"]
