@@ -170,11 +170,10 @@ def op_counts(path: Path) -> dict:
 
 
 def session_and_feed(path: Path, ids: list[int], threads: int):
-    """An onnxruntime CPU session of `path` and its feed for one sequence of `ids`."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """An onnxruntime CPU session of `path` (every optimization, as users run it) and its feed
+    for one sequence of `ids`."""
+    from rewriter.verify import session
+    sess = session(path, "cpu", opt_level="all", threads=threads)
     feed = {"input_ids": np.array([ids], np.int64)}
     if "attention_mask" in {i.name for i in sess.get_inputs()}:
         feed["attention_mask"] = np.ones((1, len(ids)), np.int64)
