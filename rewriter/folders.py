@@ -54,13 +54,14 @@ def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = Fal
         raise UsageError("--keep-failed is for a single model: on a folder nothing is written when "
                          "--verify fails (rewrite the decoder file itself to keep it)")
     _check_destination(src, dst, overwrite)
-    copies = _files_to_copy(src, decoder)
+    files = [p for p in src.rglob("*") if p.is_file()]      # the folder walked once
+    copies = _files_to_copy(files, decoder)
     held = {path.relative_to(src) for path in copies} | {decoder.relative_to(src)}
     data_name = settings.get("external_data")
     _check_data_name(data_name, decoder.relative_to(src), held)
     also_writes = settings.pop("also_writes", None) or {}
     data = decoder.relative_to(src).with_name(str(data_name or f"{decoder.name}.data"))
-    _check_also_written(also_writes, src, dst, held | {data})
+    _check_also_written(also_writes, files, src, dst, held | {data})
     remove_stale_temporaries(dst.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
@@ -100,9 +101,9 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise OutputError(f"{dst}: folder exists and is not empty (pass --overwrite to replace it)")
 
 
-def _files_to_copy(src: Path, decoder: Path) -> list[Path]:
-    """Every file of `src` but the decoder and the data files only it uses."""
-    others = [p for p in src.rglob("*") if p.is_file() and p != decoder]
+def _files_to_copy(files: list[Path], decoder: Path) -> list[Path]:
+    """Every file of the folder (`files`) but the decoder and the data files only it uses."""
+    others = [p for p in files if p != decoder]
     shared = set().union(*(data_files_of(p) for p in others if p.suffix.lower() == ".onnx"))
     own = data_files_of(decoder) - shared
     return [p for p in others if str(p.resolve()) not in own]
@@ -121,11 +122,10 @@ def _check_data_name(name, decoder: Path, held: set[Path]) -> None:
                           "(choose another name)")
 
 
-def _check_also_written(also_writes: dict, src: Path, dst: Path, held: set[Path]) -> None:
+def _check_also_written(also_writes: dict, files: list[Path], src: Path, dst: Path, held: set[Path]) -> None:
     """Files the caller writes afterwards (the report) are none of the input folder's files
-    and none the output folder will hold (`held`: relative paths, the decoder's data file's
-    too; io.save checks once more on the data name it chooses)."""
-    files = [p for p in src.rglob("*") if p.is_file()]
+    (`files`) and none the output folder will hold (`held`: relative paths, the decoder's data
+    file's too; io.save checks once more on the data name it chooses)."""
     # by the path inside the folder and by what it resolves to (a symlink into a blob store)
     inputs = {str(p.resolve()) for p in files} | {str(src.resolve() / p.relative_to(src)) for p in files}
     outputs = {str(dst.resolve() / rel) for rel in held}
