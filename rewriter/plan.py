@@ -122,9 +122,9 @@ class Options:
             raise ValueError("costs/tokens choose per site: they need target ort-cpu or ort-cuda")
         self.rotate = self.rotate or self.rotate_online
         if self.rotate:     # the linears must read normalized activations, a tied head its own copy
-            if self.target is not None or self.strategy not in (None, "fold", "fold-fused"):
+            if self.target is not None or self.strategy not in (None, Strategy.FOLD, Strategy.FOLD_FUSED):
                 raise ValueError("rotate needs the fold form: no target, strategy fold or fold-fused")
-            self.mode, self.clone_shared = "fold", True
+            self.mode, self.clone_shared = Mode.FOLD, True
 
     @property
     def measured(self) -> bool:
