@@ -153,9 +153,9 @@ def int4(src: Path, dst: Path, block_size: int):
 def int8(src: Path, dst: Path):
     if dst.exists():
         return
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from rewriter.quantize import quantize_file
     log(f"int8 {src.name} -> {dst.name}")
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    quantize_file(src, dst, "w8a8")         # quantize_dynamic(weight_type=QInt8)
     gc.collect()
 
 
