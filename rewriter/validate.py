@@ -119,11 +119,11 @@ def check_tensors(model: ir.Model) -> None:
         if isinstance(tensor, SpanTensor):
             try:
                 needed = tensor.nbytes
-            except TypeError:           # STRING, UNDEFINED: no fixed width, so never raw bytes
+            except TypeError:           # STRING: no fixed width, so never raw bytes
                 raise Unsupported(f"invalid tensor {name!r}: {tensor.dtype.name} data stored as raw bytes") from None
-        if isinstance(tensor, SpanTensor) and tensor.length != needed:
-            raise Unsupported(f"invalid tensor {name!r}: data does not match its type and shape ({tensor.length} "
-                              f"bytes of data, {tensor.dtype.name} {list(tensor.shape)} needs {tensor.nbytes})")
+            if tensor.length != needed:
+                raise Unsupported(f"invalid tensor {name!r}: data does not match its type and shape ({tensor.length} "
+                                  f"bytes of data, {tensor.dtype.name} {list(tensor.shape)} needs {needed})")
         proto = getattr(tensor, "raw", None)
         try:
             if isinstance(proto, onnx.TensorProto) and proto.HasField("raw_data") \
