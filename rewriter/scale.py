@@ -52,7 +52,8 @@ Rule = Callable[[object, ir.Node, list], Outs]   # (the walker: its `edit` makes
 
 # -- conditions -----------------------------------------------------------------------------------
 
-def _axis(axis: int, rank: int | None) -> int | None:
+def axis_at(axis: int, rank: int | None) -> int | None:
+    """`axis` counted from the start (None: out of range, or negative with the rank unknown)."""
     if rank is None:
         return axis if axis >= 0 else None
     return axis + rank if -rank <= axis < 0 else axis if 0 <= axis < rank else None
@@ -62,7 +63,7 @@ def _off_rows(axes, state: Scaled, rank: int | None) -> bool:
     """Every axis in `axes` is a feature axis: the factor is constant along it."""
     if state.rows is None:
         return False
-    normalized = [_axis(int(a), rank) for a in axes]
+    normalized = [axis_at(int(a), rank) for a in axes]
     return all(a is not None and a not in state.rows for a in normalized)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from rewriter.patterns.graph import const_tensor, op, rank_of, users
-from rewriter.scale import _axis
+from rewriter.scale import axis_at
 
 # Gates of x·f(x) activations (SiLU, GELU): a scale stops at them
 NONLINEAR_GATES = ("Sigmoid", "Tanh", "Erf", "HardSigmoid", "Softplus")
@@ -83,7 +83,7 @@ def cancel_blocker(cancels: dict, node: ir.Node, edges) -> str:
         rank, axes = rank_of(value), cancels[(node, value)]
         if state.rows is None or rank is None:
             return f"the rank of {value.name!r} is unknown: where its scale varies is not known"
-        moved = [a for a in axes if _axis(a, rank) is None or _axis(a, rank) in state.rows]
+        moved = [a for a in axes if axis_at(a, rank) in (None, *state.rows)]
         if moved:
             return (f"the norm normalizes {value.name!r} over axis {moved[0]}, along which the scale "
                     f"varies (row axes {list(state.rows)})")
