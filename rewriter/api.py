@@ -15,7 +15,6 @@ is left unchanged).
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from rewriter.patterns.graph import weight_bytes
 from rewriter.plan import Options
 from rewriter.pipeline import run_pipeline
 from rewriter.report import Report
-from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, judge_runs, run_check, session
+from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, badness, judge_runs, run_check, session
 from rewriter.verify import verify as compare_outputs
 
 
@@ -75,7 +74,7 @@ def refuse_differences(diffs: list) -> list:
     """`diffs` (per-output verdicts) when every output is within its bound; else VerificationFailed."""
     bad = [d for d in diffs if not d.ok]
     if bad:
-        worst = max(bad, key=lambda d: math.inf if math.isnan(d.max_rel) else d.max_rel)
+        worst = max(bad, key=badness)
         floor = f", the original's own floor {worst.floor:.2e} by {worst.floor_by}" if worst.floor_by else ""
         raise VerificationFailed(f"verification failed: {len(bad)} of {len(diffs)} output(s) differ, worst "
                                  f"{worst.name!r} {worst.max_rel:.3e} relative (bound {worst.bound:.1e}: tolerance "

@@ -16,7 +16,7 @@ from rewriter.feeds import signature
 from rewriter.plan import TARGETS, Options
 from rewriter.patterns.graph import weight_bytes
 from rewriter.validate import skeleton
-from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, judge_runs, run_check, session
+from rewriter.verify import RUN_CHECK_BYTES, RunCheckFailed, badness, judge_runs, run_check, session
 
 
 ORT_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
@@ -79,7 +79,7 @@ def _runs_as_before(composed: ir.Model, rewrite: ir.Model) -> str:
     verdicts = judge_runs(reference, [(feeds, expected, got, "")])
     bad = [v for v in verdicts if not v.ok]
     if bad:
-        worst = max(bad, key=lambda v: v.max_rel if v.max_rel == v.max_rel else float("inf"))
+        worst = max(bad, key=badness)
         return (f"the result does not match the rewrite alone: {len(bad)} of {len(verdicts)} output(s) differ, "
                 f"worst {worst.name!r} {worst.max_rel:.3e} relative (bound {worst.bound:.1e})")
     return ""

@@ -415,7 +415,7 @@ def judge_runs(original, runs: list[tuple[dict, dict, dict, str]], *, tolerance:
     for _, reference, candidate, step in runs:
         for v in judge(reference, candidate, tolerance):
             v.step = step
-            if v.name not in worst or _badness(v) > _badness(worst[v.name]):
+            if v.name not in worst or badness(v) > badness(worst[v.name]):
                 worst[v.name] = v
     verdicts = list(worst.values())
     if floor and any(np.isfinite(v.max_rel) and not v.ok for v in verdicts):
@@ -425,7 +425,8 @@ def judge_runs(original, runs: list[tuple[dict, dict, dict, str]], *, tolerance:
     return verdicts
 
 
-def _badness(verdict: OutputVerdict) -> float:
+def badness(verdict: OutputVerdict) -> float:
+    """Its max relative difference, NaN counted as infinite (the key for the worst verdict)."""
     return np.inf if not np.isfinite(verdict.max_rel) else verdict.max_rel
 
 
@@ -484,7 +485,7 @@ def summary(verdicts: list[OutputVerdict]) -> str:
     """One line: how many outputs were judged and the one nearest its bound."""
     if not verdicts:
         return "verified: the models have no outputs"
-    worst = max(verdicts, key=lambda v: _badness(v) / max(v.bound, 1e-300))
+    worst = max(verdicts, key=lambda v: badness(v) / max(v.bound, 1e-300))
     ok = sum(v.ok for v in verdicts)
     floor = f", the original's own floor {worst.floor:.2e} ({worst.floor_by})" if worst.floor_by else ""
     at = f" at {worst.step}" if worst.step else ""
