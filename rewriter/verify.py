@@ -339,7 +339,8 @@ def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] |
     Written with external data to a temporary folder: a promoted model passes protobuf's 2 GiB
     sooner than its original."""
     try:
-        promoted = promote(_load(original, weights=True), {t: onnx.TensorProto.DOUBLE for t in PROMOTED})
+        loaded = _load(original, weights=True)
+        promoted = promote(loaded, {t: onnx.TensorProto.DOUBLE for t in PROMOTED})
     except Exception:       # noqa: BLE001 - a tensor numpy cannot widen: no float64 floor
         return None
     doubles = {v.name for v in promoted.graph.input if v.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE}
@@ -353,7 +354,7 @@ def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] |
             sess = session(path, provider)
             return [run(None, feeds, sess=sess) for feeds in feeds_per_run]
         except Exception:   # noqa: BLE001 - no double kernel for an op: the reference evaluator
-            if float_weight_bytes(original) > EVALUATOR_MAX_WEIGHT_BYTES:
+            if float_weight_bytes(loaded) > EVALUATOR_MAX_WEIGHT_BYTES:     # (not read again)
                 return None
         try:
             onnx.load_external_data_for_model(promoted, tmp)
