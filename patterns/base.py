@@ -131,6 +131,16 @@ class Site:
         return self.anchor.name or self.output.name or "?"
 
     @property
+    def unit_gain(self) -> bool:
+        """No gain to fold: absent or all ones."""
+        return self.gain is None or bool(np.all(self.gain == 1))
+
+    @property
+    def weightless(self) -> bool:
+        """Nothing to fold: a unit (or absent) gain and a zero (or absent) β."""
+        return self.unit_gain and (self.beta is None or not np.any(self.beta))
+
+    @property
     def op(self) -> str:
         """The single op's type for a fused form ('' for a decomposed one)."""
         return self.anchor.op_type if self.form == Form.FUSED else ""

@@ -21,7 +21,7 @@ from rewriter.weights import beta_through_weight, folded_weight
 
 def _gain(site: Site) -> np.ndarray | None:
     """The site's gain in float64, None when there is none to fold (absent or all ones)."""
-    return None if site.gain is None or np.all(site.gain == 1) else site.gain.astype(np.float64)
+    return None if site.unit_gain else site.gain.astype(np.float64)
 
 
 def _alpha(linear: Linear) -> float:

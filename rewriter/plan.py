@@ -221,13 +221,6 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
                                          and a.shape == b.shape and bool(np.array_equal(a, b)))
 
 
-def is_trivial(site: Site) -> bool:
-    """Nothing to fold: unit (or absent) gain, zero (or absent) β, and no scale to defer."""
-    unit = site.gain is None or bool(np.all(site.gain == 1))
-    no_beta = site.beta is None or not np.any(site.beta)
-    return unit and no_beta
-
-
 # -- onnxruntime's fused norm kernels: the shapes each accepts ------------------------------------
 # SimplifiedLayerNormalization / LayerNormalization (axis -1): any rank, a gain of the last
 # axis' size. Skip(Simplified)LayerNormalization (contrib_ops/cpu/skip_layer_norm_helper.h, the
@@ -344,7 +337,7 @@ def decide(site: Site, options: Options, strategy: str | None = None, evidence: 
         return Decision(site, None, Action.SKIP, "kept as exported: measured fastest on the target"
                         + (f" ({evidence})" if evidence else ""), strategy=strategy, evidence=evidence)
     action = Action.DEFER if strategy in DEFERRING else Action.FOLD
-    if action == Action.FOLD and is_trivial(site) and strategy != Strategy.FOLD_FUSED:
+    if action == Action.FOLD and site.weightless and strategy != Strategy.FOLD_FUSED:
         return Decision(site, None, Action.SKIP, "nothing to fold: unit gain and no β (already folded?)",
                         strategy=strategy, evidence=evidence)
     once = [linear for linear in site.linears if linear.weight.source in agreed]

@@ -192,16 +192,10 @@ def _aliases(value: ir.Value) -> list[ir.Value]:
     return found
 
 
-def _weightless(site: Site) -> bool:
-    gain_ok = site.gain is None or bool(np.all(site.gain == 1))
-    beta_ok = site.beta is None or bool(np.all(site.beta == 0))
-    return gain_ok and beta_ok
-
-
 def _norm_uses(site: Site, n: int) -> list[Use]:
     if site.kind not in ("rms", "layer"):
         raise Refused(fail(f"a {site.kind} norm reads the residual stream (not RMS- or LayerNorm-type)", site.anchor))
-    if not _weightless(site):
+    if not site.weightless:
         raise Refused(fail("a norm reading the residual stream keeps a gain or β (it was not folded)", site.anchor))
     if site.size != n or site.groups != 1:
         raise Refused(fail(f"a norm reading the residual stream does not normalize all {n} features at once",
