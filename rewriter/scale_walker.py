@@ -46,7 +46,7 @@ class ScaleWalker:
         self.cancelled: set[ir.Value] = set()      # norm inputs where a scale was dropped
         self.kept: dict[ir.Value, str] = {}        # norm inputs where it could not be: why
         self.stops: set[ir.Node] = set()
-        self.stop_edges: set[tuple[ir.Node, ir.Value]] = set()   # apply the scale on these edges
+        self.stop_edges: dict[tuple[ir.Node, ir.Value], str] = {}   # apply the scale on these edges, because
         self.edit = edit
         self.take_output_slot = take_output_slot
         self.states: dict[ir.Value, Scaled] = {}
@@ -70,8 +70,10 @@ class ScaleWalker:
     def run(self) -> None:
         self.graph.sort()
         if self.push:      # where the algebra would pass but onnxruntime's fusions need the scale to stop
-            self.stop_edges.update(activation_stops(self.graph))
-            self.stop_edges.update(attention_stops(list(self.states)))
+            self.stop_edges.update(dict.fromkeys(activation_stops(self.graph), "applied at x of an x·f(x) "
+                                                 "activation (kept whole for onnxruntime's fusion)"))
+            self.stop_edges.update(dict.fromkeys(attention_stops(list(self.states)), "applied at the projection "
+                                                 "bound for attention (kept out of onnxruntime's attention fusion)"))
         nodes = list(self.graph)        # the graph's own nodes: the walker's Muls are not walked
         for value, state in list(self.states.items()):
             self._apply_in_subgraphs(value, state)
@@ -81,8 +83,7 @@ class ScaleWalker:
             scaled = tuple(v for v, st in zip(node.inputs, ins) if st is not None)
             for index, (value, state) in enumerate(zip(node.inputs, ins)):
                 if state is not None and (node, value) in self.stop_edges:
-                    self.trace.append(Step(node, (value,), "applied at x of an x·f(x) activation "
-                                           "(kept whole for onnxruntime's fusion)", False))
+                    self.trace.append(Step(node, (value,), self.stop_edges[node, value], False))
                     node.replace_input_with(index, self.muls.apply(value, state))
                     ins[index] = None
             if not any(ins):

@@ -51,3 +51,21 @@ def test_explain_an_unknown_name_is_exit_6(tmp_path):
     path, _ = model(tmp_path)
     code, out, err = cli("explain", str(path), "no_such_node")
     assert code == 6 and err.startswith("error: no_such_node: no normalization") and err.count("\n") == 1
+
+
+def test_explain_says_why_a_scale_stops_at_an_attention_projection(tmp_path):
+    """q and k reach a MatMul of two activations: the scale is applied at the projection (so
+    onnxruntime's attention fusion still matches), and explain says that — not 'x·f(x)'."""
+    g = GraphBuilder()
+    x = g.input("x", [2, 5, N])
+    y = g.rms(x, gain=g.gain(N))
+    q = g.op("MatMul", [y, g.weight(N, N)])
+    k = g.op("MatMul", [y, g.weight(N, N)])
+    g.output(g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])]), shape=[2, 5, 5])
+    path = tmp_path / "attn.onnx"
+    onnx.save(g.model(), path)
+    matmul = next(n.name for n in g.nodes if n.op_type == "MatMul")
+    code, out, err = cli("explain", str(path), matmul)
+    assert code == 0, err
+    assert "applied at the projection bound for attention" in out, out
+    assert "x·f(x)" not in out, out
