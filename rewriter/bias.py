@@ -52,7 +52,7 @@ class BiasPlacement(Plumbing):
             index = 0 if linear.bias_add.inputs[0] is linear.bias else 1
             c = const_array(linear.bias)
             linear.bias_add.replace_input_with(index, self.edit.initializer(
-                (c.astype(np.float64) + delta).astype(c.dtype), "bias"))
+                gemm_bias(c, 1.0, delta).astype(c.dtype), "bias"))
             return
         if delta is None:
             return
