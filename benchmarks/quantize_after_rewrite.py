@@ -131,10 +131,22 @@ def export_fp32(work: Path) -> tuple[Path, list[int]]:
 
 
 def rewrite(src: Path, dst: Path, *extra: str):
-    if not dst.exists():
+    if not dst.exists() or not report_path(dst).exists():
         log(f"python -m rewriter {src.name} -o {dst.name} {' '.join(extra)}")
-        subprocess.run([sys.executable, "-m", "rewriter", str(src), "-o", str(dst), *extra], check=True,
-                       cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "rewriter", str(src), "-o", str(dst), *extra, "--report",
+                        str(report_path(dst))], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def report_path(model: Path) -> Path:
+    return model.with_suffix(".report.json")
+
+
+def keep_float(model: Path) -> list[str]:
+    """The rotation's own MatMuls in `model` (online Hadamards, a tied head's gain matrix), which
+    the quantizer leaves in float, as the `quantize` verb does (report.rotation["keep_float"])."""
+    if not report_path(model).exists():
+        return []
+    return (json.loads(report_path(model).read_text()).get("rotation") or {}).get("keep_float", [])
 
 
 def int4(src: Path, dst: Path, block_size: int):
@@ -241,7 +253,7 @@ def latency_ms(path: Path, ids: list[int], threads: int, tokens: int = 128, roun
 
 def main_rotate(args) -> int:
     """original / fold / rotate × every scheme of rewriter.quantize.SCHEMES, in one run."""
-    from rewriter.quantize import SCHEMES, online_rotations, quantize_file
+    from rewriter.quantize import SCHEMES, quantize_file
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -260,7 +272,7 @@ def main_rotate(args) -> int:
             dst = work / f"{path.stem}-{scheme}.onnx"
             if not dst.exists():
                 log(f"{scheme} {path.name} -> {dst.name}")
-                quantize_file(path, dst, scheme, exclude=online_rotations(path) if base == "rotate-online" else None)
+                quantize_file(path, dst, scheme, exclude=keep_float(path))
                 gc.collect()
             paths[(base, scheme)] = dst
     log(f"{len(ids)} tokens; running {len(paths)} graphs on onnxruntime CPU")

@@ -121,10 +121,10 @@ class Options:
         if (self.costs is not None or self.tokens) and not self.measured:
             raise ValueError("costs/tokens choose per site: they need target ort-cpu or ort-cuda")
         self.rotate = self.rotate or self.rotate_online
-        if self.rotate:     # the linears must read normalized activations, a tied head its own copy
+        if self.rotate:     # the linears must read normalized activations
             if self.target is not None or self.strategy not in (None, Strategy.FOLD, Strategy.FOLD_FUSED):
                 raise ValueError("rotate needs the fold form: no target, strategy fold or fold-fused")
-            self.mode, self.clone_shared = Mode.FOLD, True
+            self.mode = Mode.FOLD
 
     @property
     def measured(self) -> bool:

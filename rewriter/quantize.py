@@ -15,11 +15,9 @@ import tempfile
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 
 from rewriter.api import rewrite_file
 from rewriter.errors import OutputError, Unsupported
-from rewriter.rotate import online_rotation_nodes
 from rewriter.files import check_target, commit, mentions_external_data, remove_stale_temporaries, temp_prefix
 
 SCHEMES = {
@@ -56,17 +54,13 @@ def quantize_file(src, dst, scheme: str, exclude: list[str] | None = None) -> No
     gc.collect()
 
 
-def online_rotations(path) -> list[str]:
-    """The online rotations' MatMul nodes of the model at `path` (rewriter.rotate.online)."""
-    return online_rotation_nodes(ir.from_proto(onnx.load(str(path))).graph)
-
-
 def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, online: bool = False,
              overwrite: bool = False):
     """The `quantize` verb: [rotate the residual stream (`online`: and the writers' inputs at
     run time), then] quantize with onnxruntime into `dst`, written in a temporary folder beside
-    it and renamed into place; the online rotations' MatMuls are excluded from quantization
-    (quantized, they lose what they gain). A rotation that is refused raises Unsupported
+    it and renamed into place; the rotation's own MatMuls (online Hadamards, a tied head's gain
+    matrix: report.rotation["keep_float"]) are excluded from quantization (quantized, they lose
+    what they gain). A rotation that is refused raises Unsupported
     (nothing written). Returns the rotation's report (or None)."""
     rotate = rotate or online
     src, dst = Path(src), Path(dst)
@@ -86,7 +80,8 @@ def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, onli
                 why = report.rotation or {}
                 raise Unsupported(f"{src}: the residual stream cannot be rotated: {why.get('reason', '?')}"
                                   + (f" (at {why['at']})" if why.get("at") else "") + "; nothing written")
-        quantize_file(fp32, tmp / "model.onnx", scheme, exclude=online_rotations(fp32) if online else None)
+        keep_float = (report.rotation or {}).get("keep_float") if report is not None else None
+        quantize_file(fp32, tmp / "model.onnx", scheme, exclude=keep_float)
         commit([(tmp / "model.onnx", dst)], tmp)
         return report
     finally:

@@ -110,7 +110,7 @@ def test_hand_built_rotation_exact(kind, gemm):
 
 
 def refused(proto: onnx.ModelProto, reason: str, at: str):
-    folded, _ = rewrite(proto, mode="fold", clone_shared=True)
+    folded, _ = rewrite(proto, mode="fold")
     out, report = rewrite(proto, rotate=True)
     assert not report.rotation["applied"]
     assert reason in report.rotation["reason"] and at in report.rotation["at"], report.rotation

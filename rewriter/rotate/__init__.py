@@ -12,12 +12,12 @@ at which node.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
-from .apply import rotate_stream
+from .apply import rotate_kept_gains, rotate_stream
 from .hadamard import hadamard, rotation
 from .online import insert_online, online_rotation_nodes
 from .stream import Refused, Stream, find_stream
@@ -37,6 +37,8 @@ class RotationResult:
     readers: int = 0
     constants: int = 0        # constants rewritten (tied embedding/head: one)
     online: int = 0           # writers whose input is rotated at run time (--rotate-online)
+    kept_gains: int = 0       # gains of norms whose linear's weight is shared (tied head): n×n MatMuls
+    keep_float: list = field(default_factory=list)   # nodes a quantizer should leave in float (their names)
 
     def line(self) -> str:
         if not self.applied:
@@ -46,7 +48,10 @@ class RotationResult:
                 f"{self.norms} norms, {self.writers} writers, {self.readers} readers, "
                 f"{self.constants} constants rewritten"
                 + (f"; {self.online} writer inputs rotated online (Kronecker-factored Hadamard MatMuls)"
-                   if self.online else ""))
+                   if self.online else "")
+                + (f"; {self.kept_gains} gain(s) of a norm whose linear shares its weight (tied embedding/head) "
+                   f"applied as an n×n MatMul by Qᵀ·diag(g)·Q ({self.size * self.size} values each, instead of a "
+                   "copy of the shared weight)" if self.kept_gains else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,11 +77,13 @@ class RotatePass(ir.passes.InPlacePass):
         q, matrix = rotation(stream.size, self.seed, fix_ones=stream.kind == "layer")
         inputs = insert_online(model.graph, stream) if self.online else {}
         constants = rotate_stream(stream, q, inputs)
+        gain_matmuls = rotate_kept_gains(model.graph, stream, q)
         self.stream = stream
         self.result = RotationResult(
             True, size=stream.size, matrix=matrix, seed=self.seed, norm_kind=stream.kind, norms=len(stream.norms),
             writers=len(stream.writers), readers=sum(u.role == "reader" for u in stream.uses), constants=constants,
-            online=len(inputs))
+            online=len(inputs), kept_gains=len(gain_matmuls),
+            keep_float=gain_matmuls + (online_rotation_nodes(model.graph) if self.online else []))
         return ir.passes.PassResult(model, True)
 
 

@@ -2,9 +2,10 @@
 
 A constant indexed by the stream along `axis` becomes T ×_axis Q (T'[.., j, ..] =
 Σ_i T[.., i, ..]·Q[i, j]): the embedding E·Q, a writer W·Q and its bias b·Q, a reader Qᵀ·W.
-With LayerNorm readers the writers and the embedding are first centered along that axis
-(T − mean): every reader is a norm that subtracts the row mean, so the stream can lose its
-mean exactly, and Q fixes the all-ones direction (rotation(fix_ones=True)).
+With LayerNorm readers Q fixes the all-ones direction (rotation(fix_ones=True)), and the
+writers and the embedding are first centered along that axis (T − mean): every reader is a
+norm that subtracts the row mean, so each summand of the stream can lose its mean exactly —
+except a table a head also reads (tied): the head needs its rows as they are.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.patterns.graph import const_tensor, op
+from rewriter.patterns.graph import GraphEditor, const_array, const_tensor, op, set_dtype
 
 from .stream import Stream
 
@@ -40,7 +41,9 @@ def rotate_stream(stream: Stream, q: np.ndarray, inputs: dict[ir.Node, np.ndarra
     for source, axis in stream.sources.items():
         old = const_tensor(source)
         dtype = old.dtype
-        do_center = center and bool(roles[source] & CENTERED_ROLES)
+        # a table also read as a head (tied) stays uncentered: its head would lose the rows' means
+        # (exact all the same: Q fixes the ones vector, so each summand's mean may stay)
+        do_center = center and bool(roles[source] & CENTERED_ROLES) and "reader" not in roles[source]
         writer_rotation = online.get(source)
 
         def compute(old=old, axis=axis, dtype=dtype, do_center=do_center, r=writer_rotation) -> ir.TensorProtocol:
@@ -59,4 +62,25 @@ def rotate_stream(stream: Stream, q: np.ndarray, inputs: dict[ir.Node, np.ndarra
     return len(stream.sources)
 
 
-__all__ = ["rotate_stream", "rotated"]
+def rotate_kept_gains(graph: ir.Graph, stream: Stream, q: np.ndarray) -> list[str]:
+    """Each kept gain's Mul(y, g) becomes MatMul(y, Qᵀ·diag(g)·Q) (rewriter.rotate.stream.kept_gain),
+    the matrix computed in float64 and cast once. Returns the MatMuls' names."""
+    editor = GraphEditor(graph, prefix="rotate_gain")
+    names = []
+    for mul in stream.kept_gains:
+        normalized = next(v for v in mul.inputs if const_array(v, follow=False) is None)
+        gain = const_array(next(v for v in mul.inputs if v is not normalized), follow=False)
+        dtype = normalized.dtype or ir.DataType.FLOAT
+        matrix = q.T @ (gain.astype(np.float64).reshape(-1, 1) * q)
+        constant = editor.initializer(matrix.astype(dtype.numpy()), "gain_matrix")
+        matmul = editor.node("MatMul", [normalized, constant], hint="gain_matrix", before=mul)
+        out = matmul.outputs[0]
+        set_dtype(out, dtype)
+        out.shape = mul.outputs[0].shape
+        mul.outputs[0].replace_all_uses_with(out)
+        graph.remove(mul, safe=True)
+        names.append(matmul.name)
+    return names
+
+
+__all__ = ["rotate_kept_gains", "rotate_stream", "rotated"]

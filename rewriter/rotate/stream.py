@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.patterns import Failure, Site, fail, find_sites
+from rewriter.patterns import Failure, Form, Site, fail, find_sites
 from rewriter.patterns.graph import (attr, cast_to, const_array, const_tensor, dtype_of, holds, is_cast, last_dim, op,
                                      transpose_perm, users)
 from rewriter.patterns.linear import resolve_weight
@@ -48,6 +48,7 @@ class Stream:
     norms: list[Site] = field(default_factory=list)
     uses: list[Use] = field(default_factory=list)
     writers: list[ir.Node] = field(default_factory=list)
+    kept_gains: list[ir.Node] = field(default_factory=list)     # see kept_gain
 
     @property
     def sources(self) -> dict[ir.Value, int]:
@@ -192,10 +193,65 @@ def _aliases(value: ir.Value) -> list[ir.Value]:
     return found
 
 
+def _gain_mul(mul: ir.Node | None, normalized: ir.Value, n: int) -> bool:
+    """`mul` is Mul(normalized, g) with g a constant of n values along the last axis."""
+    if not op(mul, "Mul", domain="") or normalized not in mul.inputs or mul.outputs[0].is_graph_output():
+        return False
+    gain = const_array(mul.inputs[1 - list(mul.inputs).index(normalized)], follow=False)
+    return gain is not None and gain.size == n and gain.shape[-1] == n
+
+
+def kept_gain(site: Site) -> ir.Node | None:
+    """The Mul by which a stream norm applies a gain that was not folded — the fold keeps it
+    when the weight it would fold into is shared (a tied embedding/head) — as the norm's last
+    op, with no β after it: y = norm(x)·g. Rotated, norm(x·Q)·(Qᵀ·diag(g)·Q) = y·Q, so the Mul
+    becomes a MatMul by that n×n matrix (rewriter.rotate.apply) and the shared weight is
+    rotated once, for both its readers, instead of copied."""
+    if site.form != Form.DECOMPOSED or site.unit_gain or (site.beta is not None and np.any(site.beta)):
+        return None
+    mul = site.nodes[-1] if site.nodes else None
+    if mul is None or mul.outputs[0] is not site.output or not _gain_mul(mul, site.pre_affine, site.size):
+        return None
+    return mul
+
+
+def _past_row_steps(value: ir.Value, n: int) -> ir.Value:
+    """What a chain of row-regrouping Reshapes and alias steps, each the only reader of its
+    input (Shape readers aside), makes of `value` (`value` itself without one)."""
+    while not value.is_graph_output():
+        readers = [node for node, _ in users(value) if node.op_type not in ("Shape", "Size")]
+        if len(readers) != 1 or not (_row_reshape(readers[0], n) or _alias_step(readers[0])):
+            break
+        value = readers[0].outputs[0]
+    return value
+
+
+def _kept_gain_reader(site: Site | None, n: int) -> tuple[ir.Node, list[Use]] | None:
+    """The same kept gain after a weightless norm the matcher sees on its own (a LayerNorm, whose
+    β ends it; GPT-2's row Reshape before its head): the norm's only reader (past row Reshapes)
+    is Mul(y, g), read (past row Reshapes) only as the data input of MatMul/Gemm linears with
+    constant weights. (that Mul, the linears' reader uses) or None."""
+    if site is None or site.kind not in ("rms", "layer") or not site.weightless or site.output.is_graph_output():
+        return None
+    y = _past_row_steps(site.output, n)
+    readers = [node for node, _ in users(y) if node.op_type not in ("Shape", "Size")]
+    if len(readers) != 1 or not _gain_mul(readers[0], y, n):
+        return None
+    uses, out = [], _past_row_steps(readers[0].outputs[0], n)
+    for node, index in users(out):
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if index != 0 or not op(node, "MatMul", "Gemm", domain="") or out.is_graph_output():
+            return None
+        axis = 0 if node.op_type == "MatMul" else _gemm_weight_axis(node, contracted=True)
+        uses.append(_weight_use(node.inputs[1], axis, node, "reader"))
+    return (readers[0], uses) if uses else None
+
+
 def _norm_uses(site: Site, n: int) -> list[Use]:
     if site.kind not in ("rms", "layer"):
         raise Refused(fail(f"a {site.kind} norm reads the residual stream (not RMS- or LayerNorm-type)", site.anchor))
-    if not site.weightless:
+    if not site.weightless and kept_gain(site) is None:
         raise Refused(fail("a norm reading the residual stream keeps a gain or β (it was not folded)", site.anchor))
     if site.size != n or site.groups != 1:
         raise Refused(fail(f"a norm reading the residual stream does not normalize all {n} features at once",
@@ -253,7 +309,9 @@ def find_stream(graph: ir.Graph) -> Stream:
     while True:
         aliases = _aliases(v)
         readers = [site for alias in aliases for site in by_x.get(alias, [])]
-        norm_nodes = {node for site in readers for node in site.nodes}
+        gained = [(miss_by_x[alias].site, kept) for alias in aliases if alias in miss_by_x
+                  and (kept := _kept_gain_reader(miss_by_x[alias].site, n)) is not None]
+        norm_nodes = {node for site in readers + [site for site, _ in gained] for node in site.nodes}
         nxt = None
         for alias in aliases:
             if alias.is_graph_output():
@@ -281,6 +339,14 @@ def find_stream(graph: ir.Graph) -> Stream:
                 raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
             stream.norms.append(site)
             stream.uses += _norm_uses(site, n)
+            if kept_gain(site) is not None:
+                stream.kept_gains.append(kept_gain(site))
+        for site, (mul, uses) in gained:
+            if site.kind != stream.kind:
+                raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
+            stream.norms.append(site)
+            stream.uses += _norm_uses(site, n) + uses
+            stream.kept_gains.append(mul)
         if nxt is None:
             break
         if nxt in skips:        # the residual Add, a bias and the next norm in one op
@@ -374,4 +440,4 @@ def _check_owned(stream: Stream) -> None:
                     pending.append(node.outputs[0])
 
 
-__all__ = ["Refused", "Stream", "Use", "find_stream"]
+__all__ = ["Refused", "Stream", "Use", "find_stream", "kept_gain"]
