@@ -247,6 +247,7 @@ def main(argv=None) -> int:
             run["same_as_fp32"] = agreement(ref["tokens"], run["tokens"])
             run["common_prefix_with_fp32"] = common_prefix(ref["tokens"], run["tokens"])
         row["same_as_fp32_total"] = sum(r["same_as_fp32"] for r in row["generations"])
+        row["fp32_tokens_total"] = sum(len(r["tokens"]) for r in reference)   # fp32 may stop early (EOS)
     if not args.no_perplexity:
         nll = {}
         for name, folder in folders.items():
@@ -281,7 +282,9 @@ def print_tables(out: dict) -> None:
     rows = out["folders"]
     print(f"\nonnxruntime {out['onnxruntime']}, onnxruntime-genai {out['onnxruntime_genai']}, CPU (2 shared "
           "cores: timings noisy)\n")
-    print("| folder | perplexity | tokens as fp32's (of 3 × 32) | per prompt (common prefix) | decode tok/s | size MB |")
+    total = rows["fp32"]["fp32_tokens_total"]
+    print(f"| folder | perplexity | tokens as fp32's (of its {total}) | per prompt (common prefix) | decode tok/s "
+          "| size MB |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         per = ", ".join(f"{g['same_as_fp32']} ({g['common_prefix_with_fp32']})" for g in r["generations"])
@@ -299,7 +302,7 @@ def print_tables(out: dict) -> None:
         print(f"\n{prompt!r}")
         for name, r in rows.items():
             g = r["generations"][i]
-            print(f"  {name:>19} [{g['same_as_fp32']:>2}/32] {g['text']!r}")
+            print(f"  {name:>19} [{g['same_as_fp32']:>2}/{len(rows['fp32']['generations'][i]['tokens'])}] {g['text']!r}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from rewriter.errors import CannotRun, OutputError, Unsupported, first_line
 from rewriter.files import check_target, commit, data_files_of, mentions_external_data, remove_stale_temporaries, temp_prefix
 from rewriter.folders import decoder_file, write_folder
 from rewriter.rotate import online_rotation_nodes
+from rewriter.verify import session
 
 SCHEMES = {
     "w8a8": "quantize_dynamic(weight_type=QInt8): per-tensor int8 weights, dynamic int8 activations",
@@ -144,7 +145,6 @@ def _quantize_model(src: Path, dst: Path, scheme: str, *, scratch: Path, rotate:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if check_load:
-        from rewriter.verify import session
         try:
             session(dst, "cpu")
         except Exception as exc:    # noqa: BLE001 - onnxruntime's refusal is the answer

@@ -130,19 +130,29 @@ def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path):
 
 # -- slow: the real SmolLM2-135M-Instruct ------------------------------------------------------
 
+# measured (benchmarks/results/cpu/quantize_rotate_genai.json, onnxruntime 1.32.0 CPU): of fp32's
+# 71 greedy tokens (7 + 32 + 32: the first answer ends early), the --rotate-online W8A8 folder
+# puts 17 in place (the original's W8A8 folder 14, per-channel 7; a broken rotation: ~0 of a
+# 49152-token vocabulary) and follows fp32 for 13 tokens on the second prompt; its perplexity is
+# 26.09 (fp32 22.05, the original's W8A8 37.31). The bounds keep ~30 % of slack for onnxruntime
+# builds whose kernels round differently, and still fail a rotation that does not help.
+SAME_TOKENS_AT_LEAST = 12           # of fp32's 71
+PROMPT2_PREFIX_AT_LEAST = 8         # "The sky is blue because of a process called Rayleigh scattering, ..."
+PERPLEXITY_AT_MOST = 28.0           # 0.75 × the original's W8A8 (37.31)
+
+
 @pytest.mark.slow
 def test_smollm2_rotate_online_w8a8_folder_generates_as_fp32(tmp_path):
-    """The README's command on the real folder; greedy 32 tokens of the benchmark's prompts
-    through og.Generator against fp32's."""
-    from benchmarks.rotate_genai import PROMPTS, TOLERANCE, agreement, generate_text
+    """The README's command on the real folder: greedy 32 tokens of the benchmark's prompts
+    through og.Generator against fp32's, and the decoder's perplexity on the benchmark's text."""
+    from benchmarks.rotate_genai import PROMPTS, TOLERANCE, common_prefix, decoder_nll, generate_text, text_ids
     src = built("smollm2")
     out = tmp_path / "rot-online-w8a8"
     assert quantize(src, out, "--scheme", "w8a8", "--rotate-online", "--tolerance", str(TOLERANCE)) == EXIT_OK
-    want = [generate_text(src, prompt, 32) for prompt in PROMPTS]
-    got = [generate_text(out, prompt, 32) for prompt in PROMPTS]
-    same = [agreement(a["tokens"], b["tokens"]) for a, b in zip(want, got)]
-    # measured (benchmarks/results/cpu/quantize_rotate_genai.json): see SHARE_FLOOR's comment
-    assert sum(same) >= SHARE_FLOOR * 32 * len(PROMPTS), (same, [g["text"] for g in got])
-
-
-SHARE_FLOOR = 0.5   # placeholder, set from the measurement below
+    want = [generate_text(src, prompt)["tokens"] for prompt in PROMPTS]
+    got = [generate_text(out, prompt)["tokens"] for prompt in PROMPTS]
+    same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))
+    assert same >= SAME_TOKENS_AT_LEAST, (same, got)
+    assert common_prefix(want[1], got[1]) >= PROMPT2_PREFIX_AT_LEAST, got[1]
+    perplexity = float(np.exp(decoder_nll(out, text_ids(src), threads=2).mean()))
+    assert perplexity <= PERPLEXITY_AT_MOST, perplexity
