@@ -37,7 +37,7 @@ The peer in the same run: row olive-quarot, Olive's QuaRot pass (PyTorch level) 
 weights, exported like the original (benchmarks/olive_quarot.py, run in .venv-olive when
 OLIVE.onnx is missing: scripts/setup_olive.sh), quantized with the same settings.
 
-    python benchmarks/quantize_after_rewrite.py --genai   # ~10 min
+    python benchmarks/quantize_after_rewrite.py --genai   # ~8 min (benchmarks/rotate_genai.py)
 
 The same weights as onnxruntime-genai folders, quantized by `python -m rewriter quantize FOLDER`
 (original W8A8, --rotate, --rotate-online) and generating through og.Generator:

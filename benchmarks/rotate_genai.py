@@ -1,7 +1,7 @@
 """Rotated, W8A8-quantized onnxruntime-genai folders of real SmolLM2-135M-Instruct, generating
 through og.Generator.
 
-    python benchmarks/rotate_genai.py                      # ~10 min on 2 cores
+    python benchmarks/rotate_genai.py                      # ~8 min on 2 cores; ~4 once its folders exist
     python benchmarks/quantize_after_rewrite.py --genai    # the same
 
 The fp32 folder is onnxruntime-genai's own builder's (`-p fp32 -e cpu`) on the real weights

@@ -27,7 +27,7 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.api import check_outputs, rewrite_file
-from rewriter.errors import CannotRun, OutputError, Unsupported, first_line
+from rewriter.errors import CannotRun, OutputError, Unsupported, VerificationFailed, first_line
 from rewriter.files import check_target, commit, data_files_of, mentions_external_data, remove_stale_temporaries, temp_prefix
 from rewriter.folders import decoder_file, write_folder
 from rewriter.rotate import online_rotation_nodes
@@ -136,7 +136,11 @@ def _quantize_model(src: Path, dst: Path, scheme: str, *, scratch: Path, rotate:
             fp32 = work / "rotated.onnx"
             verify = (lambda original, rotated: check_outputs(original, rotated, tolerance=tolerance)) \
                 if tolerance is not None else False
-            report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed, rotate_online=online, verify=verify)
+            try:
+                report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed, rotate_online=online, verify=verify)
+            except VerificationFailed as exc:       # say which check, and what loosens it
+                raise VerificationFailed(f"nothing written: the rotated fp32 model, checked before quantization "
+                                         f"(--tolerance T loosens that check): {exc}", exc.diffs) from exc
             if not (report.rotation or {}).get("applied"):
                 why = report.rotation or {}
                 raise Unsupported(f"{src}: the residual stream cannot be rotated: {why.get('reason', '?')}"

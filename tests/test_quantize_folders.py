@@ -100,20 +100,40 @@ def unrotatable_folder(tiny: Path, where: Path) -> Path:
     return folder
 
 
-def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path):
+def fp16_folder(tiny: Path, where: Path) -> Path:
+    """A folder whose decoder is one fp16 MatMul: not an fp32 model."""
+    from onnx import TensorProto, helper, numpy_helper
+    folder = where / "fp16"
+    folder.mkdir()
+    shutil.copy2(tiny / "genai_config.json", folder)
+    weight = numpy_helper.from_array(np.ones((8, 8), np.float16), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "fp16",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "model.onnx"))
+    return folder
+
+
+def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path, capsys):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     side = unrotatable_folder(tiny, inputs)
+    half = fp16_folder(tiny, inputs)
     out = tmp_path / "out"
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
     # already quantized: exit 4, before anything is written
     assert quantize(online_w8a8, out, "--scheme", "w8a8") == EXIT_UNSUPPORTED
+    # not fp32: exit 4
+    assert quantize(half, out, "--scheme", "w8a8") == EXIT_UNSUPPORTED
     # the rotation refused (a Sigmoid reads the stream): exit 4
     assert quantize(side, out, "--scheme", "w8a8", "--rotate") == EXIT_UNSUPPORTED
     # the rotated fp32 decoder checked within a bound no float rewrite meets: exit 1
+    capsys.readouterr()
     assert quantize(tiny, out, "--scheme", "w8a8", "--rotate", "--tolerance", "0") == EXIT_VERIFY_FAILED
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "checked before quantization (--tolerance T loosens" in error
     # an output folder that is not empty, or inside the input: exit 5
     assert quantize(tiny, taken, "--scheme", "w8a8") == EXIT_OUTPUT
     assert names(taken) == ["keep.txt"]
@@ -121,7 +141,7 @@ def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path):
     # a folder without genai_config.json: exit 3
     assert quantize(inputs, out, "--scheme", "w8a8") == EXIT_BAD_INPUT
     assert names(tmp_path) == ["inputs", "taken"]           # neither an output nor a temporary
-    assert names(inputs) == ["side"] and names(side) == ["genai_config.json", "model.onnx"]
+    assert names(inputs) == ["fp16", "side"] and names(side) == names(half) == ["genai_config.json", "model.onnx"]
     assert "q" not in names(tiny)
     # --overwrite replaces the non-empty folder
     assert quantize(tiny, taken, "--scheme", "w8a8", "--overwrite") == EXIT_OK
