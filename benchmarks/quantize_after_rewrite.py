@@ -36,6 +36,12 @@ the same way. Writes benchmarks/results/cpu/quantize_rotate.json.
 The peer in the same run: row olive-quarot, Olive's QuaRot pass (PyTorch level) on the same
 weights, exported like the original (benchmarks/olive_quarot.py, run in .venv-olive when
 OLIVE.onnx is missing: scripts/setup_olive.sh), quantized with the same settings.
+
+    python benchmarks/quantize_after_rewrite.py --genai   # ~8 min (benchmarks/rotate_genai.py)
+
+The same weights as onnxruntime-genai folders, quantized by `python -m rewriter quantize FOLDER`
+(original W8A8, --rotate, --rotate-online) and generating through og.Generator:
+benchmarks/rotate_genai.py (its options follow --genai).
 """
 
 from __future__ import annotations
@@ -346,6 +352,10 @@ def main_rotate(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--genai"]:
+        from benchmarks.rotate_genai import main as genai_main
+        return genai_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "flashnorm" / "quantize_after_rewrite"),
                     help="folder for the ONNX files (reused when present)")
@@ -357,6 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rotate-seed", type=int, default=0)
     ap.add_argument("--schemes", help="with --rotate: a comma-separated subset of rewriter.quantize.SCHEMES")
     ap.add_argument("--latency", action="store_true", help="with --rotate: also time a 128-token prefill of each")
+    ap.add_argument("--genai", action="store_true", help="first option only: run benchmarks/rotate_genai.py "
+                    "(rotated W8A8 onnxruntime-genai folders through og.Generator) with the options after it")
     ap.add_argument("--olive", metavar="ONNX", help="with --rotate: add the peer, Olive's QuaRot, as the row "
                     "olive-quarot (this fp32 ONNX; made by benchmarks/olive_quarot.py in .venv-olive when missing)")
     args = ap.parse_args(argv)

@@ -146,15 +146,18 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m rewriter quantize",
                        description="[rotate the residual stream, then] quantize with onnxruntime's own quantizers: "
                                    + "; ".join(f"{k}: {v}" for k, v in SCHEMES.items()))
-    p.add_argument("model", help="input fp32 .onnx (never modified)")
-    p.add_argument("-o", "--output", required=True, help="output .onnx (written atomically)")
+    p.add_argument("model", help="input fp32 .onnx, or an onnxruntime-genai folder (never modified)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx, or folder (written atomically)")
     p.add_argument("--scheme", choices=tuple(SCHEMES), required=True)
     p.add_argument("--rotate", action="store_true", help="fold the gains and rotate the residual stream first "
                    "(refused with the reason where it cannot be proven: nothing written)")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="N")
     p.add_argument("--rotate-online", action="store_true", help="--rotate, and each stream writer's input rotated "
                    "at run time (Hadamard MatMuls, kept in float: excluded from quantization)")
-    p.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the input path")
+    p.add_argument("--tolerance", type=tolerance, help="the rotated fp32 model is checked against the input as "
+                   "`verify` does, within this relative bound (default: the rewrite's, fp32 1e-5)")
+    p.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the input path (a folder: replace "
+                   "a non-empty OUTPUT)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p
@@ -166,7 +169,7 @@ def cmd_quantize(args) -> int:
         logging.disable(logging.WARNING)
     try:
         report = quantize(args.model, args.output, args.scheme, rotate=args.rotate, seed=args.rotate_seed,
-                          online=args.rotate_online, overwrite=args.overwrite)
+                          online=args.rotate_online, overwrite=args.overwrite, tolerance=args.tolerance)
     finally:
         logging.disable(logging.NOTSET)
     if not args.quiet:

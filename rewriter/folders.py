@@ -168,3 +168,30 @@ def _commit(tmp: Path, dst: Path) -> None:
         os.rename(aside, dst)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_folder(src, dst, write_decoder, *, overwrite: bool = False):
+    """The onnxruntime-genai folder `src` written to `dst` as rewrite_folder writes it (atomic,
+    the same refusals), its decoder made by `write_decoder(decoder, target)` (the quantize verb:
+    rewriter/quantize.py) instead of rewritten; every other file is copied but the data files
+    only the decoder uses. Returns what write_decoder returns."""
+    src, dst = Path(src), Path(dst)
+    decoder = decoder_file(src)
+    _check_destination(src, dst, overwrite)
+    copies = _files_to_copy([p for p in src.rglob("*") if p.is_file()], decoder)
+    remove_stale_temporaries(dst.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
+    except OSError as exc:
+        raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        _copy(copies, src, tmp)
+        target = tmp / decoder.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        result = write_decoder(decoder, target)
+        _commit(tmp, dst)
+    except OSError as exc:
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result

@@ -5,20 +5,31 @@ Schemes (SCHEMES): w8a8 — `quantize_dynamic(weight_type=QInt8)`, onnxruntime's
 (per-tensor weights, dynamic per-tensor activations); w8a8-channel — the same, per_channel;
 int4 / int4-b128 — `MatMulNBitsQuantizer` symmetric blocks of 32 / 128 (round to nearest);
 int4-hqq — its HQQ algorithm, blocks of 32. `--rotate` rotates the residual stream first
-(rewriter.rotate; measured in docs/BENCHMARKS.md "Rotation before quantization")."""
+(rewriter.rotate; measured in docs/BENCHMARKS.md "Rotation before quantization").
+
+IN may be an onnxruntime-genai folder (genai_config.json): its decoder is rotated and quantized,
+written as one file under the name the config gives (no data file: under 2 GiB), and every
+other file copied (rewriter.folders.write_folder: atomic, the same refusals as a rewritten
+folder). The rotated fp32 model is checked against the input as `verify` does (prefill and
+two decode steps for a KV-cache decoder); `tolerance` replaces the default 1e-5 bound of that
+check (docs/BENCHMARKS.md "Rotated genai folders": why real SmolLM2's needs it). A decoder
+already quantized, or not fp32, is refused (Unsupported) before anything is written."""
 
 from __future__ import annotations
 
 import gc
+from collections import Counter
 import shutil
 import tempfile
 from pathlib import Path
 
 import onnx
 
-from rewriter.api import rewrite_file
-from rewriter.errors import OutputError, Unsupported
-from rewriter.files import check_target, commit, mentions_external_data, remove_stale_temporaries, temp_prefix
+from rewriter.api import check_outputs, rewrite_file
+from rewriter.errors import CannotRun, OutputError, Unsupported, VerificationFailed, first_line
+from rewriter.files import check_target, commit, data_files_of, mentions_external_data, remove_stale_temporaries, temp_prefix
+from rewriter.folders import decoder_file, write_folder
+from rewriter.verify import session
 
 SCHEMES = {
     "w8a8": "quantize_dynamic(weight_type=QInt8): per-tensor int8 weights, dynamic int8 activations",
@@ -27,6 +38,10 @@ SCHEMES = {
     "int4-b128": "MatMulNBitsQuantizer(block_size=128, is_symmetric=True)",
     "int4-hqq": "MatMulNBitsQuantizer(algo_config=HQQWeightOnlyQuantConfig(block_size=32))",
 }
+# ops that hold quantized weights or activations: a model with one is quantized already
+QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul",
+                 "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "GatherBlockQuantized", "QAttention"}
+SINGLE_FILE_LIMIT = 2**31 - 2**24       # protobuf's 2 GiB, less room for the graph
 
 
 def quantize_file(src, dst, scheme: str, exclude: list[str] | None = None) -> None:
@@ -55,37 +70,83 @@ def quantize_file(src, dst, scheme: str, exclude: list[str] | None = None) -> No
 
 
 def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, online: bool = False,
-             overwrite: bool = False):
+             overwrite: bool = False, tolerance: float | None = None):
     """The `quantize` verb: [rotate the residual stream (`online`: and the writers' inputs at
     run time), then] quantize with onnxruntime into `dst`, written in a temporary folder beside
     it and renamed into place; the rotation's own MatMuls (online Hadamards, a tied head's gain
     matrix: report.rotation["keep_float"]) are excluded from quantization (quantized, they lose
-    what they gain). A rotation that is refused raises Unsupported
-    (nothing written). Returns the rotation's report (or None)."""
-    rotate = rotate or online
+    what they gain). A rotation that is refused raises Unsupported (nothing written). `src` an
+    onnxruntime-genai folder: `dst` is a folder (module doc). Returns the rotation's report (or None)."""
     src, dst = Path(src), Path(dst)
+    settings = dict(rotate=rotate or online, seed=seed, online=online, tolerance=tolerance)
+    if src.is_dir():
+        check_quantizable(decoder_file(src))
+        return write_folder(src, dst, lambda decoder, target: _quantize_model(
+            decoder, target, scheme, scratch=dst.parent, check_load=True, **settings), overwrite=overwrite)
     check_target(dst, "output")
     if dst.exists() and dst.resolve() == src.resolve() and not overwrite:
         raise OutputError(f"output {dst}: is the input; give --overwrite to replace it")
-    if mentions_external_data(src) or src.stat().st_size > 2**31 - 2**24:
+    if mentions_external_data(src):
         raise Unsupported(f"{src}: quantize takes a single-file model under 2 GiB (external data: not yet)")
+    check_quantizable(src)
     remove_stale_temporaries(dst.parent)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
     try:
-        report, fp32 = None, src
-        if rotate:
-            fp32 = tmp / "rotated.onnx"
-            report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed, rotate_online=online)
-            if not (report.rotation or {}).get("applied"):
-                why = report.rotation or {}
-                raise Unsupported(f"{src}: the residual stream cannot be rotated: {why.get('reason', '?')}"
-                                  + (f" (at {why['at']})" if why.get("at") else "") + "; nothing written")
-        keep_float = (report.rotation or {}).get("keep_float") if report is not None else None
-        quantize_file(fp32, tmp / "model.onnx", scheme, exclude=keep_float)
+        report = _quantize_model(src, tmp / "model.onnx", scheme, scratch=tmp, **settings)
         commit([(tmp / "model.onnx", dst)], tmp)
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["SCHEMES", "quantize", "quantize_file"]
+def check_quantizable(path: Path) -> None:
+    """Unsupported (before anything is written) unless the model at `path` is an fp32 model
+    under 2 GiB that holds no quantized op."""
+    size = path.stat().st_size + sum(Path(f).stat().st_size for f in data_files_of(path) if Path(f).is_file())
+    if size > SINGLE_FILE_LIMIT:
+        raise Unsupported(f"{path}: {size / 2**30:.1f} GiB with its weights; quantize takes models under 2 GiB")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    done = [n for n in graph.node if n.op_type in QUANTIZED_OPS]
+    if done:
+        kinds = Counter(n.op_type for n in done)
+        raise Unsupported(f"{path}: already quantized ({', '.join(f'{c} {k}' for k, c in kinds.most_common())} "
+                          f"node(s), e.g. {done[0].name!r}); quantize an fp32 model")
+    weights = {t.name: t.data_type for t in graph.initializer}
+    kinds = {weights[i] for n in graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input if i in weights}
+    if kinds and onnx.TensorProto.FLOAT not in kinds:
+        names = ", ".join(onnx.TensorProto.DataType.Name(k) for k in sorted(kinds))
+        raise Unsupported(f"{path}: its MatMul weights are {names}; quantize takes an fp32 model")
+
+
+def _quantize_model(src: Path, dst: Path, scheme: str, *, scratch: Path, rotate: bool, seed: int, online: bool,
+                    tolerance: float | None, check_load: bool = False):
+    """Rotate (in a temporary folder under `scratch`) and quantize `src` into the single file
+    `dst`; `check_load`: onnxruntime must load the result (CannotRun). The rotation's report."""
+    work = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=scratch))
+    try:
+        report, fp32 = None, src
+        if rotate:
+            fp32 = work / "rotated.onnx"
+            verify = (lambda original, rotated: check_outputs(original, rotated, tolerance=tolerance)) \
+                if tolerance is not None else False
+            try:
+                report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed, rotate_online=online, verify=verify)
+            except VerificationFailed as exc:       # say which check, and what loosens it
+                raise VerificationFailed(f"nothing written: the rotated fp32 model, checked before quantization "
+                                         f"(--tolerance T loosens that check): {exc}", exc.diffs) from exc
+            if not (report.rotation or {}).get("applied"):
+                why = report.rotation or {}
+                raise Unsupported(f"{src}: the residual stream cannot be rotated: {why.get('reason', '?')}"
+                                  + (f" (at {why['at']})" if why.get("at") else "") + "; nothing written")
+        quantize_file(fp32, dst, scheme, exclude=(report.rotation or {}).get("keep_float") if report else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if check_load:
+        try:
+            session(dst, "cpu")
+        except Exception as exc:    # noqa: BLE001 - onnxruntime's refusal is the answer
+            raise CannotRun(f"onnxruntime cannot load the quantized decoder: {first_line(exc)}; nothing written") from exc
+    return report
+
+
+__all__ = ["SCHEMES", "check_quantizable", "quantize", "quantize_file"]

@@ -30,7 +30,7 @@ LAYERS = {
     "rewriter.plumbing": 10.5,
     "rewriter.io": 11, "rewriter.report": 11, "rewriter.costs": 11, "rewriter.kernels": 11,
     "rewriter.fold": 11, "rewriter.bias": 11, "rewriter.rowmoves": 11,
-    "rewriter.transform": 12, "rewriter.compose": 12.5, "rewriter.passes": 13, "rewriter.pipeline": 13.5, "rewriter.api": 14, "rewriter.folders": 14.5, "rewriter.quantize": 14.5, "rewriter.explain": 15,
+    "rewriter.transform": 12, "rewriter.compose": 12.5, "rewriter.passes": 13, "rewriter.pipeline": 13.5, "rewriter.api": 14, "rewriter.folders": 14.5, "rewriter.quantize": 14.7, "rewriter.explain": 15,
     "rewriter.bench.timing": 16, "rewriter.bench.graphs": 16, "rewriter.bench.passes": 16,
     "rewriter.bench.variants": 17, "rewriter.bench.present": 18, "rewriter.calibrate": 18,
     "rewriter.measure": 18,

@@ -304,6 +304,11 @@ def find_stream(graph: ir.Graph) -> Stream:
     n = stream_norms[-1].size
     if n is None:
         raise Refused(fail("the residual stream's width is unknown", v))
+    # a Skip* norm whose gain the fold kept (a tied head): a miss, rotated with its kept gain
+    gained_skips = {miss.site.anchor: kept for miss in misses if miss.site is not None and miss.site.skip_inputs
+                    and (kept := _kept_gain_reader(miss.site, n)) is not None}
+    skips.update({miss.site.anchor: miss.site for miss in misses if miss.site is not None
+                  and miss.site.anchor in gained_skips})
     stream = Stream([v], n, stream_norms[-1].kind)
     stream.uses += _embedding(v, n)
     while True:
@@ -357,6 +362,10 @@ def find_stream(graph: ir.Graph) -> Stream:
                 uses.append(_bias_use(bias, n, nxt))
             stream.norms.append(site)
             stream.uses += _norm_uses(site, n)
+            if nxt in gained_skips:
+                mul, kept_uses = gained_skips[nxt]
+                stream.uses += kept_uses
+                stream.kept_gains.append(mul)
             nxt_value = site.residual_out if site.residual_out is not None and \
                 (site.residual_out.uses() or site.residual_out.is_graph_output()) else None
         else:
