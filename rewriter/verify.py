@@ -5,7 +5,9 @@ Default tolerances by output dtype: fp32/fp64 1e-5, fp16 1e-2, bf16 5e-2 (low-pr
 graphs are not bit-identical; judge them against an fp32 reference with `bench zero-loss`).
 An output beyond its tolerance fails only beyond FLOOR_K × the original's own noise floor:
 the original's error against a float64 run of it (models with up to F64_MAX_WEIGHT_BYTES of
-weights) and its move between onnxruntime's optimized and unoptimized runs, the larger. An
+weights; where no float64 run is possible — onnxruntime's contrib ops have no double kernels —
+its move when every weight and input moves by one ulp) and its move between onnxruntime's
+optimized and unoptimized runs, the larger. An
 ill-conditioned graph (LayerNorm over a large common mean, random all-positive weights) moves
 by more than 1e-5 under onnxruntime's own fusions; an exact rewrite moves by as much.
 """
@@ -19,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from rewriter.errors import BadInput, CannotRun, UsageError, first_line
 from rewriter.feeds import from_session, signature
+from rewriter.promote import PROMOTED, float_weight_bytes, load_proto, promote
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 
@@ -233,103 +236,42 @@ def noise_floor(original, runs: list[tuple[dict, dict]], provider: str | None = 
         del unoptimized
     except Exception:       # noqa: BLE001 - onnxruntime refuses it unoptimized: the other floor
         pass
-    if float64 is None:
-        float64 = float_weight_bytes(original) <= F64_MAX_WEIGHT_BYTES
-    if float64:
-        outputs = _float64_runs(original, [feeds for feeds, _ in runs], provider)
+    small = float_weight_bytes(original) <= F64_MAX_WEIGHT_BYTES
+    outputs = _float64_runs(original, [feeds for feeds, _ in runs], provider) \
+        if (small if float64 is None else float64) else None
+    if outputs is not None:
+        add(outputs, "float64", truth=True)
+    elif small:     # no float64 kernel (onnxruntime's contrib ops): how far one ulp of rounding moves it
+        outputs = _ulp_runs(original, [feeds for feeds, _ in runs], provider)
         if outputs is not None:
-            add(outputs, "float64", truth=True)
+            add(outputs, "ulp", truth=False)
     return {name: (value, "+".join(sorted(by))) for name, (value, by) in measured.items()}
 
 
-def float_weight_bytes(model) -> int:
-    """Bytes of the model's float weights, initializers and Constant tensors (exports that keep
-    every weight in a Constant node: patterns.graph.weight_bytes counts initializers only),
-    external ones included, read from the proto without loading external data."""
-    proto = _load(model, weights=False)
-    total = 0
+def _ulp_runs(original, feeds_per_run: list[dict], provider, seed: int = 0) -> list[dict] | None:
+    """The original with every float weight of two or more values, and every float input, moved
+    by one ulp up or down at random (what one rounding more or less does), run on each feeds
+    under onnxruntime; None where it cannot be. For graphs a float64 run cannot reach."""
+    rng = np.random.default_rng(seed)
 
-    def add(t: onnx.TensorProto):
-        nonlocal total
-        if t.data_type in PROMOTED:
-            total += int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    def moved(a: np.ndarray) -> np.ndarray:
+        return np.nextafter(a, np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype))
 
-    def graph(g: onnx.GraphProto):
-        for t in g.initializer:
-            add(t)
-        nodes(g.node)
-
-    def nodes(ns):
-        for n in ns:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    add(a.t)
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    graph(g)
-
-    graph(proto.graph)
-    for f in proto.functions:
-        nodes(f.node)
-    return total
-
-
-PROMOTED = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-
-
-def promote(model: onnx.ModelProto, mapping: dict[int, int]) -> onnx.ModelProto:
-    """A copy of `model` with every tensor type in `mapping` replaced (FLOAT16 → FLOAT: an fp32
-    reference; FLOAT/FLOAT16/BFLOAT16 → DOUBLE: the float64 reference): inputs, outputs,
-    value infos, initializers, Constant and ConstantOfShape values, Cast targets, subgraphs
-    and functions."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-
-    def tensor(t: onnx.TensorProto) -> onnx.TensorProto:
-        if t.data_type not in mapping:
-            return t
-        arr = numpy_helper.to_array(t).astype(np.float64)
-        return numpy_helper.from_array(arr.astype(helper.tensor_dtype_to_np_dtype(mapping[t.data_type])), t.name)
-
-    def vinfo(v: onnx.ValueInfoProto):
-        tt = v.type.tensor_type
-        if v.type.HasField("tensor_type") and tt.elem_type in mapping:
-            tt.elem_type = mapping[tt.elem_type]
-
-    def nodes(ns):
-        for n in ns:
-            for a in n.attribute:
-                if n.op_type in ("Cast", "EyeLike", "RandomNormalLike") and a.name in ("to", "dtype") \
-                        and a.i in mapping:
-                    a.i = mapping[a.i]
-                if a.type == onnx.AttributeProto.TENSOR:
-                    a.t.CopyFrom(tensor(a.t))
-                if a.type == onnx.AttributeProto.GRAPH:
-                    graph(a.g)
-                if a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        graph(g)
-
-    def graph(g: onnx.GraphProto):
-        for coll in (g.input, g.output, g.value_info):
-            for v in coll:
-                vinfo(v)
-        inits = [tensor(t) for t in g.initializer]
-        del g.initializer[:]
-        g.initializer.extend(inits)
-        nodes(g.node)
-
-    graph(m.graph)
-    for f in m.functions:
-        nodes(f.node)
-    return m
-
-
-def _load(model, weights: bool) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if isinstance(model, bytes):
-        return onnx.load_from_string(model)
-    return onnx.load(str(model), load_external_data=weights)
+    try:
+        model = onnx.ModelProto()
+        model.CopyFrom(load_proto(original, weights=True))
+        for t in model.graph.initializer:
+            if t.data_type in PROMOTED and np.prod(t.dims) >= 2:
+                t.CopyFrom(numpy_helper.from_array(moved(numpy_helper.to_array(t)), t.name))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "ulp.onnx"
+            onnx.save(model, str(path), save_as_external_data=True, location="ulp.onnx.data", size_threshold=1024)
+            del model
+            sess = session(path, provider)
+            return [run(None, {k: moved(v) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+                               for k, v in feeds.items()}, sess=sess) for feeds in feeds_per_run]
+    except Exception:       # noqa: BLE001 - onnxruntime cannot run it: no such floor
+        return None
 
 
 def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] | None:
@@ -339,7 +281,7 @@ def _float64_runs(original, feeds_per_run: list[dict], provider) -> list[dict] |
     Written with external data to a temporary folder: a promoted model passes protobuf's 2 GiB
     sooner than its original."""
     try:
-        loaded = _load(original, weights=True)
+        loaded = load_proto(original, weights=True)
         promoted = promote(loaded, {t: onnx.TensorProto.DOUBLE for t in PROMOTED})
     except Exception:       # noqa: BLE001 - a tensor numpy cannot widen: no float64 floor
         return None

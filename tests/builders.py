@@ -10,14 +10,14 @@ import onnx
 from onnx import TensorProto
 
 from rewriter.bench.graphs import GraphBuilder, tensor_type
-from rewriter.verify import promote
+from rewriter.promote import promote
 
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16,
               np.int64: TensorProto.INT64, np.float64: TensorProto.DOUBLE}
 
 
 def float64_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` computing in float64 (rewriter.verify.promote, FLOAT → DOUBLE: initializers,
+    """`model` computing in float64 (rewriter.promote.promote, FLOAT → DOUBLE: initializers,
     Constants, Cast targets, declared types, subgraphs and functions). The float64 reference
     of an fp32 export (onnxruntime CPU has double kernels for the ops exporters emit)."""
     return promote(model, {TensorProto.FLOAT: TensorProto.DOUBLE})

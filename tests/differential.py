@@ -43,7 +43,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.api import rewrite
 from rewriter.errors import EXIT_INTERNAL, RewriterError
-from rewriter.verify import judge, promote
+from rewriter.promote import promote
+from rewriter.verify import judge
 
 FP32_TOL = 1e-5         # max |Δ| / max |original|: the product's fp32 exactness bar
 FP64_TOL = 1e-11        # fp64 graphs: a float64 graph must stay float64-exact

@@ -23,7 +23,7 @@ LAYERS = {
     "rewriter.patterns": 5,
     "rewriter.rotate.hadamard": 6, "rewriter.rotate.stream": 6, "rewriter.rotate.apply": 7, "rewriter.rotate.online": 7,
     "rewriter.rotate": 8,
-    "rewriter.inline": 8.5, "rewriter.feeds": 9,
+    "rewriter.inline": 8.5, "rewriter.feeds": 9, "rewriter.promote": 9,
     "rewriter.validate": 10, "rewriter.files": 10, "rewriter.verify": 10, "rewriter.scale": 10,
     "rewriter.scale_muls": 10.2, "rewriter.scale_stops": 10.2, "rewriter.scale_walker": 10.5,
     "rewriter.weights": 10, "rewriter.conv": 10, "rewriter.plan": 10,

@@ -167,10 +167,10 @@ PERPLEXITY_AT_MOST = 28.0           # 0.75 × the original's W8A8 (37.31)
 def test_smollm2_rotate_online_w8a8_folder_generates_as_fp32(tmp_path):
     """The README's command on the real folder: greedy 32 tokens of the benchmark's prompts
     through og.Generator against fp32's, and the decoder's perplexity on the benchmark's text."""
-    from benchmarks.rotate_genai import PROMPTS, TOLERANCE, common_prefix, decoder_nll, generate_text, text_ids
+    from benchmarks.rotate_genai import PROMPTS, common_prefix, decoder_nll, generate_text, text_ids
     src = built("smollm2")
     out = tmp_path / "rot-online-w8a8"
-    assert quantize(src, out, "--scheme", "w8a8", "--rotate-online", "--tolerance", str(TOLERANCE)) == EXIT_OK
+    assert quantize(src, out, "--scheme", "w8a8", "--rotate-online") == EXIT_OK      # at the default check
     want = [generate_text(src, prompt)["tokens"] for prompt in PROMPTS]
     got = [generate_text(out, prompt)["tokens"] for prompt in PROMPTS]
     same = sum(a == b for w, g in zip(want, got) for a, b in zip(w, g))

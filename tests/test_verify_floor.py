@@ -125,6 +125,18 @@ def test_large_models_take_the_cheaper_floor(synthetic, monkeypatch):
     assert not bad.ok
 
 
+@pytest.mark.parametrize("wrong", ["twice", "perturbed"])
+def test_without_a_float64_run_the_floor_is_one_ulp(synthetic, wrong, monkeypatch):
+    """Where no float64 run is possible (onnxruntime's contrib ops have no double kernels: a
+    genai decoder), the floor is the original's move when each weight and input moves one ulp:
+    the exact rewrite of the ill-conditioned graph is within it; the wrong ones are not."""
+    monkeypatch.setattr(V, "_float64_runs", lambda *args, **kwargs: None)
+    (v,) = V.verify(synthetic["original"], synthetic["flash"], provider="cpu")
+    assert v.ok and "ulp" in v.floor_by and v.floor > 1e-5, v
+    (bad,) = V.verify(synthetic["original"], synthetic[wrong], provider="cpu")
+    assert not bad.ok and "ulp" in bad.floor_by and bad.max_rel > V.FLOOR_K * bad.floor, bad
+
+
 def test_judge_holds_each_output_to_its_own_bound():
     a = {"y": np.array([1.0, 2.0, np.inf], np.float32), "z": np.array([1.0, 1.0], np.float32)}
     b = {"y": np.array([1.0, 2.0 + 2e-4, np.inf], np.float32), "z": np.array([1.0, np.nan], np.float32)}
