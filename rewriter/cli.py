@@ -150,7 +150,8 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx, or folder (written atomically)")
     p.add_argument("--scheme", choices=tuple(SCHEMES), required=True)
     p.add_argument("--rotate", action="store_true", help="fold the gains and rotate the residual stream first "
-                   "(refused with the reason where it cannot be proven: nothing written)")
+                   "(refused with the reason where it cannot be proven: nothing written). Measured to help W8A8; "
+                   "int4 (weight-only) was worse after every rotation: for int4 quantize the original")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="N")
     p.add_argument("--rotate-online", action="store_true", help="--rotate, and each stream writer's input rotated "
                    "at run time (Hadamard MatMuls, kept in float: excluded from quantization)")
@@ -176,6 +177,9 @@ def cmd_quantize(args) -> int:
         if report is not None:
             print(report.notes[-1])
         print(f"wrote {printable(args.output)} ({args.scheme})")
+        if report is not None and args.scheme.startswith("int4"):
+            print("note: weight-only int4 after a rotation measured worse than int4 of the original (real "
+                  "SmolLM2: README 'Rotation'); for int4, quantize the original (without --rotate)", file=sys.stderr)
     return EXIT_OK
 
 
