@@ -116,7 +116,7 @@ def fp16_folder(tiny: Path, where: Path) -> Path:
     return folder
 
 
-def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path, capsys):
+def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path, capsys, monkeypatch):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     side = unrotatable_folder(tiny, inputs)
@@ -131,7 +131,10 @@ def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path, capsys):
     assert quantize(half, out, "--scheme", "w8a8") == EXIT_UNSUPPORTED
     # the rotation refused (a Sigmoid reads the stream): exit 4
     assert quantize(side, out, "--scheme", "w8a8", "--rotate") == EXIT_UNSUPPORTED
-    # the rotated fp32 decoder checked within a bound no float rewrite meets: exit 1
+    # the rotated fp32 decoder checked within a bound no float rewrite meets (no noise floor to
+    # widen it: GroupQueryAttention has no float64 run, and the one-ulp floor is switched off): exit 1
+    from rewriter import verify
+    monkeypatch.setattr(verify, "_ulp_runs", lambda *args, **kwargs: None)
     capsys.readouterr()
     assert quantize(tiny, out, "--scheme", "w8a8", "--rotate", "--tolerance", "0") == EXIT_VERIFY_FAILED
     error = capsys.readouterr().err
