@@ -107,6 +107,7 @@ def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = Fal
     except OSError as exc:
         raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
     try:
+        shutil.copymode(src, tmp)       # the folder readable as the input was (mkdtemp makes it 0700)
         _copy(copies, src, tmp)
         # a file written later inside OUT_DIR is checked where it lies now, in the temporary
         # folder: io.save then refuses it on the decoder's own output files (its data name)

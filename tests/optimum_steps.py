@@ -48,16 +48,18 @@ def save_hf_folder(out: Path) -> None:
 
 
 def generate(folders: list[str]) -> dict:
-    """Per folder: the greedy tokens for each prompt (chat template) and the decode speed."""
+    """Per folder: the greedy tokens for each prompt (chat template) and the generation speed
+    (onnxruntime's default threads, after a short warm-up generation)."""
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
-    torch.set_num_threads(1)
     results = {}
     for folder in folders:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = ORTModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        warm = tok("Hello", return_tensors="pt")["input_ids"]
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False)
         runs = []
         for prompt in PROMPTS:
             ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
