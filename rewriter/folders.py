@@ -27,9 +27,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from rewriter.api import rewrite_file
 from rewriter.errors import BadInput, OutputError, UsageError
-from rewriter.files import check_external_name, data_files_of, remove_stale_temporaries, temp_prefix
+from rewriter.files import (check_external_name, data_files_of, mentions_external_data, proto_tensors,
+                            remove_stale_temporaries, temp_prefix)
 from rewriter.report import Report
 
 GENAI_CONFIG = "genai_config.json"
@@ -98,7 +101,9 @@ def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = Fal
         _check_data_name(data_name, model.relative_to(src), held)
     also_writes = settings.pop("also_writes", None) or {}
     optimum = not (src / GENAI_CONFIG).exists()
-    names = {model: data_name or _kept_data_name(model, optimum) for model in models}
+    kept = {model: _kept_data_name(model, optimum) for model in models}
+    shared = {name for name in kept.values() if list(kept.values()).count(name) > 1}    # one file, several models
+    names = {model: data_name or (None if kept[model] in shared else kept[model]) for model in models}
     data = {model.relative_to(src).with_name(str(names[model] or f"{model.name}.data")) for model in models}
     _check_also_written(also_writes, files, src, dst, held | data)
     remove_stale_temporaries(dst.parent)
@@ -155,14 +160,22 @@ def _files_to_copy(files: list[Path], models: list[Path]) -> list[Path]:
 
 def _kept_data_name(model: Path, optimum: bool) -> str | None:
     """An optimum model's weights keep their file's name (optimum's loaders fetch
-    `model.onnx_data` by that name): the one data file beside it that it references; None (the
-    rewrite's default) otherwise."""
-    if not optimum:
+    `model.onnx_data` by that name): the one data file beside it that it names (as written in
+    the model: a Hugging Face cache's symlink resolves to a blob's hash); None (the rewrite's
+    default) otherwise."""
+    if not optimum or not mentions_external_data(model):
         return None
-    own = data_files_of(model)
-    if len(own) != 1 or Path(next(iter(own))).parent != model.parent.resolve():
+    try:
+        proto = onnx.load(str(model), format="protobuf", load_external_data=False)
+    except Exception:       # not a model: rewrite_file says so, with its exit code
         return None
-    return Path(next(iter(own))).name
+    locations = {entry.value for tensor in proto_tensors(proto.graph)
+                 if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    if len(locations) != 1:
+        return None
+    name = locations.pop()
+    return name if Path(name).name == name and name != model.name else None
 
 
 def _together(reports: list[Report], models: list[Path]) -> Report:

@@ -145,3 +145,32 @@ def test_output_folder_has_the_input_folders_mode(tmp_path, export):
     src.chmod(0o750)
     rewritten(src, tmp_path / "flash")
     assert (tmp_path / "flash").stat().st_mode & 0o777 == 0o750
+
+
+def test_models_sharing_one_data_file_each_get_their_own(tmp_path, export):
+    """Two models reading one model.onnx_data: each rewrite writes its own weights (the
+    default name beside it), neither over the other's."""
+    import shutil
+    src = optimum_folder(tmp_path, export)
+    shutil.copy(src / "model.onnx", src / "decoder_with_past_model.onnx")
+    out = tmp_path / "flash"
+    report = rewritten(src, out)
+    assert report["rewritten"] == 10
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*OTHERS, "model.onnx", "model.onnx.data", "decoder_with_past_model.onnx", "decoder_with_past_model.onnx.data"])
+    for name in ("model.onnx", "decoder_with_past_model.onnx"):
+        assert main(["verify", str(src / name), str(out / name)]) == EXIT_OK
+
+
+def test_hugging_face_cache_symlinks_keep_the_data_name(tmp_path, export):
+    """snapshots/*/ → blobs/ (the Hugging Face cache): the data file keeps the name the model
+    gives it, not its blob's."""
+    real = optimum_folder(tmp_path, export)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for path in real.iterdir():
+        (snapshot / path.name).symlink_to(path.rename(tmp_path / f"blob-{path.name}"))
+    out = tmp_path / "flash"
+    rewritten(snapshot, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in snapshot.iterdir())
+    assert not any(p.is_symlink() for p in out.iterdir())
