@@ -259,13 +259,14 @@ def write_folder(src, dst, write_decoder, *, overwrite: bool = False):
     src, dst = Path(src), Path(dst)
     decoder = decoder_file(src)
     _check_destination(src, dst, overwrite)
-    copies = _files_to_copy([p for p in src.rglob("*") if p.is_file()], decoder)
+    copies = _files_to_copy([p for p in src.rglob("*") if p.is_file()], [decoder])
     remove_stale_temporaries(dst.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
     except OSError as exc:
         raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
     try:
+        shutil.copymode(src, tmp)       # the folder readable as the input was (mkdtemp makes it 0700)
         _copy(copies, src, tmp)
         target = tmp / decoder.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
