@@ -5,6 +5,13 @@ A folder holding genai_config.json is rewritten as a whole: the decoder its conf
 other components' models and their weights) is copied, so that OUT_DIR runs as it is. The
 decoder's own external data is not copied: the rewrite writes its own.
 
+An optimum folder (`optimum-cli export onnx`, read by ORTModelForCausalLM and its kin) is
+recognized by its structure: a Hugging Face config.json (a JSON object naming its model_type)
+beside the ONNX models it holds. Every ONNX model in it is rewritten (one model.onnx today;
+decoder_model.onnx + decoder_with_past_model.onnx + decoder_model_merged.onnx in older
+layouts), each keeping its external data file's name (optimum's model.onnx_data), and every
+other file is copied.
+
 Atomic like a single model (rewriter/files.py): everything is written into a temporary folder
 beside OUT_DIR (named so that a later run removes it if this one is killed), rewritten,
 checked and verified there, then renamed into place. On any failure nothing is left. An
@@ -20,12 +27,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import onnx
+
 from rewriter.api import rewrite_file
 from rewriter.errors import BadInput, OutputError, UsageError
-from rewriter.files import check_external_name, data_files_of, remove_stale_temporaries, temp_prefix
+from rewriter.files import (check_external_name, data_files_of, mentions_external_data, proto_tensors,
+                            remove_stale_temporaries, temp_prefix)
 from rewriter.report import Report
 
 GENAI_CONFIG = "genai_config.json"
+HF_CONFIG = "config.json"
 
 
 def decoder_file(folder: Path) -> Path:
@@ -44,46 +55,83 @@ def decoder_file(folder: Path) -> Path:
     return path
 
 
+def optimum_models(folder: Path) -> list[Path]:
+    """The ONNX models of an optimum folder, recognized by structure: config.json is a Hugging
+    Face model config (a JSON object with a model_type) and the folder holds *.onnx files
+    (searched below it too, as optimum's loaders do). Empty when it is not such a folder."""
+    try:
+        config = json.loads((folder / HF_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        return []
+    return sorted(p for p in folder.rglob("*.onnx") if p.is_file())
+
+
+def folder_models(folder: Path) -> list[Path]:
+    """The models a folder's rewrite rewrites: the decoder genai_config.json names, else an
+    optimum folder's ONNX models; a folder that is neither is bad input."""
+    if (folder / GENAI_CONFIG).exists():
+        return [decoder_file(folder)]
+    models = optimum_models(folder)
+    if models:
+        return models
+    raise BadInput(f"{folder}: a directory that is neither an onnxruntime-genai folder ({GENAI_CONFIG}) nor an "
+                   f"optimum folder ({HF_CONFIG} with a model_type, beside *.onnx models); give a model file")
+
+
 def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = False, **settings) -> Report:
-    """Rewrite the onnxruntime-genai folder `src` into the folder `dst` (atomic; `src` is never
-    modified). `settings` are rewrite_file's (options, verify, external_data, progress, ...).
-    Returns the decoder's report."""
+    """Rewrite the onnxruntime-genai or optimum folder `src` into the folder `dst` (atomic; `src`
+    is never modified). `settings` are rewrite_file's (options, verify, external_data, progress,
+    ...). Returns the decoder's report (several models': one report, their sites together)."""
     src, dst = Path(src), Path(dst)
-    decoder = decoder_file(src)
+    models = folder_models(src)
     if keep_failed:
         raise UsageError("--keep-failed is for a single model: on a folder nothing is written when "
                          "--verify fails (rewrite the decoder file itself to keep it)")
+    data_name = settings.get("external_data")
+    if data_name is not None and len(models) > 1:
+        raise UsageError(f"--external-data names one file: {src} holds {len(models)} models "
+                         f"({', '.join(str(m.relative_to(src)) for m in models)})")
     _check_destination(src, dst, overwrite)
     files = [p for p in src.rglob("*") if p.is_file()]      # the folder walked once
-    copies = _files_to_copy(files, decoder)
-    held = {path.relative_to(src) for path in copies} | {decoder.relative_to(src)}
-    data_name = settings.get("external_data")
-    _check_data_name(data_name, decoder.relative_to(src), held)
+    copies = _files_to_copy(files, models)
+    held = {path.relative_to(src) for path in copies} | {model.relative_to(src) for model in models}
+    for model in models:
+        _check_data_name(data_name, model.relative_to(src), held)
     also_writes = settings.pop("also_writes", None) or {}
-    data = decoder.relative_to(src).with_name(str(data_name or f"{decoder.name}.data"))
-    _check_also_written(also_writes, files, src, dst, held | {data})
+    optimum = not (src / GENAI_CONFIG).exists()
+    kept = {model: _kept_data_name(model, optimum) for model in models}
+    shared = {name for name in kept.values() if list(kept.values()).count(name) > 1}    # one file, several models
+    names = {model: data_name or (None if kept[model] in shared else kept[model]) for model in models}
+    data = {model.relative_to(src).with_name(str(names[model] or f"{model.name}.data")) for model in models}
+    _check_also_written(also_writes, files, src, dst, held | data)
     remove_stale_temporaries(dst.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
     except OSError as exc:
         raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
     try:
+        shutil.copymode(src, tmp)       # the folder readable as the input was (mkdtemp makes it 0700)
         _copy(copies, src, tmp)
-        target = tmp / decoder.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
         # a file written later inside OUT_DIR is checked where it lies now, in the temporary
         # folder: io.save then refuses it on the decoder's own output files (its data name)
         inside = {what: _moved(Path(path), dst, tmp) for what, path in also_writes.items()}
-        try:
-            report = rewrite_file(decoder, target, also_writes=inside, **settings)
-        except OutputError as exc:      # say where the file will be, not where it is made
-            raise OutputError(str(exc).replace(str(tmp), str(dst))) from exc
+        reports = []
+        for model in models:
+            target = tmp / model.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                reports.append(rewrite_file(model, target, also_writes=inside,
+                                            **{**settings, "external_data": names[model]}))
+            except OutputError as exc:      # say where the file will be, not where it is made
+                raise OutputError(str(exc).replace(str(tmp), str(dst))) from exc
         _commit(tmp, dst)
     except OSError as exc:
         raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return report
+    return reports[0] if len(reports) == 1 else _together(reports, [m.relative_to(src) for m in models])
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
@@ -101,12 +149,45 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise OutputError(f"{dst}: folder exists and is not empty (pass --overwrite to replace it)")
 
 
-def _files_to_copy(files: list[Path], decoder: Path) -> list[Path]:
-    """Every file of the folder (`files`) but the decoder and the data files only it uses."""
-    others = [p for p in files if p != decoder]
+def _files_to_copy(files: list[Path], models: list[Path]) -> list[Path]:
+    """Every file of the folder (`files`) but the rewritten models and the data files only they
+    use (each rewrite writes its own)."""
+    others = [p for p in files if p not in models]
     shared = set().union(*(data_files_of(p) for p in others if p.suffix.lower() == ".onnx"))
-    own = data_files_of(decoder) - shared
+    own = set().union(*(data_files_of(model) for model in models)) - shared
     return [p for p in others if str(p.resolve()) not in own]
+
+
+def _kept_data_name(model: Path, optimum: bool) -> str | None:
+    """An optimum model's weights keep their file's name (optimum's loaders fetch
+    `model.onnx_data` by that name): the one data file beside it that it names (as written in
+    the model: a Hugging Face cache's symlink resolves to a blob's hash); None (the rewrite's
+    default) otherwise."""
+    if not optimum or not mentions_external_data(model):
+        return None
+    try:
+        proto = onnx.load(str(model), format="protobuf", load_external_data=False)
+    except Exception:       # not a model: rewrite_file says so, with its exit code
+        return None
+    locations = {entry.value for tensor in proto_tensors(proto.graph)
+                 if tensor.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in tensor.external_data if entry.key == "location"}
+    if len(locations) != 1:
+        return None
+    name = locations.pop()
+    return name if Path(name).name == name and name != model.name else None
+
+
+def _together(reports: list[Report], models: list[Path]) -> Report:
+    """One report for a folder of several models: their sites in model order, each note and the
+    rotation under its model's name."""
+    together = Report(reports[0].mode)
+    for report, model in zip(reports, models):
+        together.sites += report.sites
+        together.notes += [f"{model}: {note}" for note in report.notes]
+        if report.rotation is not None:
+            together.rotation = {**(together.rotation or {}), str(model): report.rotation}
+    return together
 
 
 def _check_data_name(name, decoder: Path, held: set[Path]) -> None:
@@ -178,13 +259,14 @@ def write_folder(src, dst, write_decoder, *, overwrite: bool = False):
     src, dst = Path(src), Path(dst)
     decoder = decoder_file(src)
     _check_destination(src, dst, overwrite)
-    copies = _files_to_copy([p for p in src.rglob("*") if p.is_file()], decoder)
+    copies = _files_to_copy([p for p in src.rglob("*") if p.is_file()], [decoder])
     remove_stale_temporaries(dst.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
     except OSError as exc:
         raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
     try:
+        shutil.copymode(src, tmp)       # the folder readable as the input was (mkdtemp makes it 0700)
         _copy(copies, src, tmp)
         target = tmp / decoder.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
