@@ -34,6 +34,8 @@ LAYERS = {
     "rewriter.bench.timing": 16, "rewriter.bench.graphs": 16, "rewriter.bench.passes": 16,
     "rewriter.bench.variants": 17, "rewriter.bench.present": 18, "rewriter.calibrate": 18,
     "rewriter.measure": 18,
+    "rewriter.integrations.olive_config": 15.5, "rewriter.integrations.olive_pass": 16,
+    "rewriter.integrations": 16.5,
     "rewriter.bench.cli": 19, "rewriter.bench": 19, "rewriter.demo": 20, "rewriter.cli": 21,
     "rewriter": 22, "rewriter.__main__": 23,
 }
