@@ -97,27 +97,35 @@ src, out = sys.argv[1], sys.argv[2]
 config = {"input_model": {"type": "ONNXModel", "model_path": src},
           "systems": {"local": {"type": "LocalSystem",
                                 "accelerators": [{"device": "cpu", "execution_providers": ["CPUExecutionProvider"]}]}},
-          "passes": {"flashnorm": {"type": "FlashNorm", "rotate_online": True, "rotate_seed": 3},
+          "passes": {"flashnorm": {"type": "FlashNorm", "rotate_online": True, "rotate_seed": 3,
+                                   "save_as_external_data": True, "external_data_name": "w.bin"},
                      "quantize": {"type": "OnnxDynamicQuantization"}},
           "host": "local", "target": "local", "evaluate_input_model": False, "log_severity_level": 3,
           "cache_dir": out + "/cache", "output_dir": out + "/out"}
-best = run(config, package_config=package_config()).get_best_candidate()
-print(json.dumps({"model": best.model_path, "attributes": best.model_config.get("model_attributes")}))
+output = run(config, package_config=package_config())
+best = output.get_best_candidate()
+flash = output.footprint.nodes[best.get_parent_model_id()].model_config_data["config"]   # FlashNorm's output
+print(json.dumps({"model": best.model_path, "attributes": best.model_config.get("model_attributes"),
+                  "flashnorm_output": flash}))
 """
 
 
 @pytest.mark.slow
 @needs_olive
 def test_a_workflow_names_the_pass(tmp_path):
-    """An Olive workflow: FlashNorm (rotate_online) → OnnxDynamicQuantization on a hand-built
-    decoder. The output is quantized, its online rotations still float MatMuls, and it carries
-    the rewrite's summary."""
+    """An Olive workflow: FlashNorm (rotate_online, weights to a data file) → OnnxDynamicQuantization
+    on a hand-built decoder. FlashNorm hands on its model as Olive's ONNX passes do with external
+    data (its folder and file name); the output is quantized, its online rotations still float
+    MatMuls, and it carries the rewrite's summary."""
     src = tmp_path / "d.onnx"
     onnx.save(decoder(gemm=False), str(src))
     done = subprocess.run([str(OLIVE_PYTHON), "-c", TINY_WORKFLOW, str(src), str(tmp_path / "olive")], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    flash = result["flashnorm_output"]
+    folder = Path(flash["model_path"])
+    assert folder.is_dir() and (folder / flash["onnx_file_name"]).is_file() and (folder / "w.bin").is_file()
     rotation = result["attributes"]["flashnorm"]["rotation"]
     assert rotation["applied"] and rotation["online"] == 2 and rotation["seed"] == 3
     model = onnx.load(result["model"])

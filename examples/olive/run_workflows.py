@@ -116,11 +116,11 @@ def model_summary(model_output) -> dict:
     import onnx
     import onnx_ir as ir
 
+    from rewriter.files import data_files_of
     from rewriter.rotate import online_rotation_nodes
     path = Path(model_output.model_path)
     onnx_file = path if path.is_file() else next(path.glob("*.onnx"))
-    files = [onnx_file] + ([p for p in onnx_file.parent.iterdir() if p != onnx_file and p.is_file()]
-                           if path.is_dir() else [])
+    files = [onnx_file, *map(Path, data_files_of(onnx_file))]
     proto = onnx.load(str(onnx_file))
     ops: dict[str, int] = {}
     for node in proto.graph.node:
@@ -137,6 +137,7 @@ def run_workflow(name: str, work: Path, out: Path) -> dict:
 
     from rewriter.integrations.olive_config import package_config
     config = workflow_config(name, work, out)
+    evaluate_input, output_dir = config.get("evaluate_input_model"), Path(config["output_dir"])  # Olive edits config
     log(f"workflow {name}: {' → '.join(p['type'] for p in config['passes'].values())} → evaluator")
     t0 = time.time()
     output = olive_run(config, package_config=package_config())
@@ -147,8 +148,8 @@ def run_workflow(name: str, work: Path, out: Path) -> dict:
     result = {"passes": {k: p for k, p in config["passes"].items()}, "seconds": round(seconds, 1),
               "metrics": metric_values(best.metrics_value), **model_summary(best)}
     result["metrics"]["perplexity_float64_check"] = float64_perplexity(Path(result["model"]), work)
-    if config.get("evaluate_input_model"):      # Olive writes them to the output folder; its API can miss them
-        saved = Path(config["output_dir"]) / "input_model_metrics.json"
+    if evaluate_input:          # Olive writes them to the output folder; its API can miss them
+        saved = output_dir / "input_model_metrics.json"
         result["input_metrics"] = metric_values(output.get_input_model_metrics()
                                                 or (json.loads(saved.read_text()) if saved.exists() else None))
     log(f"workflow {name}: {result['metrics']} ({result['seconds']} s)")
