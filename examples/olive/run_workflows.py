@@ -28,6 +28,7 @@ finder), next to how many the rewrite made."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -137,15 +138,17 @@ def run_workflow(name: str, work: Path, out: Path) -> dict:
 
     from rewriter.integrations.olive_config import package_config
     config = workflow_config(name, work, out)
-    evaluate_input, output_dir = config.get("evaluate_input_model"), Path(config["output_dir"])  # Olive edits config
-    log(f"workflow {name}: {' → '.join(p['type'] for p in config['passes'].values())} → evaluator")
+    # Olive edits the config it is given: what the result reports is read first
+    passes, evaluate_input, output_dir = (copy.deepcopy(config["passes"]), config.get("evaluate_input_model"),
+                                          Path(config["output_dir"]))
+    log(f"workflow {name}: {' → '.join(p['type'] for p in passes.values())} → evaluator")
     t0 = time.time()
     output = olive_run(config, package_config=package_config())
     seconds = time.time() - t0
     best = output.get_best_candidate() if output is not None else None
     if best is None or not best.model_path:
         raise SystemExit(f"workflow {name}: Olive produced no model (see its log above)")
-    result = {"passes": {k: p for k, p in config["passes"].items()}, "seconds": round(seconds, 1),
+    result = {"passes": passes, "seconds": round(seconds, 1),
               "metrics": metric_values(best.metrics_value), **model_summary(best)}
     result["metrics"]["perplexity_float64_check"] = float64_perplexity(Path(result["model"]), work)
     if evaluate_input:          # Olive writes them to the output folder; its API can miss them

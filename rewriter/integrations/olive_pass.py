@@ -47,7 +47,7 @@ class FlashNorm(Pass):
         dst = Path(resolve_onnx_path(output_model_path, src.name))
         dst.parent.mkdir(parents=True, exist_ok=True)
         options = rewrite_options(config)
-        report = rewrite_file(src, dst, overwrite=True, external_data=external_data_name(config, dst.name),
+        report = rewrite_file(src, dst, external_data=external_data_name(config, dst.name),
                               require_norms=False, verify=bool(config.verify), **options)
         if report.found == 0:
             logger.warning("FlashNorm: no normalization in %s; the model is passed on unchanged", src)
