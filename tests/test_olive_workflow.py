@@ -29,7 +29,8 @@ needs_olive = pytest.mark.skipif(not OLIVE_PYTHON.exists(), reason=".venv-olive 
 
 
 def test_pass_options_are_rewriter_options():
-    defaults = {"mode": "defer", "target": None, "rotate": False, "rotate_online": False, "rotate_seed": 0}
+    defaults = {"mode": "defer", "target": None, "rotate": False, "rotate_online": False, "rotate_seed": 0,
+                "clone_shared": False}
     assert rewrite_options({}) == defaults == rewrite_options(SimpleNamespace())
     assert set(REWRITE_OPTIONS) <= set(Options.__dataclass_fields__) and set(REWRITE_OPTIONS) <= set(PARAMS)
     given = {"mode": "fold", "target": "portable", "rotate_seed": 5, "verify": True}
@@ -68,6 +69,17 @@ def test_pass_options_drive_the_rewrite(tmp_path, config, rotated):
         assert len(online) == 2
     else:
         assert summary["rotation"] is None and online == []
+
+
+@pytest.mark.parametrize("clone_shared, kept_gains", [(False, 1), (True, 0)])
+def test_clone_shared_decides_a_tied_heads_gain(clone_shared, kept_gains):
+    """rotate on a tied embedding/head: the final norm's gain stays an n×n MatMul (which the pass
+    warns a quantizer about), or with clone_shared is folded into a copy of the table."""
+    from rewriter import rewrite
+    from test_rotate_tied import tied_decoder
+    _, report = rewrite(tied_decoder(), **rewrite_options({"rotate": True, "clone_shared": clone_shared}))
+    assert report.rotation["applied"] and report.rotation["kept_gains"] == kept_gains, report.rotation
+    assert len(report.rotation["keep_float"]) == kept_gains
 
 
 def test_package_config_adds_the_pass_to_olives_own():

@@ -31,7 +31,7 @@ PASS_NAME = "FlashNorm"
 MODULE_PATH = "rewriter.integrations.olive_pass.FlashNorm"
 
 # name -> (type, default, description): the pass's config params (olive_pass makes Olive's
-# PassConfigParams of them); the first five are rewriter.Options fields of the same name
+# PassConfigParams of them); REWRITE_OPTIONS are rewriter.Options fields of the same name
 PARAMS = {
     "mode": (str, "defer", f"FlashNorm's form, one of {', '.join(MODES)}: defer folds the gains and applies 1/RMS "
              "after the linears; fold folds the gains only and keeps a weightless norm"),
@@ -43,6 +43,9 @@ PARAMS = {
     "rotate_online": (bool, False, "rotate, and rotate each stream writer's input at run time (two small Hadamard "
                       "MatMuls each, constant first input: onnxruntime's quantize_dynamic leaves them in float)"),
     "rotate_seed": (int, 0, "seed of the rotation's random signs"),
+    "clone_shared": (bool, False, "fold a gain into a copy of a weight something else also reads (a tied "
+                     "embedding/head: + its size). With rotate, a tied head otherwise keeps its norm's gain as an "
+                     "n×n MatMul that a quantization pass should leave in float (the pass warns, naming where)"),
     "verify": (bool, False, "also run the original and the rewritten model on inputs made from the signature and "
                "refuse a difference beyond the tolerance (the written model is always load- and run-checked)"),
     "save_as_external_data": (bool, False, "write the weights to a data file beside the model (by default only "
@@ -50,7 +53,7 @@ PARAMS = {
     "external_data_name": (Optional[str], None, "with save_as_external_data: the data file's name (default "
                            "<model file name>.data)"),
 }
-REWRITE_OPTIONS = ("mode", "target", "rotate", "rotate_online", "rotate_seed")
+REWRITE_OPTIONS = ("mode", "target", "rotate", "rotate_online", "rotate_seed", "clone_shared")
 
 
 def _getter(config):
