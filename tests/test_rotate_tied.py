@@ -100,3 +100,19 @@ def test_tied_zoo_exports_rotated_without_a_copy(family):
         feeds["attention_mask"] = np.ones_like(ids)
     parity, err_orig, err_rot = errors_vs_float64(proto, rotated, feeds)
     assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
+
+
+def test_onnxruntime_defaults_leave_the_gain_matrix_in_float(tmp_path):
+    """The gain matrix is the MatMul's first input (M symmetric: y·M = (M·yᵀ)ᵀ), which
+    quantize_dynamic and MatMulNBits, with their defaults, do not quantize."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    rotated, report = rewrite_rotated(tied_decoder())
+    (name,) = report.rotation["keep_float"]
+    onnx.save(rotated, str(tmp_path / "rot.onnx"))
+    quantize_dynamic(str(tmp_path / "rot.onnx"), str(tmp_path / "w8a8.onnx"), weight_type=QuantType.QInt8)
+    int4 = MatMulNBitsQuantizer(onnx.load(str(tmp_path / "rot.onnx")))
+    int4.process()
+    for model in (onnx.load(str(tmp_path / "w8a8.onnx")), int4.model.model):
+        assert name in {n.name for n in model.graph.node if n.op_type == "MatMul"}
+        assert {"MatMulInteger", "MatMulNBits"} & {n.op_type for n in model.graph.node}   # the rest quantized

@@ -57,13 +57,6 @@ class FlashNorm(Pass):
                               + (f" (at {why['at']})" if why.get("at") else ""))
         logger.info("FlashNorm: %d of %d norms rewritten (%s)%s", report.rewritten, report.found, report.mode,
                     f", residual stream rotated ({report.rotation['online']} writers online)" if report.rotation else "")
-        if (report.rotation or {}).get("kept_gains"):
-            # online Hadamards take their constant first (quantize_dynamic leaves them); a kept gain's
-            # MatMul takes it second, so a quantization pass quantizes it unless told otherwise
-            logger.warning("FlashNorm: %d norm gain(s) of a tied embedding/head became n×n MatMuls that a "
-                           "quantization pass should leave in float: name them in its nodes_to_exclude (the "
-                           "output model's attributes list them: flashnorm.rotation.keep_float), or set "
-                           "clone_shared", report.rotation["kept_gains"])
         attributes = {**(model.model_attributes or {}), "flashnorm": report_summary(report)}
         if mentions_external_data(dst):
             return ONNXModelHandler(model_path=str(dst.parent), onnx_file_name=dst.name,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from rewriter.patterns.graph import GraphEditor, const_array, const_tensor, op, set_dtype
+from rewriter.patterns.graph import GraphEditor, const_array, const_tensor, op, rank_of, set_dtype
 
 from .stream import Stream
 
@@ -63,8 +63,11 @@ def rotate_stream(stream: Stream, q: np.ndarray, inputs: dict[ir.Node, np.ndarra
 
 
 def rotate_kept_gains(graph: ir.Graph, stream: Stream, q: np.ndarray) -> list[str]:
-    """Each kept gain's Mul(y, g) becomes MatMul(y, Qᵀ·diag(g)·Q) (rewriter.rotate.stream.kept_gain),
-    the matrix computed in float64 and cast once. Returns the MatMuls' names."""
+    """Each kept gain's Mul(y, g) becomes y·M, M = Qᵀ·diag(g)·Q (rewriter.rotate.stream.kept_gain),
+    computed in float64, made exactly symmetric and cast once. M symmetric, y·M = (M·yᵀ)ᵀ: the
+    MatMul takes M as its *first* input (behind a Transpose of y's last two axes, and one back),
+    so onnxruntime's quantizers, which quantize constant second inputs, leave it in float by
+    default, as they leave the online Hadamards. Returns the MatMuls' names."""
     editor = GraphEditor(graph, prefix="rotate_gain")
     names = []
     for mul in stream.kept_gains:
@@ -72,10 +75,15 @@ def rotate_kept_gains(graph: ir.Graph, stream: Stream, q: np.ndarray) -> list[st
         gain = const_array(next(v for v in mul.inputs if v is not normalized), follow=False)
         dtype = normalized.dtype or ir.DataType.FLOAT
         matrix = q.T @ (gain.astype(np.float64).reshape(-1, 1) * q)
-        constant = editor.initializer(matrix.astype(dtype.numpy()), "gain_matrix")
-        matmul = editor.node("MatMul", [normalized, constant], hint="gain_matrix", before=mul)
-        out = matmul.outputs[0]
-        set_dtype(out, dtype)
+        constant = editor.initializer(((matrix + matrix.T) / 2).astype(dtype.numpy()), "gain_matrix")
+        rank = rank_of(normalized)
+        swap = {"perm": list(range(rank - 2)) + [rank - 1, rank - 2]} if rank >= 2 else None
+        y = editor.node("Transpose", [normalized], swap, before=mul).outputs[0] if swap else normalized
+        matmul = editor.node("MatMul", [constant, y], hint="gain_matrix", before=mul)
+        out = editor.node("Transpose", [matmul.outputs[0]], swap, before=mul).outputs[0] if swap \
+            else matmul.outputs[0]
+        for value in {y, matmul.outputs[0], out}:
+            set_dtype(value, dtype)
         out.shape = mul.outputs[0].shape
         mul.outputs[0].replace_all_uses_with(out)
         graph.remove(mul, safe=True)

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from rewriter.patterns import Failure, Form, Site, fail, find_sites
 from rewriter.patterns.graph import (attr, cast_to, const_array, const_tensor, dtype_of, holds, is_cast, last_dim, op,
-                                     transpose_perm, users)
+                                     rank_of, transpose_perm, users)
 from rewriter.patterns.linear import resolve_weight
 
 
@@ -195,7 +195,8 @@ def _aliases(value: ir.Value) -> list[ir.Value]:
 
 def _gain_mul(mul: ir.Node | None, normalized: ir.Value, n: int) -> bool:
     """`mul` is Mul(normalized, g) with g a constant of n values along the last axis."""
-    if not op(mul, "Mul", domain="") or normalized not in mul.inputs or mul.outputs[0].is_graph_output():
+    if not op(mul, "Mul", domain="") or normalized not in mul.inputs or mul.outputs[0].is_graph_output() \
+            or not rank_of(normalized):      # (the MatMul it becomes transposes y: rank known)
         return False
     gain = const_array(mul.inputs[1 - list(mul.inputs).index(normalized)], follow=False)
     return gain is not None and gain.size == n and gain.shape[-1] == n
