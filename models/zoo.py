@@ -77,6 +77,30 @@ CONFIGS: dict[str, dict[str, dict]] = {
                       bos_token_id=0, eos_token_id=0),
         "full": dict(),  # GPT-2 124M defaults
     },
+    # OPT (pre-LN: do_layer_norm_before): learned positions read at position + 2, ReLU FFN,
+    # biases on every linear, the head tied to the token embedding
+    "opt": {
+        "tiny": dict(vocab_size=256, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
+                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                     do_layer_norm_before=True, tie_word_embeddings=True,
+                     pad_token_id=1, bos_token_id=2, eos_token_id=2),
+        "small": dict(vocab_size=4096, hidden_size=256, word_embed_proj_dim=256, ffn_dim=1024,
+                      num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512,
+                      do_layer_norm_before=True, tie_word_embeddings=True,
+                      pad_token_id=1, bos_token_id=2, eos_token_id=2),
+    },
+    # Phi-2 shape: attention and MLP in parallel off one LayerNorm, partial rotary, GELU,
+    # a final LayerNorm and an untied head with a bias
+    "phi": {
+        "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                     partial_rotary_factor=0.5, layer_norm_eps=1e-5, tie_word_embeddings=False,
+                     bos_token_id=1, eos_token_id=2),
+        "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      partial_rotary_factor=0.5, layer_norm_eps=1e-5, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2),
+    },
     "bert": {
         "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=128),
@@ -131,6 +155,8 @@ HF_CLASSES = {
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig"),
     "phi3": ("Phi3ForCausalLM", "Phi3Config"),
     "gpt2": ("GPT2LMHeadModel", "GPT2Config"),
+    "opt": ("OPTForCausalLM", "OPTConfig"),
+    "phi": ("PhiForCausalLM", "PhiConfig"),
     "bert": ("BertModel", "BertConfig"),
     "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config"),
     "olmo2": ("Olmo2ForCausalLM", "Olmo2Config"),

@@ -51,7 +51,7 @@ def online_matrix(a: int, b: int) -> np.ndarray:
 
 
 def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
-    """Insert x → x·R before every MatMul writer of `stream` whose input width has a Kronecker
+    """Insert x → x·R before every MatMul or Gemm writer of `stream` whose input width has a Kronecker
     factorization; returns {writer: R} (Rᵀ is for its weight, rewriter.rotate.apply)."""
     editor = GraphEditor(graph, prefix="rotate_online")
     done: dict[ir.Node, np.ndarray] = {}
@@ -64,7 +64,9 @@ def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
 
     for use in stream.uses:
         node = use.node
-        if use.role != "writer" or not op(node, "MatMul", domain="") or node in done:
+        # Gemm writers too (GPT-2's Conv1D, OPT's fc2: addmm → Gemm, transA = 0 as find_stream
+        # checked): x is A, its rows rotated the same way
+        if use.role != "writer" or not op(node, "MatMul", "Gemm", domain="") or node in done:
             continue
         x = node.inputs[0]
         k = int(const_tensor(use.source).shape[1 - use.axis])

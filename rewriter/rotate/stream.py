@@ -122,6 +122,11 @@ def _writer(value: ir.Value, add: ir.Node, n: int) -> list[Use]:
     if not _only_reader(value, add):
         raise Refused(fail("a writer's output is also read elsewhere than the residual Add", value))
     producer, value = _behind_row_reshapes(producer, value, n)     # Conv1D/addmm exports: Reshape → Gemm → Reshape
+    if op(producer, "Add", domain="") and len(producer.inputs) == 2 and \
+            all(const_array(v, follow=False) is None for v in producer.inputs):
+        # a parallel block (Phi-2, GPT-J): attention and MLP outputs summed, then added to the
+        # stream — each addend is a writer of its own
+        return [u for v in producer.inputs for u in _writer(v, producer, n)]
     uses: list[Use] = []
     if op(producer, "Add", domain="") and any(const_array(v, follow=False) is not None for v in producer.inputs):
         k = 0 if const_array(producer.inputs[0], follow=False) is not None else 1
@@ -169,11 +174,14 @@ def _embedding_part(value: ir.Value, add: ir.Node | None, n: int) -> list[Use]:
 
 
 def _alias_step(node: ir.Node) -> bool:
-    """Identity, or a Cast that keeps or widens the type (TorchScript's `.to(float32)` of an fp32
-    stream, an fp16 stream widened for its norm): every value passes exactly, so the rotated
-    stream passes as the rotated stream."""
+    """Identity, a Cast that keeps or widens the type (TorchScript's `.to(float32)` of an fp32
+    stream, an fp16 stream widened for its norm), or a Reshape whose input and output have the
+    same known last axis (OPT's [B, T, n] ↔ [B·T, n]: rows regrouped, each row kept whole):
+    every row passes exactly, so the rotated stream passes as the rotated stream."""
     if op(node, "Identity", domain=""):
         return True
+    if op(node, "Reshape", domain=""):
+        return last_dim(node.inputs[0]) is not None and last_dim(node.inputs[0]) == last_dim(node.outputs[0])
     return is_cast(node) and holds(cast_to(node), dtype_of(node.inputs[0]))
 
 
@@ -373,7 +381,7 @@ def find_stream(graph: ir.Graph) -> Stream:
             k = 0 if _residual_operand(nxt) is nxt.inputs[0] else 1
             uses = _writer(nxt.inputs[1 - k], nxt, n)
             nxt_value = nxt.outputs[0]
-        stream.writers.append(next(u.node for u in uses if u.role == "writer"))
+        stream.writers += [u.node for u in uses if u.role == "writer"]
         stream.uses += uses
         if nxt_value is None:   # the last Skip* norm: its sum is not read
             break
