@@ -216,7 +216,7 @@ def test_online_rotation_exact_and_kept_in_float(tmp_path):
     parity, err_orig, err_rot = errors_vs_float64(proto, rotated, feeds)
     assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
     online = online_rotation_nodes(ir.from_proto(rotated).graph)
-    assert len(online) == 2             # width 16: one Hadamard factor per writer
+    assert len(online) == 4             # width 16 = 4·4: two Hadamard factors per writer
     from onnxruntime.quantization import QuantType, quantize_dynamic
     onnx.save(rotated, str(tmp_path / "rot.onnx"))      # onnxruntime's defaults leave them in float too
     quantize_dynamic(str(tmp_path / "rot.onnx"), str(tmp_path / "rot-q.onnx"), weight_type=QuantType.QInt8)

