@@ -42,6 +42,11 @@ OLIVE.onnx is missing: scripts/setup_olive.sh), quantized with the same settings
 The same weights as onnxruntime-genai folders, quantized by `python -m rewriter quantize FOLDER`
 (original W8A8, --rotate, --rotate-online) and generating through og.Generator:
 benchmarks/rotate_genai.py (its options follow --genai).
+
+    python benchmarks/quantize_after_rewrite.py --architectures   # ~13 min
+
+The same schemes on pre-LayerNorm decoders of other shapes (GPT-2, OPT, Phi-2; random weights
+with outlier channels) and real MiniLM's refusal: benchmarks/rotate_architectures.py.
 """
 
 from __future__ import annotations
@@ -371,7 +376,13 @@ def main(argv=None) -> int:
                     "(rotated W8A8 onnxruntime-genai folders through og.Generator) with the options after it")
     ap.add_argument("--olive", metavar="ONNX", help="with --rotate: add the peer, Olive's QuaRot, as the row "
                     "olive-quarot (this fp32 ONNX; made by benchmarks/olive_quarot.py in .venv-olive when missing)")
+    ap.add_argument("--architectures", action="store_true", help="rotation on pre-LayerNorm GPT-2 / OPT / Phi-2 "
+                    "shapes (random weights) and real MiniLM's refusal: benchmarks/rotate_architectures.py (writes "
+                    "benchmarks/results/cpu/quantize_rotate_architectures.json)")
     args = ap.parse_args(argv)
+    if args.architectures:
+        from benchmarks.rotate_architectures import main as architectures
+        return architectures(["--schemes", args.schemes] if args.schemes else [])
     if args.rotate:
         if args.json == ap.get_default("json"):
             args.json = str(ROOT / "benchmarks/results/cpu/quantize_rotate.json")
