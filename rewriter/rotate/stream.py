@@ -3,9 +3,11 @@
 The stream is a chain of values v0 → v1 → … → vL: v0 is an embedding (a Gather of rows of a
 constant [V, n] table, or a sum of such gathers: token + position embeddings), each v(i+1) is
 a residual Add of v(i) and the output of a *writer* (a linear with a constant weight, and
-optionally a constant bias), and every reader of every v(i) is either a weightless norm over
-the last axis (whose normalized output only linears with constant weights read) or the next
-residual Add. Then for any orthogonal Q (fixing the all-ones vector when the norms are
+optionally a constant bias) or a sum of writers (a parallel block: Phi-2, GPT-J), and every
+reader of every v(i) is either a weightless norm over the last axis (whose normalized output
+only linears with constant weights read) or the next residual Add. A value passes as itself
+through Identity, a widening Cast, and a Reshape that keeps the last axis whole (rows only
+regrouped: OPT's [B, T, n] ↔ [B·T, n]). Then for any orthogonal Q (fixing the all-ones vector when the norms are
 LayerNorms) the graph computes the same function with the stream rotated to v·Q: every
 constant that writes into the stream is multiplied by Q along its stream axis, every
 constant that reads from it by Q along its stream axis too (Qᵀ·W is W's rows mixed by Q).
