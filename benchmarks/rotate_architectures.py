@@ -147,7 +147,7 @@ def logits(model, feeds: dict, opt_level: str | None = None) -> np.ndarray:
 def float64_logits(path: Path, feeds: dict) -> np.ndarray:
     import onnx
     from onnx import TensorProto
-    from rewriter.verify import promote
+    from rewriter.promote import promote
     return logits(promote(onnx.load(str(path)), {TensorProto.FLOAT: TensorProto.DOUBLE}).SerializeToString(), feeds)
 
 
@@ -186,7 +186,7 @@ def weight_matmuls(path: Path) -> int:
 def family_rows(family: str, work: Path, schemes: list[str], seed: int) -> dict:
     from models.export import export_onnx
     from rewriter.api import rewrite_file
-    from rewriter.quantize import online_rotations, quantize_file
+    from rewriter.quantize import quantize_file
     t0 = time.time()
     model, channels = build_model(family, seed)
     cfg = model.config
@@ -197,13 +197,14 @@ def family_rows(family: str, work: Path, schemes: list[str], seed: int) -> dict:
     del model
     gc.collect()
     fp32 = {"original": src}
-    rotation = {}
+    rotation, keep_float = {}, {}
     for base, kw in (("fold", {"mode": "fold"}), ("rotate", {"rotate": True, "rotate_seed": seed}),
                      ("rotate-online", {"rotate_online": True, "rotate_seed": seed})):
         fp32[base] = work / f"{src.stem}-{base}.onnx"
         report = rewrite_file(src, fp32[base], overwrite=True, **kw)
         if base != "fold":
             rotation[base] = report.rotation
+            keep_float[base] = report.rotation.get("keep_float", [])   # its own MatMuls (as `quantize` does)
             if not report.rotation["applied"]:
                 raise SystemExit(f"{family}: {base} refused: {report.rotation['reason']} ({report.rotation['at']})")
     feeds = feeds_for(src, vocab, seed)
@@ -226,7 +227,7 @@ def family_rows(family: str, work: Path, schemes: list[str], seed: int) -> dict:
         gemms = gemm_as_matmul(fp32[base], matmul)
         same = logits(matmul, feeds)
         assert np.abs(same - logits(fp32[base], feeds)).max() <= 1e-5 * np.abs(same).max(), base
-        exclude = online_rotations(matmul) if base == "rotate-online" else None
+        exclude = keep_float.get(base) or None
         for scheme in schemes:
             dst = work / f"{fp32[base].stem}-{scheme}.onnx"
             quantize_file(matmul, dst, scheme, exclude=exclude)
@@ -334,8 +335,9 @@ def main(argv=None) -> int:
               "weights": f"random (models.zoo 'small', seeds {args.seeds}: the weights' and the rotation's); {OUTLIERS}",
               "tokens": f"{BATCH} × {SEQ} random ids", "schemes": {s: SCHEMES[s] for s in schemes},
               "models": {"original": "torchscript opset 17 export", "fold": "python -m rewriter --mode fold",
-                         "rotate": "python -m rewriter --rotate", "rotate-online":
-                         "python -m rewriter --rotate-online (its Hadamard MatMuls excluded from quantization)"},
+                         "rotate": "python -m rewriter --rotate", "rotate-online": "python -m rewriter --rotate-online",
+                         "kept_float": "the rotation's own MatMuls (online Hadamards, a tied head's gain matrix: "
+                                       "report.rotation['keep_float']) excluded from quantization, as `quantize` does"},
               "quantized_as": "each fp32 model with Gemm → MatMul + Add first (MatMulNBitsQuantizer skips Gemm)",
               "seeds": {}}
     for seed in seeds:

@@ -68,11 +68,12 @@ def test_rotate_online_w8a8_folder_generates(tiny, online_w8a8):
     online = online_rotation_nodes(ir.from_proto(model).graph)
     # in float, and only they: the Hadamard MatMuls and the tied head's n×n gain matrix (its
     # weight shared with the embedding Gather: rewriter.rotate.apply.rotate_kept_gains)
-    assert len(online) == 4 and ops["MatMul"] == 5
+    # (widths 64 = 8·8 and 128 = 8·16: two Hadamard factors per writer)
+    assert len(online) == 8 and ops["MatMul"] == 9
     weights = {t.name: t.data_type for t in model.graph.initializer}
     floats = [n for n in model.graph.node if n.name in online
               and any(weights.get(i) == onnx.TensorProto.FLOAT for i in n.input)]
-    assert len(floats) == 4
+    assert len(floats) == 8
     tokens, logits = genai.generate(out, PROMPT)
     want_tokens, want_logits = genai.generate(tiny, PROMPT)
     assert len(tokens) == len(want_tokens) == len(PROMPT) + 16 and len(logits) == len(want_logits)
