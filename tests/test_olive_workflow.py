@@ -66,7 +66,7 @@ def test_pass_options_drive_the_rewrite(tmp_path, config, rotated):
     if rotated:
         assert summary["rotation"]["applied"] and summary["rotation"]["online"] == 2
         assert summary["rotation"]["seed"] == 3 and "" not in summary["rotation"].values()
-        assert len(online) == 2
+        assert len(online) == 4         # width 16 = 4·4: two Hadamard factors per writer
     else:
         assert summary["rotation"] is None and online == []
 
