@@ -393,12 +393,20 @@ def _residual_operand(add: ir.Node) -> ir.Value | None:
         return None
     for k in (0, 1):
         producer = _unalias(add.inputs[k]).producer()
-        if _embedding_start(producer) or (op(producer, "Add", domain="") and
-                                          _residual_operand(producer) is not None):
+        if _embedding_start(producer) or _skip_sum(_unalias(add.inputs[k])) or (
+                op(producer, "Add", domain="") and _residual_operand(producer) is not None):
             if _embedding_start(_unalias(add.inputs[1 - k]).producer()):   # an embedding sum
                 return None
             return add.inputs[k]
     return None
+
+
+def _skip_sum(value: ir.Value) -> bool:
+    """`value` is a Skip* norm's residual sum (its output 3), which a plain residual Add may
+    continue (a parallel block's second writer, a final norm that is not fused)."""
+    producer = value.producer()
+    return op(producer, "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", domain="com.microsoft") \
+        and len(producer.outputs) > 3 and producer.outputs[3] is value
 
 
 def _skip_operands(site: Site) -> tuple[ir.Value, ir.Value, ir.Value | None]:
