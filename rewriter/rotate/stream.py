@@ -144,7 +144,7 @@ def _writer(value: ir.Value, add: ir.Node, n: int) -> list[Use]:
 
 
 def _embedding(value: ir.Value, n: int) -> list[Use]:
-    """v0: Gather(constant [V, n], ids, axis 0), or a sum of them (token + position)."""
+    """v0: Gather(constant [V, n], ids, axis 0), or a sum of them (token + position [+ type])."""
     producer = value.producer()
     if op(producer, "Add", domain=""):
         return [u for v in producer.inputs for u in _embedding_part(v, producer, n)]
@@ -160,6 +160,9 @@ def _embedding_part(value: ir.Value, add: ir.Node | None, n: int) -> list[Use]:
         if not _only_reader(value, add):
             raise Refused(fail("an embedding is also read elsewhere than the embedding sum", value))
         producer = value.producer()
+    if add is not None and _embedding_start(producer) and op(producer, "Add", domain=""):
+        # a sum of sums: token + position + type embeddings
+        return [u for v in producer.inputs for u in _embedding_part(v, producer, n)]
     if not op(producer, "Gather", domain="") or int(attr(producer, "axis")) != 0:
         raise Refused(fail("the residual stream does not start at a Gather of embedding rows",
                            producer or value))
@@ -426,11 +429,11 @@ def _skip_operands(site: Site) -> tuple[ir.Value, ir.Value, ir.Value | None]:
 
 
 def _embedding_start(node: ir.Node | None) -> bool:
-    """A Gather (of embedding rows), or a sum of two of them (token + position)."""
+    """A Gather (of embedding rows), or a sum of them (token + position [+ type])."""
     if op(node, "Gather", domain=""):
         return True
     return op(node, "Add", domain="") and len(node.inputs) == 2 and \
-        all(op(_unalias(v).producer(), "Gather", domain="") for v in node.inputs)
+        all(_embedding_start(_unalias(v).producer()) for v in node.inputs)
 
 
 def _check_owned(stream: Stream) -> None:
