@@ -43,6 +43,13 @@ class Case:
     poison: str
     recipe: str
 
+    @property
+    def rotatable(self) -> bool:
+        """Nothing in it the rotation may refuse: no poison (or a harmless one) and no
+        parallel block summed before its residual Add (a writer that is an Add of two
+        linears: not proved today)."""
+        return self.poison in ("", "eps_free_layernorm") and "parallel_sum" not in self.recipe
+
     def __repr__(self) -> str:
         return f"Case(poison={self.poison!r},\n{self.recipe}\n)"
 
@@ -282,7 +289,7 @@ def layer(gen: Gen, v: str, i: int, pending: str | None) -> tuple[str, str | Non
         gen.out(y)
     if gen.poisoned("weightless_norm_nonlinear", i):
         gen.out(g.op("Relu", [y]))
-    block = gen.choice(["mlp", "attention", "parallel", "parallel_sum"])
+    block = gen.choice(["mlp", "attention", "parallel"] * 2 + ["parallel_sum"])
     gen.note(f"layer {i}: {block}")
     if block in ("mlp", "attention"):
         out = (mlp if block == "mlp" else attention)(gen, y, i)

@@ -286,17 +286,21 @@ def find_stream(graph: ir.Graph) -> Stream:
         if site.x is not None:
             by_x.setdefault(site.x, []).append(site)
     miss_by_x = {m.site.x: m for m in misses if m.site is not None and m.site.x is not None}
-    stream_norms = [s for s in sites if s.kind in ("rms", "layer") and s.x is not None]
+    stream_norms = [s for s in sites if s.kind in ("rms", "layer") and (s.x is not None or s.skip_inputs)]
     if not stream_norms:
         for miss in misses:
             if miss.site is not None and any(op(node, "Add", domain="") for node, _ in users(miss.site.output)):
                 raise Refused(fail("post-norm: a norm's output is the residual stream (its Add reads it); "
                                    "rotation needs pre-norm", miss.anchor))
+        if misses:      # the norms that could be the stream's were not rewritten: name one
+            raise Refused(fail(f"no norm that could read a residual stream was rewritten: {misses[0].failure.reason}",
+                               misses[0].failure.at or misses[0].anchor))
         raise Refused(fail("no RMSNorm or LayerNorm reads a residual stream"))
     # Skip* norms (onnxruntime's fusion of the residual Add and the norm): by their node
     skips = {site.anchor: site for site in sites if site.skip_inputs}
     # the start: walk back from the last norm along the stream operand of each residual Add
-    v = _unalias(stream_norms[-1].x)
+    last = stream_norms[-1]
+    v = _unalias(last.x if last.x is not None else _skip_operands(last)[0])
     while True:
         producer = v.producer()
         if op(producer, "Add", domain="") and _residual_operand(producer) is not None:
