@@ -44,13 +44,20 @@ def _initializers(model: onnx.ModelProto) -> dict[str, bytes]:
 
 
 def _names(*models: onnx.ModelProto) -> set[str]:
-    names = set()
-    for m in models:
-        for node in m.graph.node:
+    """Node, value, input and initializer names of the models' graphs and their subgraphs."""
+    names: set[str] = set()
+
+    def graph(gr: onnx.GraphProto):
+        names.update(i.name for i in gr.input)
+        names.update(t.name for t in gr.initializer)
+        for node in gr.node:
             names.add(node.name)
             names.update(node.output)
-        names.update(i.name for i in m.graph.input)
-        names.update(t.name for t in m.graph.initializer)
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    graph(sub)
+    for m in models:
+        graph(m.graph)
     return names
 
 
@@ -247,3 +254,53 @@ def test_refused_layernorm_mean_output_read(op_type):
     # (the Skip* norm that reads the mean is no rewritten site: the walk back stops at it)
     _refused(_model(g, v, lambda x: g.op("LayerNormalization", [x, g.const(g.gain(N))], axis=-1)),
              "read by" if op_type == "LayerNormalization" else "")
+
+
+@pytest.mark.parametrize("reads", ["stream", "weight"])
+def test_refused_reader_inside_a_subgraph(reads):
+    """An If branch reading the stream (or a writer's weight) from the outer scope is a reader
+    like any other: refused, the branch's node named."""
+    from onnx import TensorProto, helper
+    g, v = _start()
+    shared = g.weight(8, N)
+    v = g.op("Add", [v, _mlp_writer(g, g.rms(v, gain=g.gain(N)), shared)])
+    read = v if reads == "stream" else shared
+
+    def branch(op_type: str) -> onnx.GraphProto:
+        out = f"{op_type.lower()}_out"
+        return helper.make_graph([helper.make_node(op_type, [read], [out], name=f"{op_type}_in_branch")], op_type,
+                                 [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+    cond = g.input("cond", [], np.bool_)
+    g.nodes.append(helper.make_node("If", [cond], ["branch_out"], name="If1", then_branch=branch("Relu"),
+                                    else_branch=branch("Sigmoid")))
+    g.output("branch_out", shape=None)
+    model = _model(g, v)
+    model.metadata_props[0].value = json.dumps({"ids": g.lead, "cond": []})
+    rot = _refused(model, "read by")
+    assert "_in_branch" in rot["at"], rot
+
+
+@pytest.mark.parametrize("norm", ["fp32_behind_casts", "fused_fp16"])
+def test_fp16_stream(norm):
+    """An fp16 model (table, weights and stream in fp16): rotated, as accurate as the original
+    by the fp16 standard (differential.Checker: the reference evaluator, fp32 reference), the
+    online Hadamards in fp16."""
+    from onnx import TensorProto
+    g = GraphBuilder(opset=17, seed=3)
+    g.lead = [2, 5]
+    ids = g.input("ids", g.lead, np.int64)
+    table = g.const((g.rng.standard_normal((VOCAB, N)) + 5 * (np.arange(N) == 2)).astype(np.float16), "E")
+    v = g.op("Gather", [table, ids], axis=0)
+
+    def normed(x):
+        if norm == "fused_fp16":
+            return g.op("SimplifiedLayerNormalization", [x, g.const(g.gain(N, np.float16))], axis=-1, epsilon=1e-5)
+        y = g.op("Mul", [g.rms(g.op("Cast", [x], to=TensorProto.FLOAT)), g.const(g.gain(N))])
+        return g.op("Cast", [y], to=TensorProto.FLOAT16)
+    for _ in range(2):
+        h = g.op("Relu", [g.op("MatMul", [normed(v), g.weight(N, 16, np.float16)])])
+        v = g.op("Add", [v, g.op("MatMul", [h, g.weight(16, N, np.float16)])])
+    g.output(g.op("MatMul", [normed(v), g.weight(N, VOCAB, np.float16)]), np.float16, shape=g.lead + [VOCAB])
+    model = g.model()
+    onnx.helper.set_model_props(model, {diff.SHAPES_KEY: json.dumps({"ids": g.lead})})
+    assert _rotated_exactly(model)["online"] == 2
