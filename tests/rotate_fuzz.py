@@ -358,6 +358,10 @@ def build_model(gen: Gen) -> onnx.ModelProto:
             gen.kind = saved
         if pending is not None and gen.flag() and gen.poison != "skip_sum_read":
             v, pending = g.op("Add", [v, pending] if gen.flag() else [pending, v]), None
+        if pending is None and not gen.draw(st.integers(0, 5)):     # an alias step on the stream
+            alias = gen.choice(["Identity", "Cast"])
+            gen.note(f"  stream through {alias}")
+            v = g.op(alias, [v], **({"to": TensorProto.FLOAT} if alias == "Cast" else {}))
     y, total = norm(gen, v, gen.depth, skip=(v, pending) if pending else None)
     if gen.poison == "skip_sum_read" and total is not None:
         gen.out(g.op("Relu", [total]))
