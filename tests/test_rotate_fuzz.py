@@ -25,7 +25,7 @@ import onnx
 import pytest
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, given, note, settings
 
 import differential as diff
 from builders import GraphBuilder
@@ -98,7 +98,8 @@ def check_rotation(model: onnx.ModelProto, checker: diff.Checker | None = None, 
             failures.append(f"[{name}] a model the rotation can prove was refused: {rot}")
         if not rot.get("applied"):
             quoted = re.findall(r'"([^"]*)"', rot.get("at") or "")
-            if not rot.get("reason") or not quoted or not set(quoted) <= _names(model, folded):
+            nothing_at_fault = rot.get("reason", "").startswith("no RMSNorm or LayerNorm")  # no norm matched at all
+            if not rot.get("reason") or not (quoted or nothing_at_fault) or not set(quoted) <= _names(model, folded):
                 failures.append(f"[{name}] refused without a reason or a node the graph has: {rot}")
             if _initializers(out) != _initializers(folded):
                 failures.append(f"[{name}] refused, but the constants differ from the fold's: {rot}")
@@ -120,10 +121,8 @@ def test_rotation_fuzz(case):
     note(repr(case))
     try:
         checker = diff.Checker(case.model)
-    except diff.InvalidOriginal as exc:
-        STATS["rotation: invalid original (generator)"] += 1
-        assume(False)
-        raise AssertionError(str(exc))
+    except diff.InvalidOriginal as exc:        # the generator's bug: shown, not skipped
+        raise AssertionError(f"the generator made a model onnxruntime cannot run: {exc}") from exc
     failures = check_rotation(case.model, checker, label=case.poison or "clean", must_apply=case.rotatable)
     if failures and os.environ.get("ROTATE_FUZZ_SAVE"):
         onnx.save(case.model, os.path.join(os.environ["ROTATE_FUZZ_SAVE"], f"rot-{abs(hash(repr(case)))}.onnx"))
