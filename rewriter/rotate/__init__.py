@@ -87,10 +87,11 @@ class RotatePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
-# onnxruntime's fused norms (onnx's shape inference has no schema for them) and the outputs that
-# have their input's shape: normalized output, Skip*'s residual sum
-FUSED_NORM_OUTPUTS = {"SimplifiedLayerNormalization": (0,), "SkipSimplifiedLayerNormalization": (0, 3),
-                      "SkipLayerNormalization": (0, 3)}
+# onnxruntime's fused norms (onnx's shape inference has no schema for them): {op: {output: the
+# input whose element type it has}}; each has input 0's shape (the normalized output, Skip*'s
+# residual sum). SimplifiedLayerNormalization's Y has its scale's type (V), the Skip* ops' T.
+FUSED_NORM_OUTPUTS = {"SimplifiedLayerNormalization": {0: 1}, "SkipSimplifiedLayerNormalization": {0: 0, 3: 0},
+                      "SkipLayerNormalization": {0: 0, 3: 0}}
 
 
 def infer_shapes(model: ir.Model) -> None:
@@ -104,11 +105,14 @@ def infer_shapes(model: ir.Model) -> None:
             x = node.inputs[0] if node.inputs else None
             if node.op_type not in FUSED_NORM_OUTPUTS or x is None or x.shape is None:
                 continue
-            for k in FUSED_NORM_OUTPUTS[node.op_type]:
-                if k < len(node.outputs) and node.outputs[k].name and node.outputs[k].shape is None:
-                    node.outputs[k].shape = ir.Shape(list(x.shape))
-                    node.outputs[k].dtype = node.outputs[k].dtype or x.dtype
-                    learned = True
+            for k, typed_as in FUSED_NORM_OUTPUTS[node.op_type].items():
+                out = node.outputs[k] if k < len(node.outputs) else None
+                if out is None or not out.name or out.shape is not None:
+                    continue
+                out.shape = ir.Shape(list(x.shape))
+                if out.dtype is None and len(node.inputs) > typed_as and node.inputs[typed_as] is not None:
+                    out.dtype = node.inputs[typed_as].dtype
+                learned = True
         if not learned:
             return
 
