@@ -217,7 +217,11 @@ def writer(gen: Gen, h: str, k: int, layer: int) -> str:
                 if stored is not None and gen.flag() else g.op("Transpose", [w], perm=[1, 0])
         alpha, beta = gen.choice([1.0, 0.5]), gen.choice([1.0, 2.0])
         inputs = [to_rows(gen, h, k), w]
-        if gen.flag():
+        if gen.poisoned("broadcast_bias", layer):    # C per row (rank 2) or one scalar
+            gen.note("  broadcast C")
+            inputs.append(g.const((0.1 * g.rng.standard_normal((T, n))).astype(np.float32) if gen.rank == 2
+                                  else np.full([1], 0.3, np.float32), "C"))
+        elif gen.flag():
             c = gen.vec(n, 0.1)
             inputs.append(g.const(c.reshape(1, n) if gen.flag() else c, "C"))
         out = g.op("Gemm", inputs, transB=int(trans_b), alpha=alpha, beta=beta)
