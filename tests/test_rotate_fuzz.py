@@ -68,7 +68,7 @@ def check_rotation(model: onnx.ModelProto, checker: diff.Checker | None = None, 
     checker = checker or diff.Checker(model)
     failures: list[str] = []
     try:
-        folded, _ = rewrite(model, mode="fold", clone_shared=True)
+        folded, _ = rewrite(model, mode="fold")     # what rotate does first (rewriter.plan.Options)
     except RewriterError as exc:
         STATS[f"rotation: fold refused ({type(exc).__name__})"] += 1
         return [] if getattr(exc, "exit_code", None) != EXIT_INTERNAL else [f"fold: internal error {exc}"]
