@@ -87,10 +87,40 @@ class RotatePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
+# onnxruntime's fused norms (onnx's shape inference has no schema for them): {op: {output: the
+# input whose element type it has}}; each has input 0's shape (the normalized output, Skip*'s
+# residual sum). SimplifiedLayerNormalization's Y has its scale's type (V), the Skip* ops' T.
+FUSED_NORM_OUTPUTS = {"SimplifiedLayerNormalization": {0: 1}, "SkipSimplifiedLayerNormalization": {0: 0, 3: 0},
+                      "SkipLayerNormalization": {0: 0, 3: 0}}
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """onnx's shape inference, plus the shapes of onnxruntime's fused norms' outputs (their
+    input's): without them everything after the first such norm stays shapeless and the
+    stream's width is unknown. Repeated while that gives a fused norm a shape it lacked."""
+    for _ in range(len(model.graph) + 1):
+        ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+        learned = False
+        for node in model.graph:
+            x = node.inputs[0] if node.inputs else None
+            if node.op_type not in FUSED_NORM_OUTPUTS or x is None or x.shape is None:
+                continue
+            for k, typed_as in FUSED_NORM_OUTPUTS[node.op_type].items():
+                out = node.outputs[k] if k < len(node.outputs) else None
+                if out is None or not out.name or out.shape is not None:
+                    continue
+                out.shape = ir.Shape(list(x.shape))
+                if out.dtype is None and len(node.inputs) > typed_as and node.inputs[typed_as] is not None:
+                    out.dtype = node.inputs[typed_as].dtype
+                learned = True
+        if not learned:
+            return
+
+
 def rotate_residual_stream(model: ir.Model, seed: int, report, online: bool = False) -> RotationResult:
     """Rotate `model`'s residual stream in place (its norms folded already); the outcome goes
     to `report` (rewriter.report.Report: its `rotation` and a note)."""
-    ShapeInferencePass(strict_mode=False, data_prop=True)(model)
+    infer_shapes(model)
     rotate = RotatePass(seed, online)
     rotate(model)
     report.rotation = rotate.result.to_dict()

@@ -70,19 +70,29 @@ def insert_online(graph: ir.Graph, stream: Stream) -> dict[ir.Node, np.ndarray]:
             factors_made[order, dtype] = editor.initializer(_normalized(order).T.astype(dtype.numpy()), "hadamard")
         return factors_made[order, dtype]
 
+    def eligible(use) -> bool:
+        """A MatMul or Gemm writer whose input can be rotated (a Kronecker order, rank ≥ 2). Gemm
+        writers too (GPT-2's Conv1D, OPT's fc2: addmm → Gemm, transA = 0 as find_stream checked):
+        x is A, its rows rotated the same way."""
+        if use.role != "writer" or not op(use.node, "MatMul", "Gemm", domain=""):
+            return False
+        rank = rank_of(use.node.inputs[0])
+        k = int(const_tensor(use.source).shape[1 - use.axis])
+        return kronecker_factors(k) is not None and rank is not None and rank >= 2
+
+    # Rᵀ goes into the weight, so every linear that reads it (one weight shared by writers: a
+    # MatMul and a Gemm, or a MatMul whose input's rank is unknown) must get R on its input
+    shared_ok: dict[ir.Value, bool] = {}
+    for use in stream.uses:
+        shared_ok[use.source] = shared_ok.get(use.source, True) and eligible(use)
     for use in stream.uses:
         node = use.node
-        # Gemm writers too (GPT-2's Conv1D, OPT's fc2: addmm → Gemm, transA = 0 as find_stream
-        # checked): x is A, its rows rotated the same way
-        if use.role != "writer" or not op(node, "MatMul", "Gemm", domain="") or node in done:
+        if not shared_ok[use.source] or node in done:
             continue
         x = node.inputs[0]
         k = int(const_tensor(use.source).shape[1 - use.axis])
         rank = rank_of(x)
-        factors = kronecker_factors(k)
-        if factors is None or rank is None or rank < 2:
-            continue
-        a, b = factors
+        a, b = kronecker_factors(k)
         dtype = x.dtype or ir.DataType.FLOAT
         lead = [0] * (rank - 1)         # Reshape's 0 copies the dim (allowzero stays 0)
         split = editor.initializer(np.array(lead + [a, b], np.int64), "split_shape")

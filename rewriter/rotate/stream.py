@@ -151,7 +151,7 @@ def _writer(value: ir.Value, add: ir.Node, n: int) -> list[Use]:
 
 
 def _embedding(value: ir.Value, n: int) -> list[Use]:
-    """v0: Gather(constant [V, n], ids, axis 0), or a sum of them (token + position)."""
+    """v0: Gather(constant [V, n], ids, axis 0), or a sum of them (token + position [+ type])."""
     producer = value.producer()
     if op(producer, "Add", domain=""):
         return [u for v in producer.inputs for u in _embedding_part(v, producer, n)]
@@ -167,6 +167,9 @@ def _embedding_part(value: ir.Value, add: ir.Node | None, n: int) -> list[Use]:
         if not _only_reader(value, add):
             raise Refused(fail("an embedding is also read elsewhere than the embedding sum", value))
         producer = value.producer()
+    if add is not None and _embedding_start(producer) and op(producer, "Add", domain=""):
+        # a sum of sums: token + position + type embeddings
+        return [u for v in producer.inputs for u in _embedding_part(v, producer, n)]
     if not op(producer, "Gather", domain="") or int(attr(producer, "axis")) != 0:
         raise Refused(fail("the residual stream does not start at a Gather of embedding rows",
                            producer or value))
@@ -293,17 +296,21 @@ def find_stream(graph: ir.Graph) -> Stream:
         if site.x is not None:
             by_x.setdefault(site.x, []).append(site)
     miss_by_x = {m.site.x: m for m in misses if m.site is not None and m.site.x is not None}
-    stream_norms = [s for s in sites if s.kind in ("rms", "layer") and s.x is not None]
+    stream_norms = [s for s in sites if s.kind in ("rms", "layer") and (s.x is not None or s.skip_inputs)]
     if not stream_norms:
         for miss in misses:
             if miss.site is not None and any(op(node, "Add", domain="") for node, _ in users(miss.site.output)):
                 raise Refused(fail("post-norm: a norm's output is the residual stream (its Add reads it); "
                                    "rotation needs pre-norm", miss.anchor))
+        if misses:      # the norms that could be the stream's were not rewritten: name one
+            raise Refused(fail(f"no norm that could read a residual stream was rewritten: {misses[0].failure.reason}",
+                               misses[0].failure.at or misses[0].anchor))
         raise Refused(fail("no RMSNorm or LayerNorm reads a residual stream"))
     # Skip* norms (onnxruntime's fusion of the residual Add and the norm): by their node
     skips = {site.anchor: site for site in sites if site.skip_inputs}
     # the start: walk back from the last norm along the stream operand of each residual Add
-    v = _unalias(stream_norms[-1].x)
+    last = stream_norms[-1]
+    v = _unalias(last.x if last.x is not None else _skip_operands(last)[0])
     while True:
         producer = v.producer()
         if op(producer, "Add", domain="") and _residual_operand(producer) is not None:
@@ -403,12 +410,20 @@ def _residual_operand(add: ir.Node) -> ir.Value | None:
         return None
     for k in (0, 1):
         producer = _unalias(add.inputs[k]).producer()
-        if _embedding_start(producer) or (op(producer, "Add", domain="") and
-                                          _residual_operand(producer) is not None):
+        if _embedding_start(producer) or _skip_sum(_unalias(add.inputs[k])) or (
+                op(producer, "Add", domain="") and _residual_operand(producer) is not None):
             if _embedding_start(_unalias(add.inputs[1 - k]).producer()):   # an embedding sum
                 return None
             return add.inputs[k]
     return None
+
+
+def _skip_sum(value: ir.Value) -> bool:
+    """`value` is a Skip* norm's residual sum (its output 3), which a plain residual Add may
+    continue (a parallel block's second writer, a final norm that is not fused)."""
+    producer = value.producer()
+    return op(producer, "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", domain="com.microsoft") \
+        and len(producer.outputs) > 3 and producer.outputs[3] is value
 
 
 def _skip_operands(site: Site) -> tuple[ir.Value, ir.Value, ir.Value | None]:
@@ -428,11 +443,11 @@ def _skip_operands(site: Site) -> tuple[ir.Value, ir.Value, ir.Value | None]:
 
 
 def _embedding_start(node: ir.Node | None) -> bool:
-    """A Gather (of embedding rows), or a sum of two of them (token + position)."""
+    """A Gather (of embedding rows), or a sum of them (token + position [+ type])."""
     if op(node, "Gather", domain=""):
         return True
     return op(node, "Add", domain="") and len(node.inputs) == 2 and \
-        all(op(_unalias(v).producer(), "Gather", domain="") for v in node.inputs)
+        all(_embedding_start(_unalias(v).producer()) for v in node.inputs)
 
 
 def _check_owned(stream: Stream) -> None:
