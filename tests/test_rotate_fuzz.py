@@ -172,13 +172,13 @@ def test_online_weight_shared_by_a_matmul_and_a_gemm_writer():
     """Bug (fixed): one down-projection weight written through a MatMul in one layer and a
     Gemm in the next (rank 2). --rotate-online folded Rᵀ into the shared weight but rotated only
     the MatMul's input at run time: logits off by 0.31. Now R goes on every writer that reads
-    the weight, or on none."""
+    the weight, or on none (a writer whose input cannot be rotated: none)."""
     g, v = _start(rank=2)
     shared = g.weight(8, N)
     for gemm in (False, True):
         v = g.op("Add", [v, _mlp_writer(g, g.rms(v, gain=g.gain(N)), shared, gemm)])
     rot = _rotated_exactly(_model(g, v))
-    assert rot["online"] == 0, rot      # a Gemm's input is not rotated online: neither is the MatMul's
+    assert rot["online"] == 2, rot      # R on both writers of the shared weight (Gemm writers rotate online too)
 
 
 def test_fused_norm_outputs_without_shapes():
