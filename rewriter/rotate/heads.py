@@ -399,7 +399,7 @@ def _block(anchor: ir.Node, v: ir.Value | None, heads: int | None) -> HeadBlock:
     block = HeadBlock(anchor)
     try:
         if v is None or heads is None:
-            raise Skip(f"{anchor.op_type} packs V with Q and K in one weight", anchor)
+            raise Skip(f"{anchor.op_type} takes V packed with Q and K (one weight or one input)", anchor)
         width = _dim(v, rank_of(v) - 1) if rank_of(v) else None
         if width is None or width % heads:
             raise Skip("V's head_dim at attention is unknown", anchor)
