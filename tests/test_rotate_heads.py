@@ -178,6 +178,16 @@ def test_zoo_every_layer_head_rotated(family, exporter, opset, online):
     assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
 
 
+def test_fp16_weights_keep_v_basis():
+    """fp16 weights: R2 skipped (it added rounding error there, and quantize takes fp32), the
+    stream still rotated (tests/test_rotate.py holds its fp16 accuracy)."""
+    proto = onnx.load(str(exported("llama", "dynamo", 18, dtype="fp16")))
+    _, report = rewrite(proto, rotate=True)
+    r = report.rotation
+    assert r["applied"] and r["attention_blocks"] == 2 and r["heads_rotated"] == 0, r
+    assert all("float16" in s["reason"] and "MatMul" in s["at"] for s in r["heads_skipped"]), r["heads_skipped"]
+
+
 def skipped(proto, reason: str, at: str, monkeypatch):
     """R2 skipped in the one block with `reason` at the node `at`; the stream rotated, exact,
     and the constants those of the stream rotation alone."""
