@@ -13,6 +13,7 @@ from rewriter.passes import FlashNormPass
 from rewriter.pipeline import run_pipeline
 from rewriter.patterns import Site
 from rewriter.plan import Action, Decision, Options
+from rewriter.rotate import RotationResult
 
 
 def _names(decision: Decision) -> set[str]:
@@ -77,7 +78,8 @@ def _rotation(result: dict | None) -> list[str]:
         return [f"residual stream not rotated: {result['reason']}" + (f" (at {result['at']})" if result["at"] else "")]
     return [f"residual stream rotated: width {result['size']}, {result['matrix']} Q, seed {result['seed']}; "
             f"{result['norms']} {result['norm_kind']} norms read it, {result['writers']} linears write it, "
-            f"{result['readers']} read its norms; {result['constants']} constants rotated"]
+            f"{result['readers']} read its norms; {result['constants']} constants rotated",
+            RotationResult(**result).head_line()]
 
 
 def explain(path, name: str, options: Options | None = None) -> str:

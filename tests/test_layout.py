@@ -21,7 +21,7 @@ LAYERS = {
     "rewriter.patterns.schema": 0.5, "rewriter.patterns.graph": 1, "rewriter.patterns.base": 2, "rewriter.patterns.rmsnorm": 3,
     "rewriter.patterns.fused": 4, "rewriter.patterns.layernorm": 4, "rewriter.patterns.linear": 4,
     "rewriter.patterns": 5,
-    "rewriter.rotate.hadamard": 6, "rewriter.rotate.stream": 6, "rewriter.rotate.apply": 7, "rewriter.rotate.online": 7,
+    "rewriter.rotate.hadamard": 6, "rewriter.rotate.stream": 6, "rewriter.rotate.heads": 6.5, "rewriter.rotate.apply": 7, "rewriter.rotate.online": 7,
     "rewriter.rotate": 8,
     "rewriter.inline": 8.5, "rewriter.feeds": 9, "rewriter.promote": 9,
     "rewriter.validate": 10, "rewriter.files": 10, "rewriter.verify": 10, "rewriter.scale": 10,

@@ -12,6 +12,7 @@ at which node.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import onnx_ir as ir
@@ -19,6 +20,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from .apply import rotate_kept_gains, rotate_stream
 from .hadamard import hadamard, rotation
+from .heads import HeadBlock, find_head_blocks, head_rotations
 from .online import insert_online, online_rotation_nodes
 from .stream import Refused, Stream, find_stream
 
@@ -39,6 +41,10 @@ class RotationResult:
     online: int = 0           # writers whose input is rotated at run time (--rotate-online)
     kept_gains: int = 0       # gains of norms whose linear's weight is shared (tied head): n×n MatMuls
     keep_float: list = field(default_factory=list)   # nodes a quantizer should leave in float (their names)
+    attention_blocks: int = 0     # attention blocks found (rewriter.rotate.heads)
+    heads_rotated: int = 0        # of them, V/O rotated head-wise (R2, seed + 1)
+    head_dim: int = 0
+    heads_skipped: list[dict] = field(default_factory=list)    # {anchor, reason, at} per block skipped
 
     def line(self) -> str:
         if not self.applied:
@@ -51,7 +57,21 @@ class RotationResult:
                    if self.online else "")
                 + (f"; {self.kept_gains} gain(s) of a norm whose linear shares its weight (tied embedding/head) "
                    f"applied as an n×n MatMul by Qᵀ·diag(g)·Q ({self.size * self.size} values each, instead of a "
-                   "copy of the shared weight)" if self.kept_gains else ""))
+                   "copy of the shared weight)" if self.kept_gains else "")
+                + f"; {self.head_line()}")
+
+    def head_line(self) -> str:
+        """The head-wise V/O rotation: how many blocks, and each reason a block was skipped
+        (once, with its first node and how many blocks it stopped)."""
+        if not self.attention_blocks:
+            return "head-wise V/O rotation: no attention block found"
+        line = (f"head-wise V/O rotation (R2, head_dim {self.head_dim}) in {self.heads_rotated} of "
+                f"{self.attention_blocks} attention blocks")
+        reasons = Counter(skip["reason"] for skip in self.heads_skipped)
+        for reason, count in reasons.items():
+            first = next(skip for skip in self.heads_skipped if skip["reason"] == reason)
+            line += f"; skipped ×{count}: {reason}" + (f" (at {first['at']})" if first["at"] else "")
+        return line
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +87,7 @@ class RotatePass(ir.passes.InPlacePass):
         self.online = online
         self.result: RotationResult | None = None
         self.stream: Stream | None = None
+        self.blocks: list[HeadBlock] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
@@ -75,15 +96,22 @@ class RotatePass(ir.passes.InPlacePass):
             self.result = RotationResult(False, refused.failure.reason, refused.failure.where, seed=self.seed)
             return ir.passes.PassResult(model, False)
         q, matrix = rotation(stream.size, self.seed, fix_ones=stream.kind == "layer")
+        blocks = find_head_blocks(model.graph)        # before the online ops change o_proj's input
+        heads = head_rotations(blocks, lambda head_dim: rotation(head_dim, self.seed + 1)[0])
         inputs = insert_online(model.graph, stream) if self.online else {}
-        constants = rotate_stream(stream, q, inputs)
+        constants = rotate_stream(stream, q, inputs, heads)
         gain_matmuls = rotate_kept_gains(model.graph, stream, q)
         self.stream = stream
+        self.blocks = blocks
+        rotated = [b for b in blocks if b.rotated]
         self.result = RotationResult(
             True, size=stream.size, matrix=matrix, seed=self.seed, norm_kind=stream.kind, norms=len(stream.norms),
             writers=len(stream.writers), readers=sum(u.role == "reader" for u in stream.uses), constants=constants,
             online=len(inputs), kept_gains=len(gain_matmuls),
-            keep_float=gain_matmuls + (online_rotation_nodes(model.graph) if self.online else []))
+            keep_float=gain_matmuls + (online_rotation_nodes(model.graph) if self.online else []),
+            attention_blocks=len(blocks), heads_rotated=len(rotated),
+            head_dim=rotated[0].head_dim if rotated else 0,
+            heads_skipped=[{"anchor": b.anchor.name, "reason": b.reason, "at": b.at} for b in blocks if not b.rotated])
         return ir.passes.PassResult(model, True)
 
 
@@ -128,5 +156,5 @@ def rotate_residual_stream(model: ir.Model, seed: int, report, online: bool = Fa
     return rotate.result
 
 
-__all__ = ["RotatePass", "RotationResult", "Refused", "Stream", "find_stream", "hadamard", "online_rotation_nodes",
-           "rotate_residual_stream", "rotation"]
+__all__ = ["HeadBlock", "RotatePass", "RotationResult", "Refused", "Stream", "find_head_blocks", "find_stream", "hadamard",
+           "online_rotation_nodes", "rotate_residual_stream", "rotation"]

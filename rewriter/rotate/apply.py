@@ -28,29 +28,39 @@ def rotated(array: np.ndarray, axis: int, q: np.ndarray, center: bool) -> np.nda
     return np.moveaxis(x @ q, -1, axis)
 
 
-def rotate_stream(stream: Stream, q: np.ndarray, inputs: dict[ir.Node, np.ndarray] | None = None) -> int:
+def rotate_stream(stream: Stream, q: np.ndarray, inputs: dict[ir.Node, np.ndarray] | None = None,
+                  heads: dict[ir.Value, list[tuple[int, np.ndarray]]] | None = None) -> int:
     """Rewrite every constant of `stream` in place (lazily: computed when it is read or saved).
     `inputs`: {writer: R} for writers whose input is rotated online by R (their weight gets Rᵀ
-    on its input axis, in the same float64 pass). Returns how many constants changed."""
+    on its input axis, in the same float64 pass). `heads`: {constant: [(axis, B)]}, the
+    head-wise rotations (rewriter.rotate.heads), applied first — they act on the other axis
+    of a stream weight (V's output, O's input, the online R's axis after B). Returns how many
+    stream constants changed."""
     online = {use.source: inputs[use.node] for use in stream.uses if inputs and use.node in inputs
               and use.role == "writer"}
     roles: dict[ir.Value, set[str]] = {}
     for use in stream.uses:
         roles.setdefault(use.source, set()).add(use.role)
     center = stream.kind == "layer"
-    for source, axis in stream.sources.items():
+    heads = heads or {}
+    axes: dict[ir.Value, int | None] = {**dict.fromkeys(heads), **stream.sources}
+    for source, axis in axes.items():
         old = const_tensor(source)
         dtype = old.dtype
         # a table also read as a head (tied) stays uncentered: its head would lose the rows' means
         # (exact all the same: Q fixes the ones vector, so each summand's mean may stay)
-        do_center = center and bool(roles[source] & CENTERED_ROLES) and "reader" not in roles[source]
-        writer_rotation = online.get(source)
+        kinds = roles.get(source, set())
+        do_center = center and bool(kinds & CENTERED_ROLES) and "reader" not in kinds
+        before, r = tuple(heads.get(source, ())), online.get(source)
 
-        def compute(old=old, axis=axis, dtype=dtype, do_center=do_center, r=writer_rotation) -> ir.TensorProtocol:
-            values = old.numpy()
+        def compute(old=old, axis=axis, dtype=dtype, do_center=do_center, r=r, before=before) -> ir.TensorProtocol:
+            values = old.numpy().astype(np.float64)
+            for head_axis, b in before:
+                values = rotated(values, head_axis, b, False)
             if r is not None:       # Rᵀ·W on the input axis of a 2-D writer weight
                 values = rotated(values, 1 - axis, r, False)
-            values = rotated(values, axis, q, do_center)
+            if axis is not None:
+                values = rotated(values, axis, q, do_center)
             return ir.Tensor(values.astype(dtype.numpy()), dtype=dtype)
 
         tensor = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(list(old.shape)), name=old.name)
