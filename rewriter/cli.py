@@ -88,7 +88,7 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="fold into a copy of a weight something else also reads (tied lm_head: + its "
                         "size); default: keep the weight, the gain stays one Mul on that linear's input")
     p.add_argument("--rotate", action="store_true",
-                   help="fold the gains (--mode fold, a tied head gets its own copy), then rotate the residual "
+                   help="fold the gains (--mode fold; a tied head stays tied), then rotate the residual "
                         "stream by a seeded random-sign Hadamard matrix: the same function, outlier channels "
                         "spread (for quantizers); refused as a whole, with the reason, where not provable")
     p.add_argument("--rotate-seed", type=int, default=0, metavar="N", help="seed of the rotation (default 0)")
@@ -96,6 +96,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
                    help="--rotate, and each stream writer's input (o_proj, down_proj) rotated at run time by a "
                         "Kronecker-factored Hadamard (two small MatMuls); quantize them only with `quantize`, "
                         "which keeps them in float")
+    p.add_argument("--rotate-heads", action="store_true",
+                   help="--rotate, and V/O rotated head-wise (QuaRot's R2: free at run time; measured neutral on "
+                        "real SmolLM2, W8A8 per-tensor slightly worse: README Rotation)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -155,6 +158,7 @@ def _quantize_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate-seed", type=int, default=0, metavar="N")
     p.add_argument("--rotate-online", action="store_true", help="--rotate, and each stream writer's input rotated "
                    "at run time (Hadamard MatMuls, kept in float: excluded from quantization)")
+    p.add_argument("--rotate-heads", action="store_true", help="--rotate, and V/O rotated head-wise (R2)")
     p.add_argument("--tolerance", type=tolerance, help="the rotated fp32 model is checked against the input as "
                    "`verify` does, within this relative bound (default: the rewrite's, fp32 1e-5)")
     p.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the input path (a folder: replace "
@@ -170,7 +174,8 @@ def cmd_quantize(args) -> int:
         logging.disable(logging.WARNING)
     try:
         report = quantize(args.model, args.output, args.scheme, rotate=args.rotate, seed=args.rotate_seed,
-                          online=args.rotate_online, overwrite=args.overwrite, tolerance=args.tolerance)
+                          online=args.rotate_online, heads=args.rotate_heads, overwrite=args.overwrite,
+                          tolerance=args.tolerance)
     finally:
         logging.disable(logging.NOTSET)
     if not args.quiet:
@@ -242,7 +247,7 @@ def _options(args) -> Options:
     compose = {"auto": None, "always": True, "never": False}[getattr(args, "compose", "auto")]
     return Options(mode=args.mode, clone_shared=args.clone_shared, push_scales=not args.no_push,
                    approx=args.approx, compose=compose, rotate=args.rotate, rotate_seed=args.rotate_seed,
-                   rotate_online=args.rotate_online,
+                   rotate_online=args.rotate_online, rotate_heads=args.rotate_heads,
                    **{k: v for k, v in choice.items() if v is not None})
 
 

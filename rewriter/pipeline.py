@@ -68,7 +68,8 @@ def run_pipeline(model: ir.Model, options: Options) -> FlashNormPass:
         if ir.passes.PassManager([flash])(model).modified and flash.report.rewritten:
             cleanup()(model)
         if options.rotate:
-            rotate_residual_stream(model, options.rotate_seed, flash.report, online=options.rotate_online)
+            rotate_residual_stream(model, options.rotate_seed, flash.report, online=options.rotate_online,
+                                   heads=options.rotate_heads)
         if options.measured and options.compose is not False:
             flash.report.notes.append(compose(model, options, declared))
     except ir.passes.PassError as exc:

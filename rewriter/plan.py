@@ -107,6 +107,7 @@ class Options:
     rotate: bool = False         # then rotate the residual stream (rewriter.rotate); implies the fold form
     rotate_seed: int = 0         # seed of the rotation's random signs
     rotate_online: bool = False  # also rotate each stream writer's input at run time (implies rotate)
+    rotate_heads: bool = False   # also rotate V/O head-wise, R2 (implies rotate; measured neutral: README)
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -120,7 +121,7 @@ class Options:
         self.strategy = None if self.strategy is None else Strategy(self.strategy)
         if (self.costs is not None or self.tokens) and not self.measured:
             raise ValueError("costs/tokens choose per site: they need target ort-cpu or ort-cuda")
-        self.rotate = self.rotate or self.rotate_online
+        self.rotate = self.rotate or self.rotate_online or self.rotate_heads
         if self.rotate:     # the linears must read normalized activations
             if self.target is not None or self.strategy not in (None, Strategy.FOLD, Strategy.FOLD_FUSED):
                 raise ValueError("rotate needs the fold form: no target, strategy fold or fold-fused")

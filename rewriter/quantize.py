@@ -104,7 +104,7 @@ def gemms_as_matmuls(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, online: bool = False,
-             overwrite: bool = False, tolerance: float | None = None):
+             heads: bool = False, overwrite: bool = False, tolerance: float | None = None):
     """The `quantize` verb: [rotate the residual stream (`online`: and the writers' inputs at
     run time), then] quantize with onnxruntime into `dst`, written in a temporary folder beside
     it and renamed into place; the rotation's own MatMuls (online Hadamards, a tied head's gain
@@ -112,7 +112,7 @@ def quantize(src, dst, scheme: str, *, rotate: bool = False, seed: int = 0, onli
     what they gain). A rotation that is refused raises Unsupported (nothing written). `src` an
     onnxruntime-genai folder: `dst` is a folder (module doc). Returns the rotation's report (or None)."""
     src, dst = Path(src), Path(dst)
-    settings = dict(rotate=rotate or online, seed=seed, online=online, tolerance=tolerance)
+    settings = dict(rotate=rotate or online or heads, seed=seed, online=online, heads=heads, tolerance=tolerance)
     if src.is_dir():
         check_quantizable(decoder_file(src))
         return write_folder(src, dst, lambda decoder, target: _quantize_model(
@@ -153,7 +153,7 @@ def check_quantizable(path: Path) -> None:
 
 
 def _quantize_model(src: Path, dst: Path, scheme: str, *, scratch: Path, rotate: bool, seed: int, online: bool,
-                    tolerance: float | None, check_load: bool = False):
+                    heads: bool, tolerance: float | None, check_load: bool = False):
     """Rotate (in a temporary folder under `scratch`) and quantize `src` into the single file
     `dst`; `check_load`: onnxruntime must load the result (CannotRun). The rotation's report."""
     work = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=scratch))
@@ -164,7 +164,8 @@ def _quantize_model(src: Path, dst: Path, scheme: str, *, scratch: Path, rotate:
             verify = (lambda original, rotated: check_outputs(original, rotated, tolerance=tolerance)) \
                 if tolerance is not None else False
             try:
-                report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed, rotate_online=online, verify=verify)
+                report = rewrite_file(src, fp32, rotate=True, rotate_seed=seed, rotate_online=online,
+                                      rotate_heads=heads, verify=verify)
             except VerificationFailed as exc:       # say which check, and what loosens it
                 raise VerificationFailed(f"nothing written: the rotated fp32 model, checked before quantization "
                                          f"(--tolerance T loosens that check): {exc}", exc.diffs) from exc

@@ -30,7 +30,7 @@ needs_olive = pytest.mark.skipif(not OLIVE_PYTHON.exists(), reason=".venv-olive 
 
 def test_pass_options_are_rewriter_options():
     defaults = {"mode": "defer", "target": None, "rotate": False, "rotate_online": False, "rotate_seed": 0,
-                "clone_shared": False}
+                "rotate_heads": False, "clone_shared": False}
     assert rewrite_options({}) == defaults == rewrite_options(SimpleNamespace())
     assert set(REWRITE_OPTIONS) <= set(Options.__dataclass_fields__) and set(REWRITE_OPTIONS) <= set(PARAMS)
     given = {"mode": "fold", "target": "portable", "rotate_seed": 5, "verify": True}

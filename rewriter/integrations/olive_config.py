@@ -43,9 +43,10 @@ PARAMS = {
     "rotate_online": (bool, False, "rotate, and rotate each stream writer's input at run time (two small Hadamard "
                       "MatMuls each, constant first input: onnxruntime's quantize_dynamic leaves them in float)"),
     "rotate_seed": (int, 0, "seed of the rotation's random signs"),
+    "rotate_heads": (bool, False, "rotate, and rotate V/O head-wise (QuaRot's R2; free at run time)"),
     "clone_shared": (bool, False, "fold a gain into a copy of a weight something else also reads (a tied "
                      "embedding/head: + its size). With rotate, a tied head otherwise keeps its norm's gain as an "
-                     "n×n MatMul that a quantization pass should leave in float (the pass warns, naming where)"),
+                     "n×n MatMul, constant first: onnxruntime's quantizers leave it in float"),
     "verify": (bool, False, "also run the original and the rewritten model on inputs made from the signature and "
                "refuse a difference beyond the tolerance (the written model is always load- and run-checked)"),
     "save_as_external_data": (bool, False, "write the weights to a data file beside the model (by default only "
@@ -53,7 +54,7 @@ PARAMS = {
     "external_data_name": (Optional[str], None, "with save_as_external_data: the data file's name (default "
                            "<model file name>.data)"),
 }
-REWRITE_OPTIONS = ("mode", "target", "rotate", "rotate_online", "rotate_seed", "clone_shared")
+REWRITE_OPTIONS = ("mode", "target", "rotate", "rotate_online", "rotate_seed", "rotate_heads", "clone_shared")
 
 
 def _getter(config):

@@ -81,10 +81,11 @@ class RotatePass(ir.passes.InPlacePass):
     """Rotate the residual stream of a model whose stream norms are weightless (run the fold
     first). Needs inferred shapes. `self.result` holds the outcome; `self.stream` the stream."""
 
-    def __init__(self, seed: int = 0, online: bool = False):
+    def __init__(self, seed: int = 0, online: bool = False, heads: bool = False):
         super().__init__()
         self.seed = seed
         self.online = online
+        self.heads = heads
         self.result: RotationResult | None = None
         self.stream: Stream | None = None
         self.blocks: list[HeadBlock] = []
@@ -96,7 +97,7 @@ class RotatePass(ir.passes.InPlacePass):
             self.result = RotationResult(False, refused.failure.reason, refused.failure.where, seed=self.seed)
             return ir.passes.PassResult(model, False)
         q, matrix = rotation(stream.size, self.seed, fix_ones=stream.kind == "layer")
-        blocks = find_head_blocks(model.graph)        # before the online ops change o_proj's input
+        blocks = find_head_blocks(model.graph) if self.heads else []   # before the online ops change o_proj's input
         heads = head_rotations(blocks, lambda head_dim: rotation(head_dim, self.seed + 1)[0])
         inputs = insert_online(model.graph, stream) if self.online else {}
         constants = rotate_stream(stream, q, inputs, heads)
@@ -145,11 +146,12 @@ def infer_shapes(model: ir.Model) -> None:
             return
 
 
-def rotate_residual_stream(model: ir.Model, seed: int, report, online: bool = False) -> RotationResult:
+def rotate_residual_stream(model: ir.Model, seed: int, report, online: bool = False,
+                           heads: bool = False) -> RotationResult:
     """Rotate `model`'s residual stream in place (its norms folded already); the outcome goes
     to `report` (rewriter.report.Report: its `rotation` and a note)."""
     infer_shapes(model)
-    rotate = RotatePass(seed, online)
+    rotate = RotatePass(seed, online, heads)
     rotate(model)
     report.rotation = rotate.result.to_dict()
     report.notes.append(rotate.result.line())
