@@ -156,15 +156,16 @@ def test_refusals_leave_nothing(tiny, online_w8a8, tmp_path, capsys, monkeypatch
 
 # -- slow: the real SmolLM2-135M-Instruct ------------------------------------------------------
 
-# measured (benchmarks/results/cpu/quantize_rotate_genai.json, onnxruntime 1.32.0 CPU): of fp32's
-# 71 greedy tokens (7 + 32 + 32: the first answer ends early), the --rotate-online W8A8 folder
-# puts 17 in place (the original's W8A8 folder 14, per-channel 7; a broken rotation: ~0 of a
-# 49152-token vocabulary) and follows fp32 for 13 tokens on the second prompt; its perplexity is
-# 26.09 (fp32 22.05, the original's W8A8 37.31). The bounds keep ~30 % of slack for onnxruntime
-# builds whose kernels round differently, and still fail a rotation that does not help.
-SAME_TOKENS_AT_LEAST = 12           # of fp32's 71
-PROMPT2_PREFIX_AT_LEAST = 8         # "The sky is blue because of a process called Rayleigh scattering, ..."
-PERPLEXITY_AT_MOST = 28.0           # 0.75 × the original's W8A8 (37.31)
+# measured (benchmarks/results/cpu/quantize_rotate_genai.json, onnxruntime 1.32.0 CPU): the
+# --rotate-online W8A8 folder's perplexity is 25.71 (fp32 22.05, the original's W8A8 37.31): the
+# number the rotation moves. Greedy generation is an anecdote: every W8A8 folder leaves fp32's
+# path within a few tokens (of fp32's 71: --rotate-online 12 and 17 in two runs with different
+# online factors, the original's W8A8 14, per-channel 7; on the second prompt 8 and 13 tokens in
+# place), so those bounds only catch a broken model (a wrong rotation: ~0 of a 49152-token
+# vocabulary, not the ~15 % of fp32's tokens W8A8 keeps).
+SAME_TOKENS_AT_LEAST = 6            # of fp32's 71
+PROMPT2_PREFIX_AT_LEAST = 4         # "The sky is blue because of a process called Rayleigh scattering, ..."
+PERPLEXITY_AT_MOST = 28.0           # 0.75 × the original's W8A8 (37.31): the rotation's gain, with slack
 
 
 @pytest.mark.slow
