@@ -2,7 +2,7 @@
 residual-stream models (tests/rotate_fuzz.py), and the adversarial graphs found by reading
 rewriter/rotate/stream.py for gaps.
 
-Per model: rewrite with rotate=True and with rotate_online=True. Applied: every output exact by
+Per model: rewrite with rotate=True and with rotate_online=True, rotate_heads=True. Applied: every output exact by
 the project's standard, judged by tests/differential.py's Checker (≤ 1e-5 relative to the
 original, ≤ 1.5× the original's error against the float64 reference + its noise floor).
 Refused: a reason and the node or value at fault (one the graph has), and the output is the
@@ -72,10 +72,10 @@ def check_rotation(model: onnx.ModelProto, checker: diff.Checker | None = None, 
     except RewriterError as exc:
         STATS[f"rotation: fold refused ({type(exc).__name__})"] += 1
         return [] if getattr(exc, "exit_code", None) != EXIT_INTERNAL else [f"fold: internal error {exc}"]
-    for online in (False, True):
-        name = "rotate-online" if online else "rotate"
+    for online in (False, True):     # the second also with the head-wise V/O rotation (R2)
+        name = "rotate-online+heads" if online else "rotate"
         try:
-            out, report = rewrite(model, rotate=True, rotate_online=online, rotate_seed=seed)
+            out, report = rewrite(model, rotate=True, rotate_online=online, rotate_heads=online, rotate_seed=seed)
         except RewriterError as exc:
             if getattr(exc, "exit_code", None) == EXIT_INTERNAL:
                 failures.append(f"[{name}] internal error: {type(exc).__name__}: {exc}")
