@@ -303,3 +303,16 @@ def test_fp16_stream(norm):
     model = g.model()
     onnx.helper.set_model_props(model, {diff.SHAPES_KEY: json.dumps({"ids": g.lead})})
     assert _rotated_exactly(model)["online"] == 2
+
+
+def test_tied_skip_norm_after_a_layernorm_is_refused():
+    """Bug (fixed; tests/regressions/rotate_tied_skip_after_layernorm.onnx, found by this fuzzer):
+    a LayerNorm block, then a final SkipSimplifiedLayerNormalization whose gain the fold keeps
+    (a tied head). The Skip norm, seen as a kept gain, was taken into a LayerNorm stream without
+    the kind check every other norm gets: the writers were centered for an RMSNorm reader, which
+    does not subtract the mean — logits off by 6.5e-2. Now refused."""
+    from pathlib import Path
+    model = onnx.load(str(Path(__file__).parent / "regressions" / "rotate_tied_skip_after_layernorm.onnx"))
+    assert not check_rotation(model)
+    rot = rewrite(model, rotate=True)[1].rotation
+    assert not rot["applied"] and "both read the residual stream" in rot["reason"] and rot["at"], rot

@@ -374,6 +374,8 @@ def find_stream(graph: ir.Graph) -> Stream:
             break
         if nxt in skips:        # the residual Add, a bias and the next norm in one op
             site = skips[nxt]
+            if site.kind != stream.kind:
+                raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
             _, written, bias = _skip_operands(site)
             uses = _writer(written, nxt, n)
             if bias is not None:
