@@ -21,6 +21,7 @@ aside under a name no cleanup removes, until the new folder is in place).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,18 +107,11 @@ def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = Fal
     names = {model: data_name or (None if kept[model] in shared else kept[model]) for model in models}
     data = {model.relative_to(src).with_name(str(names[model] or f"{model.name}.data")) for model in models}
     _check_also_written(also_writes, files, src, dst, held | data)
-    remove_stale_temporaries(dst.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
-    except OSError as exc:
-        raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
-    try:
-        shutil.copymode(src, tmp)       # the folder readable as the input was (mkdtemp makes it 0700)
-        _copy(copies, src, tmp)
+    reports = []
+    with _staged(src, dst, copies) as tmp:
         # a file written later inside OUT_DIR is checked where it lies now, in the temporary
         # folder: io.save then refuses it on the decoder's own output files (its data name)
         inside = {what: _moved(Path(path), dst, tmp) for what, path in also_writes.items()}
-        reports = []
         for model in models:
             target = tmp / model.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -126,11 +120,6 @@ def rewrite_folder(src, dst, *, overwrite: bool = False, keep_failed: bool = Fal
                                             **{**settings, "external_data": names[model]}))
             except OutputError as exc:      # say where the file will be, not where it is made
                 raise OutputError(str(exc).replace(str(tmp), str(dst))) from exc
-        _commit(tmp, dst)
-    except OSError as exc:
-        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return reports[0] if len(reports) == 1 else _together(reports, [m.relative_to(src) for m in models])
 
 
@@ -235,6 +224,27 @@ def _copy(copies: list[Path], src: Path, tmp: Path) -> None:
         shutil.copy2(path, target)
 
 
+@contextlib.contextmanager
+def _staged(src: Path, dst: Path, copies: list[Path]):
+    """The temporary folder beside `dst` that a folder is written in: made (a later run removes
+    it if this one is killed) with `src`'s mode, `copies` copied into it; yielded for the
+    models to be written, then renamed into place — or removed on any failure."""
+    remove_stale_temporaries(dst.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
+    except OSError as exc:
+        raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        shutil.copymode(src, tmp)       # the folder readable as the input was (mkdtemp makes it 0700)
+        _copy(copies, src, tmp)
+        yield tmp
+        _commit(tmp, dst)
+    except OSError as exc:
+        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _commit(tmp: Path, dst: Path) -> None:
     """Rename the finished folder into place. A folder already there is moved aside first
     (under a name no stale-temporary cleanup removes) and put back if the rename fails."""
@@ -260,20 +270,7 @@ def write_folder(src, dst, write_decoder, *, overwrite: bool = False):
     decoder = decoder_file(src)
     _check_destination(src, dst, overwrite)
     copies = _files_to_copy([p for p in src.rglob("*") if p.is_file()], [decoder])
-    remove_stale_temporaries(dst.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), suffix=".tmp", dir=dst.parent))
-    except OSError as exc:
-        raise OutputError(f"{dst.parent}: cannot write ({exc.strerror or exc})") from exc
-    try:
-        shutil.copymode(src, tmp)       # the folder readable as the input was (mkdtemp makes it 0700)
-        _copy(copies, src, tmp)
+    with _staged(src, dst, copies) as tmp:
         target = tmp / decoder.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
-        result = write_decoder(decoder, target)
-        _commit(tmp, dst)
-    except OSError as exc:
-        raise OutputError(f"{dst}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return result
+        return write_decoder(decoder, target)
