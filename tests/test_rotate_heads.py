@@ -14,7 +14,7 @@ from builders import GraphBuilder, float64_copy
 from models_cache import exported, zoo_model
 from rewriter import rewrite
 from rewriter.rotate import rotation
-from test_rotate import errors_vs_float64, initializers, run
+from test_rotate import assert_zoo_rotation_exact, initializers, run
 
 N, VOCAB, HD = 24, 40, 4        # stream width, vocabulary, head_dim
 SEED = 7
@@ -170,12 +170,7 @@ def test_zoo_every_layer_head_rotated(family, exporter, opset, online):
     r = report.rotation
     assert r["applied"] and r["attention_blocks"] == r["heads_rotated"] == cfg.num_hidden_layers, r
     assert r["head_dim"] == cfg.hidden_size // cfg.num_attention_heads
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
-    feeds = {"input_ids": ids}
-    if "attention_mask" in {i.name for i in proto.graph.input}:
-        feeds["attention_mask"] = np.ones_like(ids)
-    parity, err_orig, err_rot = errors_vs_float64(proto, rotated, feeds)
-    assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
+    assert_zoo_rotation_exact(family, proto, rotated)
 
 
 def test_fp16_weights_keep_v_basis():

@@ -13,7 +13,7 @@ import pytest
 from builders import GraphBuilder
 from models_cache import exported, zoo_model
 from rewriter import rewrite
-from test_rotate import errors_vs_float64, refused
+from test_rotate import assert_zoo_rotation_exact, errors_vs_float64, refused
 
 N, VOCAB, POSITIONS = 24, 40, 16
 
@@ -36,12 +36,7 @@ def test_preln_zoo_rotation_exact(family, exporter, opset, online):
     assert (r["norm_kind"], r["norms"], r["writers"]) == ("layer", norms, writers), r
     # every writer's input width (64 = 8·8, 128, 256) factors into Hadamard orders: Gemm writers too
     assert r["online"] == (writers if online else 0), r
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
-    feeds = {"input_ids": ids}
-    if "attention_mask" in {i.name for i in proto.graph.input}:
-        feeds["attention_mask"] = np.ones_like(ids)
-    parity, err_orig, err_rot = errors_vs_float64(proto, rotated, feeds)
-    assert parity <= 1e-5 and err_rot <= 1.5 * err_orig, (parity, err_orig, err_rot)
+    assert_zoo_rotation_exact(family, proto, rotated)
 
 
 # -- hand-built: ids, pos [T] → Gather(E) + Gather(P, pos + 2) → blocks → LayerNorm → head (+ bias)
