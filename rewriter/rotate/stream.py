@@ -288,6 +288,18 @@ def _norm_uses(site: Site, n: int) -> list[Use]:
     return uses
 
 
+def _join(stream: Stream, site: Site, kept: ir.Node | None = None, kept_uses: list[Use] = ()) -> None:
+    """`site` reads the stream: of the stream's norm kind (else refused), its linears' weights
+    rotated on their input axis, and `kept` — the Mul of a gain the fold kept — with the uses of
+    the linears behind it (_kept_gain_reader), rotated as a matrix (kept_gain)."""
+    if site.kind != stream.kind:
+        raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
+    stream.norms.append(site)
+    stream.uses += _norm_uses(site, stream.size) + list(kept_uses)
+    if kept is not None:
+        stream.kept_gains.append(kept)
+
+
 def find_stream(graph: ir.Graph) -> Stream:
     """The residual stream of `graph` (shapes inferred) or raises Refused with the reason."""
     sites, misses = find_sites(graph)
@@ -358,34 +370,18 @@ def find_stream(graph: ir.Graph) -> Stream:
                 raise Refused(fail(f"the residual stream is read by {node.op_type} (not a weightless norm "
                                    "or the next residual Add)", node))
         for site in readers:
-            if site.kind != stream.kind:
-                raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
-            stream.norms.append(site)
-            stream.uses += _norm_uses(site, n)
-            if kept_gain(site) is not None:
-                stream.kept_gains.append(kept_gain(site))
-        for site, (mul, uses) in gained:
-            if site.kind != stream.kind:
-                raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
-            stream.norms.append(site)
-            stream.uses += _norm_uses(site, n) + uses
-            stream.kept_gains.append(mul)
+            _join(stream, site, kept_gain(site))
+        for site, kept in gained:
+            _join(stream, site, *kept)
         if nxt is None:
             break
         if nxt in skips:        # the residual Add, a bias and the next norm in one op
             site = skips[nxt]
-            if site.kind != stream.kind:
-                raise Refused(fail("RMSNorm and LayerNorm both read the residual stream", site.anchor))
+            _join(stream, site, *gained_skips.get(nxt, (kept_gain(site), [])))
             _, written, bias = _skip_operands(site)
             uses = _writer(written, nxt, n)
             if bias is not None:
                 uses.append(_bias_use(bias, n, nxt))
-            stream.norms.append(site)
-            stream.uses += _norm_uses(site, n)
-            if nxt in gained_skips:
-                mul, kept_uses = gained_skips[nxt]
-                stream.uses += kept_uses
-                stream.kept_gains.append(mul)
             nxt_value = site.residual_out if site.residual_out is not None and \
                 (site.residual_out.uses() or site.residual_out.is_graph_output()) else None
         else:
