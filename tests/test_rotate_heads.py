@@ -291,3 +291,13 @@ def test_head_rotation_is_asked_for(tmp_path):
     assert main([str(src), "-o", str(tmp_path / "h.onnx"), "--rotate-heads", "--report", str(report), "--quiet"]) == 0
     rotation = json.loads(report.read_text())["rotation"]
     assert rotation["applied"] and rotation["heads_rotated"] == 2
+
+
+def test_plain_rotation_does_not_talk_about_heads():
+    """Not asked for, R2 is not in the rotation's line (it used to say 'no attention block found')."""
+    from models_cache import exported
+    _, report = rewrite(onnx.load(str(exported("llama", "torchscript", 17))), rotate=True)
+    assert report.rotation["applied"] and not report.rotation["heads"]
+    assert "head-wise" not in report.notes[-1], report.notes[-1]
+    _, asked = rewrite(onnx.load(str(exported("llama", "torchscript", 17))), rotate_heads=True)
+    assert "head-wise V/O rotation (R2" in asked.notes[-1], asked.notes[-1]

@@ -41,6 +41,7 @@ class RotationResult:
     online: int = 0           # writers whose input is rotated at run time (--rotate-online)
     kept_gains: int = 0       # gains of norms whose linear's weight is shared (tied head): n×n MatMuls
     keep_float: list = field(default_factory=list)   # nodes a quantizer should leave in float (their names)
+    heads: bool = False           # the head-wise V/O rotation was asked for (--rotate-heads)
     attention_blocks: int = 0     # attention blocks found (rewriter.rotate.heads)
     heads_rotated: int = 0        # of them, V/O rotated head-wise (R2, seed + 1)
     head_dim: int = 0
@@ -58,11 +59,13 @@ class RotationResult:
                 + (f"; {self.kept_gains} gain(s) of a norm whose linear shares its weight (tied embedding/head) "
                    f"applied as an n×n MatMul by Qᵀ·diag(g)·Q ({self.size * self.size} values each, instead of a "
                    "copy of the shared weight)" if self.kept_gains else "")
-                + f"; {self.head_line()}")
+                + (f"; {self.head_line()}" if self.heads else ""))
 
     def head_line(self) -> str:
         """The head-wise V/O rotation: how many blocks, and each reason a block was skipped
         (once, with its first node and how many blocks it stopped)."""
+        if not self.heads:
+            return "head-wise V/O rotation: not asked for (--rotate-heads)"
         if not self.attention_blocks:
             return "head-wise V/O rotation: no attention block found"
         line = (f"head-wise V/O rotation (R2, head_dim {self.head_dim}) in {self.heads_rotated} of "
@@ -110,7 +113,7 @@ class RotatePass(ir.passes.InPlacePass):
             writers=len(stream.writers), readers=sum(u.role == "reader" for u in stream.uses), constants=constants,
             online=len(inputs), kept_gains=len(gain_matmuls),
             keep_float=gain_matmuls + (online_rotation_nodes(model.graph) if self.online else []),
-            attention_blocks=len(blocks), heads_rotated=len(rotated),
+            heads=self.heads, attention_blocks=len(blocks), heads_rotated=len(rotated),
             head_dim=rotated[0].head_dim if rotated else 0,
             heads_skipped=[{"anchor": b.anchor.name, "reason": b.reason, "at": b.at} for b in blocks if not b.rotated])
         return ir.passes.PassResult(model, True)
