@@ -146,3 +146,20 @@ def test_int4_quantizes_gemm_linears(tmp_path):
     assert main(["quantize", str(src), "-o", str(dst), "--scheme", "int4", "--quiet"]) == 0
     ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
     assert "Gemm" not in ops and ops.count("MatMulNBits") >= gemms
+
+
+def test_gemms_as_matmuls_leaves_other_gemms_alone():
+    """Only a plain linear is converted: a Gemm with alpha ≠ 1, transA or a non-constant B stays
+    a Gemm (MatMulNBits then leaves it in float, as before)."""
+    from rewriter.quantize import gemms_as_matmuls
+    g = GraphBuilder(opset=17, seed=1)
+    x = g.input("x", [4, 8])
+    w = g.const(g.rng.standard_normal((8, 8)).astype(np.float32), "W")
+    y = g.op("Gemm", [x, w], alpha=0.5)
+    y = g.op("Gemm", [g.op("Transpose", [y], perm=[1, 0]), w], transA=1)
+    y = g.op("Gemm", [y, y])
+    y = g.op("Gemm", [y, w, g.const(np.ones(8, np.float32), "c")], transB=1)     # the one plain linear
+    g.output(y, shape=[4, 8])
+    converted = gemms_as_matmuls(g.model(contrib=False))
+    ops = [n.op_type for n in converted.graph.node]
+    assert ops.count("Gemm") == 3 and ops.count("MatMul") == 1, ops
