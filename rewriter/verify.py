@@ -258,8 +258,10 @@ def _ulp_runs(original, feeds_per_run: list[dict], provider, seed: int = 0) -> l
         return np.nextafter(a, np.where(rng.random(a.shape) < 0.5, -np.inf, np.inf).astype(a.dtype))
 
     try:
-        model = onnx.ModelProto()
-        model.CopyFrom(load_proto(original, weights=True))
+        model = load_proto(original, weights=True)
+        if model is original:       # the caller's proto: perturb a copy (a loaded file is ours already)
+            model = onnx.ModelProto()
+            model.CopyFrom(original)
         for t in model.graph.initializer:
             if t.data_type in PROMOTED and np.prod(t.dims) >= 2:
                 t.CopyFrom(numpy_helper.from_array(moved(numpy_helper.to_array(t)), t.name))
